@@ -1,0 +1,79 @@
+"""Batch collation: one fast-tokenizer batch call per field."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rag_lightning.data.readers import QAExample
+
+
+@dataclass
+class Item:
+    """A dataset item: an example plus its set's regex flag and name."""
+
+    example: QAExample
+    regex: bool = False
+    set_name: str = ""
+
+
+class QACollator:
+    """Turns a list of :class:`Item` into the batch dict of the data contract.
+
+    Keys: ``q_input_ids`` (B, Lq) / ``q_attention_mask`` (B, Lq) (query tokenizer, with specials);
+    ``g_question`` list[list[int]] (generator tokenizer, no specials, truncated to max_question_length);
+    ``labels`` (B, T) int64 (generator ``text_target`` of the target answer, padding = -100);
+    ``questions`` list[str]; ``answers`` list[list[str]]; ``regex`` bool (any item's set is regex);
+    plus ``ids`` list[str|None], ``gold_ids`` list[list[str]], ``set_names`` list[str].
+    The target answer is the first gold answer, or a random one when ``answer="random"``.
+    """
+
+    def __init__(
+        self,
+        query_tokenizer: Any,
+        gen_tokenizer: Any,
+        max_question_length: int = 64,
+        max_target_length: int = 25,
+        answer: str = "first",
+    ) -> None:
+        if answer not in ("first", "random"):
+            raise ValueError(f"train_answer must be 'first' or 'random', got {answer!r}")
+        self.query_tokenizer, self.gen_tokenizer = query_tokenizer, gen_tokenizer
+        self.max_question_length, self.max_target_length, self.answer = (
+            max_question_length,
+            max_target_length,
+            answer,
+        )
+
+    def __call__(self, items: Sequence[Item]) -> dict[str, Any]:
+        exs = [it.example for it in items]
+        questions = [e.question for e in exs]
+        targets = [random.choice(e.answers) if self.answer == "random" else e.answers[0] for e in exs]
+        q = self.query_tokenizer(
+            questions, padding=True, truncation=True, max_length=self.max_question_length, return_tensors="pt"
+        )
+        g = self.gen_tokenizer(
+            questions, add_special_tokens=False, truncation=True, max_length=self.max_question_length
+        )
+        t = self.gen_tokenizer(
+            text_target=targets,
+            padding=True,
+            truncation=True,
+            max_length=self.max_target_length,
+            return_tensors="pt",
+        )
+        labels = t["input_ids"].long().masked_fill(t["attention_mask"] == 0, -100)  # (B, T)
+        return {
+            "q_input_ids": q["input_ids"],  # (B, Lq)
+            "q_attention_mask": q["attention_mask"],  # (B, Lq)
+            "g_question": g["input_ids"],
+            "labels": labels,
+            "questions": questions,
+            "answers": [list(e.answers) for e in exs],
+            "regex": any(it.regex for it in items),
+            "ids": [e.id for e in exs],
+            "gold_ids": [list(e.gold_ids) for e in exs],
+            "set_names": [it.set_name for it in items],
+        }

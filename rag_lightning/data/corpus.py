@@ -1,0 +1,376 @@
+"""Passage corpus: converted once to a tokenized Arrow dataset, then memory-mapped.
+
+Global passage id = row index (0..N-1). Sources: DPR ``psgs_w100.tsv`` (header ``id<TAB>text<TAB>title``),
+jsonl (``id``, ``title``, ``text``), an Arrow/HF dataset saved to disk, SQuAD v1.1 json (paragraphs, ids
+``{article_idx}-{para_idx}``). Conversion streams the source in chunks into an Arrow file, checks passage
+ids are unique, tokenizes with ``Dataset.map(batched=True)`` and saves to ``cache_dir/<fingerprint>``
+atomically (tmp dir, then rename). Columns: ``id``, ``title``, ``text``, ``line`` (source line/record),
+``gen_ids`` (generator tokens of ``title + title_sep + text``, no special tokens) and ``doc_ids``
+(doc-encoder tokens of the pair (title, text) with special tokens, or of the text alone when the title is
+empty, as DPR does); both truncated to ``max_passage_tokens``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rag_lightning.data.readers import DataError, squad_paragraphs
+
+log = logging.getLogger(__name__)
+csv.field_size_limit(sys.maxsize)
+
+CORPUS_FORMATS = ("auto", "tsv", "jsonl", "arrow", "squad")
+_VERSION = 1  # bump when the converted layout changes
+_SCHEMA = pa.schema(
+    [("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("line", pa.int64())]
+)
+
+
+def detect_corpus_format(path: str | os.PathLike) -> str:
+    p = Path(path)
+    if p.is_dir():
+        return "arrow"
+    ext = p.suffix.lower()
+    fmt = {".tsv": "tsv", ".csv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "squad"}.get(ext)
+    if fmt is None:
+        raise DataError(p, 0, "<format>", f"cannot detect the corpus format of extension {ext!r}; pass fmt=")
+    return fmt
+
+
+def _tok_name(tok: Any) -> str:
+    return "none" if tok is None else f"{type(tok).__name__}:{tok.name_or_path}:{len(tok)}"
+
+
+def _source_stat(path: Path) -> tuple[int, int]:
+    """(size, mtime_ns) of a file, or summed size / latest mtime over a directory's files."""
+    if path.is_file():
+        st = path.stat()
+        return st.st_size, st.st_mtime_ns
+    size, mtime = 0, 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            st = Path(root, f).stat()
+            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    return size, mtime
+
+
+def corpus_fingerprint(
+    path: str | os.PathLike, gen_tokenizer: Any, doc_tokenizer: Any, max_passage_tokens: int, **extra: Any
+) -> str:
+    """sha256 (16 hex) of source path + size + mtime + tokenizer names + max_passage_tokens + options."""
+    p = Path(path).resolve()
+    size, mtime = _source_stat(p)
+    key = [
+        _VERSION,
+        str(p),
+        size,
+        mtime,
+        _tok_name(gen_tokenizer),
+        _tok_name(doc_tokenizer),
+        max_passage_tokens,
+    ]
+    key.append(sorted((k, repr(v)) for k, v in extra.items()))
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- streaming sources
+
+
+def _clean(rec: Mapping[str, Any], src: str, line: int, fields: Mapping[str, str]) -> dict[str, Any]:
+    """Validate one passage record -> {id, title, text, line}."""
+    fid, ftitle, ftext = fields["id"], fields["title"], fields["text"]
+    pid = rec.get(fid)
+    if pid is None or pid == "":
+        raise DataError(src, line, fid, "missing field")
+    if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+        raise DataError(src, line, fid, f"wrong type {type(pid).__name__}, expected str or int")
+    text = rec.get(ftext)
+    if text is None:
+        raise DataError(src, line, ftext, "missing field")
+    if not isinstance(text, str):
+        raise DataError(src, line, ftext, f"wrong type {type(text).__name__}, expected str")
+    if not text.strip():
+        raise DataError(src, line, ftext, "empty text")
+    title = rec.get(ftitle) or ""
+    if not isinstance(title, str):
+        raise DataError(src, line, ftitle, f"wrong type {type(title).__name__}, expected str")
+    return {"id": str(pid), "title": title, "text": text, "line": line}
+
+
+def _iter_tsv(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+    src = str(path)
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None) or []
+        for k in ("id", "text"):
+            if fields[k] not in header:
+                raise DataError(src, 1, fields[k], f"missing column in header {header}")
+        col = {k: header.index(v) for k, v in fields.items() if v in header}
+        for row in reader:
+            ln = reader.line_num
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DataError(src, ln, fields["text"], f"expected {len(header)} columns, got {len(row)}")
+            yield _clean({fields[k]: row[i] for k, i in col.items()}, src, ln, fields)
+
+
+def _iter_jsonl(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+    src = str(path)
+    with open(path, encoding="utf-8") as f:
+        for ln, s in enumerate(f, 1):
+            if not s.strip():
+                continue
+            try:
+                rec = json.loads(s)
+            except json.JSONDecodeError as e:
+                raise DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(rec, Mapping):
+                raise DataError(src, ln, "<json>", f"wrong type {type(rec).__name__}, expected an object")
+            yield _clean(rec, src, ln, fields)
+
+
+def _iter_arrow(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+    ds = datasets.load_from_disk(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if len(ds) != 1:
+            raise DataError(path, 0, "<split>", f"expected a single-split dataset, got splits {list(ds)}")
+        ds = next(iter(ds.values()))
+    n = 0
+    for batch in ds.iter(batch_size=1000):
+        keys = list(batch)
+        for i in range(len(batch[keys[0]])):
+            n += 1
+            yield _clean({k: batch[k][i] for k in keys}, str(path), n, fields)
+
+
+def _iter_squad(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+    for n, p in enumerate(squad_paragraphs(path), 1):
+        yield {**p, "line": n}
+
+
+_SOURCES = {"tsv": _iter_tsv, "jsonl": _iter_jsonl, "arrow": _iter_arrow, "squad": _iter_squad}
+
+
+def _write_raw(rows: Iterator[dict[str, Any]], out: Path, chunk: int = 10_000) -> int:
+    """Stream rows into an Arrow IPC stream file in chunks; returns the row count."""
+    n = 0
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, _SCHEMA) as writer:
+        buf: list[dict[str, Any]] = []
+        for r in rows:
+            buf.append(r)
+            if len(buf) >= chunk:
+                writer.write_table(pa.Table.from_pylist(buf, schema=_SCHEMA))
+                n, buf = n + len(buf), []
+        if buf:
+            writer.write_table(pa.Table.from_pylist(buf, schema=_SCHEMA))
+            n += len(buf)
+    return n
+
+
+def _check_unique(table: pa.Table, src: str) -> None:
+    """Raise DataError naming the first duplicated id and its lines (Arrow hash count, no Python set)."""
+    counts = pc.value_counts(table.column("id"))
+    dup = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(dup):
+        pid = dup.field("values")[0].as_py()
+        lines = pc.filter(table.column("line"), pc.equal(table.column("id"), pid)).to_pylist()
+        raise DataError(
+            src, lines[1], "id", f"duplicate passage id {pid!r} (lines {', '.join(map(str, lines))})"
+        )
+
+
+def _tokenize_fn(gen_tok: Any, doc_tok: Any, max_len: int, sep: str):
+    def fn(batch: dict[str, list]) -> dict[str, list]:
+        out = {}
+        if gen_tok is not None:
+            joined = [f"{t}{sep}{x}" if t else x for t, x in zip(batch["title"], batch["text"])]
+            out["gen_ids"] = gen_tok(joined, add_special_tokens=False, truncation=True, max_length=max_len)[
+                "input_ids"
+            ]
+        if doc_tok is not None:
+            # DPR: the pair (title, text) when there is a title, the text alone otherwise
+            titles, texts, ids = batch["title"], batch["text"], [None] * len(batch["text"])
+            with_t = [i for i, t in enumerate(titles) if t]
+            without = [i for i, t in enumerate(titles) if not t]
+            kw = {"truncation": "longest_first", "max_length": max_len}
+            if with_t:
+                enc = doc_tok([titles[i] for i in with_t], [texts[i] for i in with_t], **kw)["input_ids"]
+                for i, e in zip(with_t, enc):
+                    ids[i] = e
+            if without:
+                for i, e in zip(without, doc_tok([texts[i] for i in without], **kw)["input_ids"]):
+                    ids[i] = e
+            out["doc_ids"] = ids
+        return out
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- Corpus
+
+
+class Corpus:
+    """Memory-mapped, pre-tokenized passage table. Row index = global passage id."""
+
+    def __init__(
+        self, dataset: datasets.Dataset, fingerprint: str = "", path: str | os.PathLike | None = None
+    ):
+        self.dataset = dataset
+        self.fingerprint = fingerprint
+        self.path = None if path is None else Path(path)
+        self._table: pa.Table = dataset.data.table
+        self._id_map: dict[str, int] | None = None
+
+    # -- building / loading
+    @staticmethod
+    def prepare(
+        path: str | os.PathLike,
+        fmt: str = "auto",
+        *,
+        cache_dir: str | os.PathLike,
+        gen_tokenizer: Any = None,
+        doc_tokenizer: Any = None,
+        max_passage_tokens: int = 256,
+        fields: Mapping[str, str] | None = None,
+        title_sep: str = " / ",
+        num_proc: int | None = None,
+    ) -> Path:
+        """Convert the source once; return ``cache_dir/<fingerprint>`` (existing cache is reused)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"corpus not found: {path}")
+        fmt = detect_corpus_format(path) if fmt in ("auto", None) else fmt
+        if fmt not in _SOURCES:
+            raise ValueError(f"unknown corpus format {fmt!r}; expected one of {CORPUS_FORMATS}")
+        fields = {"id": "id", "title": "title", "text": "text", **(fields or {})}
+        fp = corpus_fingerprint(
+            path, gen_tokenizer, doc_tokenizer, max_passage_tokens, fmt=fmt, fields=fields, sep=title_sep
+        )
+        target = Path(cache_dir) / fp
+        if (target / "corpus_meta.json").exists():
+            return target
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fp}-", dir=cache_dir))
+        try:
+            log.info("converting corpus %s (%s) -> %s", path, fmt, target)
+            n = _write_raw(_SOURCES[fmt](path, fields), tmp / "raw.arrow")
+            raw = datasets.Dataset.from_file(str(tmp / "raw.arrow"))
+            _check_unique(raw.data.table, str(path))
+            feats = raw.features.copy()
+            for col, tok in (("gen_ids", gen_tokenizer), ("doc_ids", doc_tokenizer)):
+                if tok is not None:
+                    feats[col] = datasets.List(datasets.Value("int32"))
+            ds = raw.map(
+                _tokenize_fn(gen_tokenizer, doc_tokenizer, max_passage_tokens, title_sep),
+                batched=True,
+                features=feats,
+                num_proc=num_proc,
+                cache_file_name=str(tmp / "tok.arrow"),
+                desc="tokenizing passages",
+            )
+            ds.save_to_disk(str(tmp / "out"))
+            meta = {
+                "fingerprint": fp,
+                "source": str(path.resolve()),
+                "format": fmt,
+                "num_passages": n,
+                "gen_tokenizer": _tok_name(gen_tokenizer),
+                "doc_tokenizer": _tok_name(doc_tokenizer),
+                "max_passage_tokens": max_passage_tokens,
+                "title_sep": title_sep,
+            }
+            (tmp / "out" / "corpus_meta.json").write_text(json.dumps(meta, indent=1))
+            del ds, raw
+            try:
+                os.rename(tmp / "out", target)
+            except OSError:
+                if not (target / "corpus_meta.json").exists():  # lost a race only if the winner finished
+                    raise
+            log.info("corpus %s: %d passages cached at %s", path, n, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, cache_path: str | os.PathLike) -> Corpus:
+        """Memory-map a converted corpus directory."""
+        meta = json.loads((Path(cache_path) / "corpus_meta.json").read_text())
+        ds = datasets.load_from_disk(str(cache_path))
+        return cls(ds, meta["fingerprint"], cache_path)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, fmt: str = "auto", **kwargs: Any) -> Corpus:
+        """``prepare`` (convert once, cached by fingerprint) then ``load``; kwargs as in :meth:`prepare`."""
+        return cls.load(cls.prepare(path, fmt, **kwargs))
+
+    # -- access
+    def __len__(self) -> int:
+        return self._table.num_rows
+
+    def _col(self, name: str, ids: Sequence[int]) -> list:
+        if name not in self._table.column_names:
+            raise KeyError(f"corpus has no column {name!r} (was its tokenizer given at conversion?)")
+        return self._table.column(name).take(pa.array(ids, type=pa.int64())).to_pylist()
+
+    def titles(self, ids: Sequence[int]) -> list[str]:
+        return self._col("title", ids)
+
+    def texts(self, ids: Sequence[int]) -> list[str]:
+        return self._col("text", ids)
+
+    def ext_ids(self, ids: Sequence[int]) -> list[str]:
+        """The source's own string ids (for reporting)."""
+        return self._col("id", ids)
+
+    def gen_tokens(self, ids: Sequence[int]) -> list[list[int]]:
+        """Generator tokens of ``title + title_sep + text``, no special tokens, truncated."""
+        return self._col("gen_ids", ids)
+
+    def doc_tokens(self, ids: Sequence[int]) -> list[list[int]]:
+        """Doc-encoder tokens of the pair (title, text) with special tokens, truncated."""
+        return self._col("doc_ids", ids)
+
+    def doc_token_view(self) -> DocTokenView:
+        """``len()`` + ``view[list_of_ids] -> list[list[int]]`` for ``embed_passages``."""
+        return DocTokenView(self)
+
+    def id_to_row(self, ext_id: str | int) -> int:
+        """Row index of a source id (mapping built lazily on first call). KeyError if absent."""
+        if self._id_map is None:
+            self._id_map = {s: i for i, s in enumerate(self._table.column("id").to_pylist())}
+        return self._id_map[str(ext_id)]
+
+    def __repr__(self) -> str:
+        return f"Corpus(n={len(self)}, fingerprint={self.fingerprint!r}, path={str(self.path)!r})"
+
+
+class DocTokenView:
+    """Sequence-like view of a corpus's doc-encoder tokens."""
+
+    def __init__(self, corpus: Corpus) -> None:
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def __getitem__(self, ids: Sequence[int] | int) -> list[list[int]] | list[int]:
+        if isinstance(ids, int):
+            return self.corpus.doc_tokens([ids])[0]
+        if isinstance(ids, slice):
+            ids = range(*ids.indices(len(self)))
+        return self.corpus.doc_tokens(list(ids))

@@ -1,0 +1,234 @@
+"""QADataModule: question sets + passage corpus + tokenizers -> DataLoaders of contract batches."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from torch.utils.data import DataLoader
+
+from rag_lightning.data.collate import Item, QACollator
+from rag_lightning.data.corpus import Corpus
+from rag_lightning.data.readers import QASet, read_questions
+from rag_lightning.data.registry import _to_plain, resolve_corpus, resolve_set
+
+log = logging.getLogger(__name__)
+
+_SET_KEYS = ("path", "format", "fields", "regex", "name")
+
+
+def load_tokenizer(name_or_path: str) -> Any:
+    """AutoTokenizer for a Hub name / local dir; ``tiny:*`` gives the tiny test models' tokenizer."""
+    if name_or_path.startswith("tiny:"):
+        from rag_lightning.models.tiny import tiny_tokenizer
+
+        tok = tiny_tokenizer()
+        tok.name_or_path = name_or_path
+        return tok
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+class QADataModule(L.LightningDataModule):
+    """Reads train/val/test question sets and a passage corpus; collates contract batches.
+
+    Set specs: path strings, registry names (:data:`rag_lightning.data.registry.SETS`, ``{data_dir}``
+    substituted) or dicts ``{path, format, fields, regex, name, ...}`` (other keys go to the reader).
+    Several sets per split: train sets are concatenated; each val/test set gets its own DataLoader (a list
+    when there are several; names in ``val_set_names`` / ``test_set_names``).
+    ``prepare_data`` converts the corpus to Arrow once; ``setup`` reads the sets and memory-maps the corpus.
+    Without val sets, ``val_split_fraction`` > 0 carves a seeded val split out of train.
+    """
+
+    def __init__(
+        self,
+        train_sets: Sequence[Any] = (),
+        val_sets: Sequence[Any] = (),
+        test_sets: Sequence[Any] = (),
+        corpus: Any = None,
+        query_tokenizer: str = "",
+        generator_tokenizer: str = "",
+        doc_tokenizer: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        max_question_length: int = 64,
+        max_target_length: int = 25,
+        max_passage_tokens: int = 256,
+        cache_dir: str | os.PathLike = "cache",
+        train_answer: str = "first",
+        skip_bad_rows: bool = False,
+        max_train_examples: int | None = None,
+        max_eval_examples: int | None = None,
+        val_split_fraction: float = 0.0,
+        seed: int = 0,
+        data_dir: str | os.PathLike | None = None,
+        corpus_num_proc: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        if train_answer not in ("first", "random"):
+            raise ValueError(f"train_answer must be 'first' or 'random', got {train_answer!r}")
+        self.train_specs = [resolve_set(s, data_dir) for s in _as_list(train_sets)]
+        self.val_specs = [resolve_set(s, data_dir) for s in _as_list(val_sets)]
+        self.test_specs = [resolve_set(s, data_dir) for s in _as_list(test_sets)]
+        self.corpus_spec = None if corpus is None else resolve_corpus(corpus, data_dir)
+        self.tokenizer_names = {
+            "query": query_tokenizer,
+            "generator": generator_tokenizer,
+            "doc": doc_tokenizer,
+        }
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.max_question_length, self.max_target_length = max_question_length, max_target_length
+        self.max_passage_tokens, self.cache_dir, self.corpus_num_proc = (
+            max_passage_tokens,
+            cache_dir,
+            corpus_num_proc,
+        )
+        self.train_answer, self.skip_bad_rows, self.seed = train_answer, skip_bad_rows, seed
+        self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
+        self.val_split_fraction = val_split_fraction
+        self.query_tokenizer = self.gen_tokenizer = self.doc_tokenizer = None
+        self.corpus: Corpus | None = None
+        self.train_items: list[Item] = []
+        self.val_sets: list[tuple[str, list[Item]]] = []
+        self.test_sets: list[tuple[str, list[Item]]] = []
+        self._sets_loaded = False
+
+    # ------------------------------------------------------------------ setup
+    def _load_tokenizers(self) -> None:
+        if self.gen_tokenizer is not None:
+            return
+        cache: dict[str, Any] = {}
+        for name in self.tokenizer_names.values():
+            if name and name not in cache:
+                cache[name] = load_tokenizer(name)
+        self.query_tokenizer = cache.get(self.tokenizer_names["query"])
+        self.gen_tokenizer = cache.get(self.tokenizer_names["generator"])
+        self.doc_tokenizer = cache.get(self.tokenizer_names["doc"] or "")
+        if self.query_tokenizer is None or self.gen_tokenizer is None:
+            raise ValueError("query_tokenizer and generator_tokenizer must be given")
+
+    def _corpus_kwargs(self) -> dict[str, Any]:
+        spec = dict(self.corpus_spec)
+        return {
+            "path": spec.pop("path"),
+            "fmt": spec.pop("format", "auto"),
+            "fields": spec.pop("fields", None),
+            "cache_dir": self.cache_dir,
+            "gen_tokenizer": self.gen_tokenizer,
+            "doc_tokenizer": self.doc_tokenizer,
+            "max_passage_tokens": self.max_passage_tokens,
+            "num_proc": self.corpus_num_proc,
+        }
+
+    def prepare_data(self) -> None:
+        """Convert the corpus to its Arrow cache (once per fingerprint)."""
+        if self.corpus_spec is not None:
+            self._load_tokenizers()
+            Corpus.prepare(**self._corpus_kwargs())
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_tokenizers()
+        if self.corpus is None and self.corpus_spec is not None:
+            self.corpus = Corpus.from_file(**self._corpus_kwargs())  # loads the cache prepare_data built
+            log.info("corpus: %d passages (%s)", len(self.corpus), self.corpus.fingerprint)
+        if self._sets_loaded:
+            return
+        train = [it for s in self.train_specs for it in self._read(s)[1]]
+        self.val_sets = [self._read(s) for s in self.val_specs]
+        self.test_sets = [self._read(s) for s in self.test_specs]
+        if not self.val_sets and self.val_split_fraction > 0 and train:
+            perm = np.random.default_rng(self.seed).permutation(len(train))
+            n_val = max(1, round(self.val_split_fraction * len(train)))
+            val_idx = set(perm[:n_val].tolist())
+            self.val_sets = [("train_split", [train[i] for i in sorted(val_idx)])]
+            train = [it for i, it in enumerate(train) if i not in val_idx]
+            log.info("carved %d val examples out of train (seed %d)", n_val, self.seed)
+        self.train_items = train[: self.max_train_examples] if self.max_train_examples else train
+        if self.max_eval_examples:
+            self.val_sets = [(n, s[: self.max_eval_examples]) for n, s in self.val_sets]
+            self.test_sets = [(n, s[: self.max_eval_examples]) for n, s in self.test_sets]
+        log.info(
+            "examples: train %d; val %s; test %s",
+            len(self.train_items),
+            {n: len(s) for n, s in self.val_sets},
+            {n: len(s) for n, s in self.test_sets},
+        )
+        self._sets_loaded = True
+
+    def _read(self, spec: dict[str, Any]) -> tuple[str, list[Item]]:
+        opts = {k: v for k, v in spec.items() if k not in _SET_KEYS}
+        qa: QASet = read_questions(
+            spec["path"],
+            spec.get("format", "auto"),
+            fields=spec.get("fields"),
+            regex=bool(spec.get("regex", False)),
+            name=spec.get("name"),
+            skip_bad_rows=self.skip_bad_rows,
+            **opts,
+        )
+        log.info(
+            "read %d examples from %s (%s), skipped %d bad rows", len(qa), qa.name, spec["path"], qa.skipped
+        )
+        return qa.name, [Item(e, qa.regex, qa.name) for e in qa]
+
+    # ------------------------------------------------------------------ loaders
+    @property
+    def val_set_names(self) -> list[str]:
+        return [n for n, _ in self.val_sets]
+
+    @property
+    def test_set_names(self) -> list[str]:
+        return [n for n, _ in self.test_sets]
+
+    def collator(self, train: bool) -> QACollator:
+        return QACollator(
+            self.query_tokenizer,
+            self.gen_tokenizer,
+            self.max_question_length,
+            self.max_target_length,
+            self.train_answer if train else "first",
+        )
+
+    def _loader(self, items: list[Item], train: bool) -> DataLoader:
+        return DataLoader(
+            items,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            collate_fn=self.collator(train),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        if not self.train_items:
+            raise ValueError("no training examples (data.train_sets is empty?)")
+        return self._loader(self.train_items, train=True)
+
+    def _eval_loaders(self, sets: list[tuple[str, list[Item]]]) -> DataLoader | list[DataLoader]:
+        loaders = [self._loader(items, train=False) for _, items in sets]
+        return loaders[0] if len(loaders) == 1 else loaders
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders(self.val_sets)
+
+    def test_dataloader(self) -> DataLoader | list[DataLoader]:
+        return self._eval_loaders(self.test_sets)
+
+
+def _as_list(x: Any) -> list[Any]:
+    x = _to_plain(x)
+    if x is None:
+        return []
+    if isinstance(x, (str, Path, dict)):
+        return [x]
+    return list(x)

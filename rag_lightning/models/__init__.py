@@ -1,0 +1,1 @@
+"""Models: pure marginalization math, encoders, generator, decoding."""

@@ -1,0 +1,101 @@
+"""Dense retriever: query encoder, document encoder and the index over the corpus they define.
+
+Retrieval is a non-differentiable top-K search with the detached query; the retrieval scores that the
+generation loss sees are then recomputed with gradient, `scores[b, k] = q_b . d_{b,k}`, so the loss trains the
+query encoder (and, with `train_doc_encoder`, the document encoder, by re-encoding the K passages).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from rag_lightning.models.encoders import Encoder
+from rag_lightning.retrieval.embed import embed_passages
+from rag_lightning.retrieval.index import DenseIndex
+
+log = logging.getLogger(__name__)
+
+
+class Retriever(nn.Module):
+    def __init__(
+        self,
+        query_encoder: Encoder,
+        doc_encoder: Encoder | None = None,
+        n_docs: int = 5,
+        train_query_encoder: bool = True,
+        train_doc_encoder: bool = False,
+        index: dict[str, Any] | None = None,
+        embed_batch_size: int = 128,
+    ):
+        """`doc_encoder=None` uses a copy of the query encoder (DPR-style two towers from one checkpoint)."""
+        super().__init__()
+        self.query_encoder = query_encoder
+        self.doc_encoder = doc_encoder if doc_encoder is not None else copy.deepcopy(query_encoder)
+        self.n_docs = n_docs
+        self.train_doc_encoder = train_doc_encoder
+        self.index_kwargs = dict(index or {})
+        self.embed_batch_size = embed_batch_size
+        self.query_encoder.requires_grad_(train_query_encoder)
+        self.doc_encoder.requires_grad_(train_doc_encoder)
+        if not train_doc_encoder:
+            self.doc_encoder.eval()
+        self.index: DenseIndex | None = None  # not a parameter: rebuilt or reloaded, never in state_dict
+
+    def train(self, mode: bool = True) -> Retriever:
+        super().train(mode)
+        if not self.train_doc_encoder:
+            self.doc_encoder.eval()  # frozen: no dropout, so index and scores agree
+        return self
+
+    @property
+    def doc_encoder_changes(self) -> bool:
+        """Whether re-embedding the corpus can give anything new."""
+        return self.train_doc_encoder
+
+    def build_index(self, corpus, progress: bool = True, stats: dict | None = None) -> DenseIndex:
+        """Embed every passage with the current document encoder and build a new index (not swapped in)."""
+        device = next(self.doc_encoder.parameters()).device
+        emb = embed_passages(
+            self.doc_encoder,
+            corpus.doc_token_view(),
+            batch_size=self.embed_batch_size,
+            device=device,
+            pad_id=self.doc_encoder.tokenizer.pad_token_id or 0,
+            progress=progress,
+            stats=stats,
+        )  # (N, d)
+        index = DenseIndex(dim=emb.shape[1], **self.index_kwargs)
+        index.build(emb)
+        index.meta["corpus"] = getattr(corpus, "fingerprint", None)
+        return index
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, corpus=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k for a batch of questions -> (doc_scores (B, k) with grad, ids (B, k) global passage ids)."""
+        if self.index is None:
+            raise RuntimeError("the retriever has no index yet: build_index() first")
+        q = self.query_encoder(input_ids, attention_mask)  # (B, d)
+        _, ids, vecs = self.index.search_with_vectors(q.detach(), k)  # (B, k), (B, k, d)
+        ids = ids.to(q.device)
+        if self.train_doc_encoder and self.training:
+            tokens = corpus.doc_tokens(ids.flatten().tolist())
+            d = self._encode_docs(tokens, q.device).view(*ids.shape, -1)  # (B, k, d), with grad
+        else:
+            d = vecs.to(device=q.device, dtype=q.dtype)
+        return torch.einsum("bd,bkd->bk", q, d), ids
+
+    def _encode_docs(self, tokens: list[list[int]], device: torch.device) -> torch.Tensor:
+        pad = self.doc_encoder.tokenizer.pad_token_id or 0
+        width = max(map(len, tokens))
+        ids = torch.full((len(tokens), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.tensor(t)
+            mask[i, : len(t)] = 1
+        return self.doc_encoder(ids.to(device), mask.to(device))  # (B*k, d)

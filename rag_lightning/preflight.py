@@ -1,0 +1,95 @@
+"""Fail fast, before any model is built, when a model or data file named in the config is not reachable.
+
+Offline, `from_pretrained("facebook/bart-large")` fails deep inside transformers after retries; a research
+run should instead stop at once and say which config key to point at a local copy.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from typing import Any
+
+
+class ConfigError(RuntimeError):
+    """A config value names something that is not there; the message says how to fix it."""
+
+
+def _offline() -> bool:
+    return any(
+        os.environ.get(v, "0").lower() in ("1", "true") for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _cached(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(name, "config.json")
+        return isinstance(hit, str)
+    except Exception:
+        return False
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def require_model(name_or_path: str, key: str = "model") -> None:
+    """Local dir, `tiny:*`, a cached Hub id, or (online) any Hub id; else a ConfigError naming `key`."""
+    if name_or_path.startswith("tiny:") or os.path.isdir(name_or_path) or _cached(name_or_path):
+        return
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_like_path:
+        raise ConfigError(f"{key}={name_or_path!r}: no such directory")
+    if _offline() or not _hub_reachable():
+        raise ConfigError(
+            f"{key}={name_or_path!r} is a Hugging Face Hub id, it is not in the local cache and the Hub cannot "
+            f"be reached (offline). Download it where there is network, e.g. `hf download {name_or_path} "
+            f"--local-dir /models/{name_or_path.split('/')[-1]}`, then run with "
+            f"`{key}=/models/{name_or_path.split('/')[-1]}`."
+        )
+
+
+def require_files(items: Iterable[tuple[str, str]]) -> None:
+    """Each (config key, path) must exist; report all missing ones at once."""
+    missing = [(k, p) for k, p in items if not os.path.exists(p)]
+    if missing:
+        lines = "\n".join(f"  {k}={p!r}" for k, p in missing)
+        raise ConfigError(
+            f"missing data file(s):\n{lines}\nPoint `paths.data_dir=...` at the folder that holds them, or set "
+            f"the keys above to their paths."
+        )
+
+
+def _walk(node: Any, prefix: str):
+    """Yield (dotted key, value) for every leaf of a config, resolving interpolations."""
+    from omegaconf import DictConfig, ListConfig
+
+    if isinstance(node, DictConfig):
+        for k in node:
+            yield from _walk(node[k], f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(node, ListConfig):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{prefix}[{i}]")
+    else:
+        yield prefix, node
+
+
+def preflight(cfg: Any) -> None:
+    """Check every data file and model the config names, before anything heavy is built."""
+    files = [
+        (key, val)
+        for key, val in _walk(cfg.get("data", {}), "data")
+        if isinstance(val, str) and key.rsplit(".", 1)[-1] in ("path", "corpus_path", "file")
+    ]
+    require_files(files)
+    for key, val in _walk(cfg.get("model", {}), "model"):
+        if key.endswith("name_or_path") and isinstance(val, str):
+            require_model(val, key)

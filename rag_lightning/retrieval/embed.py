@@ -1,0 +1,199 @@
+"""Embedding a tokenized passage corpus: length-sorted batches, inference mode, autocast; resumable chunks.
+
+``embed_passages`` computes ``E[i] = encoder(tokens[i])`` (N, d) float32 on CPU, in the original row order.
+Rows are embedded in windows of ``sort_window`` batches; inside a window rows are sorted by token length so
+each batch pads to a near-uniform length (global sort when N fits in one window), then scattered back.
+
+``embed_chunks`` / ``merge_chunks`` split the corpus into fixed chunks saved as ``emb_{start}_{end}.npy``
+(written atomically), so an interrupted or sharded run (``num_shards`` processes) only redoes missing chunks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+_CHUNK_RE = re.compile(r"^emb_(\d+)_(\d+)\.npy$")
+
+
+def _fetch(tokens: Any, ids: list[int]) -> list[list[int]]:
+    """Token lists for ``ids`` from a plain sequence of lists or an object with ``__getitem__(list)``."""
+    if isinstance(tokens, (list, tuple)):
+        return [tokens[i] for i in ids]
+    return tokens[ids]
+
+
+def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest row: (input_ids (B, L) int64, attention_mask (B, L) int64)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def embed_passages(
+    encoder: nn.Module,
+    tokens: Any,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+    pad_id: int = 0,
+    progress: bool = True,
+    amp_dtype: torch.dtype | None = None,
+    desc: str = "embedding corpus",
+    stats: dict | None = None,
+    sort_window: int = 64,
+) -> torch.Tensor:
+    """Embed every row of ``tokens`` with ``encoder(input_ids, attention_mask) -> (B, d)``.
+
+    tokens: ``__len__`` + ``__getitem__(list[int]) -> list[list[int]]`` (or a plain list of token lists).
+    device: defaults to the encoder's parameter device; otherwise the encoder is moved there and back.
+    amp_dtype: autocast dtype; default bf16 on CUDA, none (fp32) on CPU; ``torch.float32`` disables it.
+    stats: if given, filled with ``seconds``, ``passages_per_s``, ``tokens``, ``padded_tokens``.
+    Returns (N, d) float32 CPU in the original row order; ``encoder.training`` is restored.
+    """
+    t0 = time.perf_counter()
+    n = len(tokens)
+    param = next(encoder.parameters(), None)
+    home = param.device if param is not None else torch.device("cpu")
+    device = torch.device(device) if device is not None else home
+    if amp_dtype is None and device.type == "cuda":
+        amp_dtype = torch.bfloat16
+    use_amp = amp_dtype is not None and amp_dtype != torch.float32
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext()
+    was_training = encoder.training
+    encoder.eval().to(device)
+    out: torch.Tensor | None = None
+    n_tok = n_pad = 0
+    window = batch_size * sort_window
+    try:
+        with (
+            torch.inference_mode(),
+            autocast,
+            tqdm(total=n, desc=desc, unit="psg", disable=not progress) as bar,
+        ):
+            for w0 in range(0, n, window):
+                ids = list(range(w0, min(n, w0 + window)))
+                rows = _fetch(tokens, ids)
+                order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # ascending length
+                for b0 in range(0, len(order), batch_size):
+                    sel = order[b0 : b0 + batch_size]
+                    input_ids, mask = _pad([rows[i] for i in sel], pad_id)  # (B, L)
+                    n_tok, n_pad = n_tok + int(mask.sum()), n_pad + mask.numel()
+                    if device.type == "cuda":
+                        input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+                    emb = encoder(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+                    if out is None:
+                        with torch.inference_mode(False):  # a normal tensor, usable with autograd later
+                            out = torch.empty((n, emb.shape[-1]), dtype=torch.float32)  # (N, d)
+                    out[torch.as_tensor(sel) + w0] = emb.float().cpu()  # scatter back to original rows
+                    bar.update(len(sel))
+    finally:
+        encoder.train(was_training).to(home)
+    if out is None:
+        out = torch.empty((0, getattr(encoder, "dim", 0)), dtype=torch.float32)
+    if stats is not None:
+        secs = time.perf_counter() - t0
+        stats.update(seconds=secs, passages_per_s=n / max(secs, 1e-9), tokens=n_tok, padded_tokens=n_pad)
+    return out
+
+
+# --------------------------------------------------------------------------- resumable chunked embedding
+def plan_chunks(n: int, chunk_size: int) -> list[tuple[int, int]]:
+    """Contiguous chunks [start, end) of at most ``chunk_size`` rows covering 0..n."""
+    return [(s, min(n, s + chunk_size)) for s in range(0, n, chunk_size)]
+
+
+def chunk_path(out_dir: str | os.PathLike, start: int, end: int) -> Path:
+    return Path(out_dir) / f"emb_{start}_{end}.npy"
+
+
+def _write_plan(out_dir: Path, plan: dict) -> None:
+    """Record (n, chunk_size, fingerprint); refuse to mix chunks from a different plan."""
+    f = out_dir / "plan.json"
+    if f.exists():
+        old = json.loads(f.read_text())
+        if old != plan:
+            raise ValueError(f"{out_dir} holds chunks for a different plan {old}, requested {plan}")
+        return
+    tmp = out_dir / f".plan.json.{os.getpid()}"
+    tmp.write_text(json.dumps(plan))
+    os.replace(tmp, f)
+
+
+def embed_chunks(
+    encoder: nn.Module,
+    tokens: Any,
+    out_dir: str | os.PathLike,
+    chunk_size: int = 100_000,
+    num_shards: int = 1,
+    shard_id: int = 0,
+    fingerprint: str = "",
+    **embed_kwargs: Any,
+) -> list[tuple[int, int]]:
+    """Embed this shard's missing chunks (chunk i belongs to shard ``i % num_shards``) into ``out_dir``.
+
+    Each chunk is written to a temporary name and renamed, so a present ``emb_{start}_{end}.npy`` is complete
+    and skipped on resume. Returns the chunks computed by this call.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_plan(out, {"n": len(tokens), "chunk_size": chunk_size, "fingerprint": fingerprint})
+    done = []
+    for i, (s, e) in enumerate(plan_chunks(len(tokens), chunk_size)):
+        path = chunk_path(out, s, e)
+        if i % num_shards != shard_id or path.exists():
+            continue
+        emb = embed_passages(encoder, _Slice(tokens, s, e), desc=f"chunk {s}-{e}", **embed_kwargs)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")
+        np.save(tmp, emb.numpy())
+        os.replace(tmp, path)
+        done.append((s, e))
+    return done
+
+
+def merge_chunks(out_dir: str | os.PathLike, n: int | None = None) -> torch.Tensor:
+    """Concatenate all chunk files of ``out_dir`` into (N, d) float32; raises naming missing ranges."""
+    out = Path(out_dir)
+    if n is None:
+        n = json.loads((out / "plan.json").read_text())["n"]
+    spans = sorted((int(m[1]), int(m[2])) for f in out.iterdir() if (m := _CHUNK_RE.match(f.name)))
+    pos, missing, parts = 0, [], []
+    for s, e in spans:
+        if s < pos:
+            raise ValueError(f"overlapping chunk files in {out}: emb_{s}_{e}.npy")
+        if s > pos:
+            missing.append((pos, s))
+        parts.append(np.load(chunk_path(out, s, e)))
+        pos = e
+    if pos < n:
+        missing.append((pos, n))
+    if missing:
+        raise FileNotFoundError(f"{out} lacks embeddings for row ranges {missing}; rerun the embed step")
+    return torch.from_numpy(np.concatenate(parts, axis=0)) if parts else torch.empty((0, 0))
+
+
+class _Slice:
+    """View of rows [start, end) of a token source, with the same ``__getitem__(list)`` interface."""
+
+    def __init__(self, tokens: Any, start: int, end: int) -> None:
+        self.tokens, self.start, self.end = tokens, start, end
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __getitem__(self, ids: Sequence[int]) -> list[list[int]]:
+        return _fetch(self.tokens, [self.start + i for i in ids])

@@ -1,0 +1,143 @@
+"""Index sharded over DDP ranks: each rank holds rows [start, end) of the global corpus, top-k merged.
+
+Modes:
+  "sharded"    rank r indexes rows ``shard_range(N, r, world)`` (1/world of the memory). ``search`` is a
+               collective: every rank must call it, with its own (possibly empty, possibly differently
+               sized) query batch. Queries are all-gathered (sizes first, padded to the largest batch), every
+               shard searches all queries, and an all-to-all sends each rank the per-shard top-k (scores,
+               global ids, and for ``search_with_vectors`` the exact vectors, which only the owning shard
+               holds) for its own queries, merged into the global top-k.
+  "replicated" a plain DenseIndex over the whole corpus on every rank: no collectives, world x memory.
+Without an initialized process group (or world 1) both modes behave like ``DenseIndex``.
+Collectives run on CUDA tensors for nccl, CPU tensors otherwise (gloo).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from rag_lightning.retrieval.index import DenseIndex
+
+
+def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Contiguous balanced shard [start, end) of n rows: the first ``n % world`` ranks get one extra row."""
+    base, rem = divmod(n, world)
+    start = rank * base + min(rank, rem)
+    return start, start + base + (rank < rem)
+
+
+def _rank_world(group=None) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+class ShardedIndex:
+    """Global-id search over a local ``DenseIndex`` holding global rows [start, start + local.ntotal)."""
+
+    def __init__(self, local: DenseIndex, start: int = 0, mode: str = "sharded", group=None) -> None:
+        if mode not in ("sharded", "replicated"):
+            raise ValueError(f"mode must be sharded|replicated, got {mode!r}")
+        self.local, self.start, self.mode, self.group = local, start, mode, group
+
+    @classmethod
+    def from_embeddings(
+        cls, emb: torch.Tensor, mode: str = "sharded", group=None, **index_kwargs
+    ) -> ShardedIndex:
+        """Build from the full (N, d) embeddings: this rank indexes its shard (sharded) or all rows."""
+        rank, world = _rank_world(group)
+        start, end = shard_range(len(emb), rank, world) if mode == "sharded" else (0, len(emb))
+        local = DenseIndex(**index_kwargs)
+        local.build(emb[start:end])
+        return cls(local, start, mode, group)
+
+    @property
+    def dim(self) -> int:
+        return self.local.dim
+
+    @property
+    def version(self) -> int:
+        return self.local.version
+
+    def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global top-k: (scores (B, k) float32 CPU, global ids (B, k) int64 CPU), descending, (-inf, -1)
+        padded. Collective in sharded mode."""
+        scores, ids, _ = self._search(q, k, with_vectors=False)
+        return scores, ids
+
+    def search_with_vectors(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``search`` plus exact vectors (B, k, d) float32 CPU, fetched from the owning shard."""
+        return self._search(q, k, with_vectors=True)
+
+    def vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """Exact vectors for global ids held by this rank (all ids when replicated or world 1)."""
+        ids = torch.as_tensor(ids, dtype=torch.long)
+        local = torch.where(ids >= 0, ids - self.start, ids)
+        if ((local >= self.local.ntotal) | (local < -1)).any():
+            raise IndexError("ids outside this rank's shard: use search_with_vectors in sharded mode")
+        return self.local.vectors(local)
+
+    def _local(self, q: torch.Tensor, k: int, with_vectors: bool):
+        scores, ids = self.local.search(q, k)
+        vecs = self.local.vectors(ids) if with_vectors else None  # (M, k, d)
+        return scores, torch.where(ids >= 0, ids + self.start, ids), vecs
+
+    @torch.no_grad()
+    def _search(self, q: torch.Tensor, k: int, with_vectors: bool):
+        rank, world = _rank_world(self.group)
+        if self.mode == "replicated" or world == 1:
+            return self._local(q, k, with_vectors)
+        dev = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(self.group) == "nccl"
+            else None
+        )
+        dev = dev or torch.device("cpu")
+        q = torch.as_tensor(q).detach().to(dev, torch.float32)  # (B, d)
+        b, d = q.shape[0], self.dim
+        # 1) batch sizes, then padded queries from every rank
+        sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([b], device=dev), group=self.group)
+        sizes = [int(s) for s in sizes]
+        mb = max(sizes)
+        if mb == 0:  # same decision on every rank: no further collectives
+            empty = torch.empty((0, k))
+            return empty, empty.long(), torch.empty((0, k, d)) if with_vectors else None
+        q_pad = torch.zeros((mb, d), device=dev)
+        q_pad[:b] = q
+        q_all = [torch.empty((mb, d), device=dev) for _ in range(world)]
+        dist.all_gather(q_all, q_pad, group=self.group)
+        q_all = torch.cat([g[:n] for g, n in zip(q_all, sizes)])  # (M, d), M = sum(sizes)
+        # 2) local top-k for all queries, laid out per destination rank: (world, mb, k[, d])
+        s, i, v = self._local(q_all.cpu(), k, with_vectors)  # (M, k), (M, k), (M, k, d)
+        send_s = torch.full((world, mb, k), float("-inf"))
+        send_i = torch.full((world, mb, k), -1, dtype=torch.long)
+        send_v = torch.zeros((world, mb, k, d)) if with_vectors else None
+        off = 0
+        for r, n in enumerate(sizes):
+            send_s[r, :n], send_i[r, :n] = s[off : off + n], i[off : off + n]
+            if with_vectors:
+                send_v[r, :n] = v[off : off + n]
+            off += n
+        # 3) each rank receives every shard's results for its own queries
+        recv = [self._all_to_all(t, dev) for t in (send_s, send_i, send_v) if t is not None]
+        cand_s = recv[0].permute(1, 0, 2).reshape(mb, world * k)  # (mb, world*k)
+        cand_i = recv[1].permute(1, 0, 2).reshape(mb, world * k)
+        top_s, pos = cand_s.topk(k, dim=1)  # (mb, k)
+        top_i = cand_i.gather(1, pos)
+        top_v = None
+        if with_vectors:
+            cand_v = recv[2].permute(1, 0, 2, 3).reshape(mb, world * k, d)  # (mb, world*k, d)
+            top_v = cand_v.gather(1, pos.unsqueeze(-1).expand(-1, -1, d))[:b]  # (B, k, d)
+        return top_s[:b], top_i[:b], top_v
+
+    def _all_to_all(self, send: torch.Tensor, dev: torch.device) -> torch.Tensor:
+        """(world, ...) -> (world, ...): slot r of the output is slot ``rank`` of rank r's input. CPU out."""
+        send = send.to(dev).contiguous()
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv.cpu()
+
+    def __repr__(self) -> str:
+        return f"ShardedIndex(mode={self.mode!r}, start={self.start}, local={self.local!r})"

@@ -1,0 +1,84 @@
+"""Build everything from the config, fit, optionally test; return the metric a sweep optimizes."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
+from rag_lightning.checkpoint_io import AtomicCheckpointIO
+from rag_lightning.preflight import preflight
+from rag_lightning.summary import print_summary
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_list(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` child of a config group (callbacks, logger); `null` entries are skipped."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if c is not None and "_target_" in c]
+
+
+def train(cfg: DictConfig) -> float | None:
+    preflight(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    log.info("datamodule <%s>", cfg.data._target_)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    log.info("model <%s>", cfg.model._target_)
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model)
+    callbacks = instantiate_list(cfg.get("callbacks"))
+    loggers = instantiate_list(cfg.get("logger"))
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
+    )
+    for lg in loggers:
+        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    before: dict[str, float] = {}
+    status = "failed"
+    try:
+        if cfg.get("validate_before_fit"):
+            before = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
+        if cfg.get("train", True):
+            trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        test: dict[str, float] = {}
+        if cfg.get("test"):
+            ckpt = (
+                "best"
+                if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
+                else None
+            )
+            test = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
+        metrics = {**after, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
+        if trainer.is_global_zero:
+            print_summary(cfg, trainer, before, after, test)
+        status = "success"
+    finally:
+        for lg in loggers:  # close loggers even when the run fails (wandb would otherwise hang on exit)
+            finalize = getattr(lg, "finalize", None)
+            if finalize is not None:
+                finalize(status)
+        _finish_wandb(0 if status == "success" else 1)
+
+    name = cfg.get("optimized_metric")
+    if name is None:
+        return None
+    if name not in metrics:
+        raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+    return metrics[name]
+
+
+def _finish_wandb(exit_code: int) -> None:
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish(exit_code=exit_code)

