@@ -147,7 +147,7 @@ class RagModule(L.LightningModule):
 
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Loss, greedy/beam answers, EM/F1 and recall@k for one batch (all per question)."""
-        kmax = max(self.retriever.n_docs, *self.hparams.eval_ks)
+        kmax = min(max(self.retriever.n_docs, *self.hparams.eval_ks), len(self.corpus))
         doc_scores, ids = self.retrieve(batch, kmax)  # (B, kmax) sorted by score
         k = self.retriever.n_docs
         nll = self.nll(batch, doc_scores[:, :k], ids[:, :k])  # (B,)

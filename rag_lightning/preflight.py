@@ -43,29 +43,43 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def require_model(name_or_path: str, key: str = "model") -> None:
     """Local dir, `tiny:*`, a cached Hub id, or (online) any Hub id; else a ConfigError naming `key`."""
+    problem = model_problem(name_or_path, key)
+    if problem:
+        raise ConfigError(problem)
+
+
+def model_problem(name_or_path: str, key: str) -> str | None:
     if name_or_path.startswith("tiny:") or os.path.isdir(name_or_path) or _cached(name_or_path):
-        return
+        return None
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
     if looks_like_path:
-        raise ConfigError(f"{key}={name_or_path!r}: no such directory")
+        return f"{key}={name_or_path!r}: no such directory"
     if _offline() or not _hub_reachable():
-        raise ConfigError(
+        return (
             f"{key}={name_or_path!r} is a Hugging Face Hub id, it is not in the local cache and the Hub cannot "
             f"be reached (offline). Download it where there is network, e.g. `hf download {name_or_path} "
             f"--local-dir /models/{name_or_path.split('/')[-1]}`, then run with "
             f"`{key}=/models/{name_or_path.split('/')[-1]}`."
         )
+    return None
 
 
 def require_files(items: Iterable[tuple[str, str]]) -> None:
     """Each (config key, path) must exist; report all missing ones at once."""
+    problem = files_problem(items)
+    if problem:
+        raise ConfigError(problem)
+
+
+def files_problem(items: Iterable[tuple[str, str]]) -> str | None:
     missing = [(k, p) for k, p in items if not os.path.exists(p)]
-    if missing:
-        lines = "\n".join(f"  {k}={p!r}" for k, p in missing)
-        raise ConfigError(
-            f"missing data file(s):\n{lines}\nPoint `paths.data_dir=...` at the folder that holds them, or set "
-            f"the keys above to their paths."
-        )
+    if not missing:
+        return None
+    lines = "\n".join(f"  {k}={p!r}" for k, p in missing)
+    return (
+        f"missing data file(s):\n{lines}\nPoint `paths.data_dir=...` at the folder that holds them, or set "
+        f"the keys above to their paths."
+    )
 
 
 def _walk(node: Any, prefix: str):
@@ -82,14 +96,28 @@ def _walk(node: Any, prefix: str):
         yield prefix, node
 
 
+def data_files(data_cfg: Any) -> list[tuple[str, str]]:
+    """(config key, path) of every question set and the corpus a QADataModule config names."""
+    from rag_lightning.data.registry import resolve_corpus, resolve_set
+
+    data_dir = data_cfg.get("data_dir")
+    out = []
+    for group in ("train_sets", "val_sets", "test_sets"):
+        for i, spec in enumerate(data_cfg.get(group) or []):
+            out.append((f"data.{group}[{i}]", resolve_set(spec, data_dir)["path"]))
+    if data_cfg.get("corpus") is not None:
+        out.append(("data.corpus", resolve_corpus(data_cfg.corpus, data_dir)["path"]))
+    return out
+
+
 def preflight(cfg: Any) -> None:
     """Check every data file and model the config names, before anything heavy is built."""
-    files = [
-        (key, val)
-        for key, val in _walk(cfg.get("data", {}), "data")
-        if isinstance(val, str) and key.rsplit(".", 1)[-1] in ("path", "corpus_path", "file")
-    ]
-    require_files(files)
+    problems = []
+    if cfg.get("data") is not None and str(cfg.data.get("_target_", "")).endswith("QADataModule"):
+        problems.append(files_problem(data_files(cfg.data)))
     for key, val in _walk(cfg.get("model", {}), "model"):
         if key.endswith("name_or_path") and isinstance(val, str):
-            require_model(val, key)
+            problems.append(model_problem(val, key.replace("model.retriever.", "retriever.")))
+    problems = [p for p in problems if p]
+    if problems:
+        raise ConfigError("\n".join(problems))

@@ -86,7 +86,7 @@ def run_index(args: argparse.Namespace) -> None:
     emb, t_emb = _timed(
         lambda: embed_passages(encoder, tokens, args.batch_size, progress=False, stats=stats), cuda
     )
-    flat = DenseIndex(device=str(device), backend="faiss" if not cuda else "auto")
+    flat = DenseIndex(device=str(device), num_threads=args.faiss_threads)
     _, t_flat = _timed(lambda: flat.build(emb), cuda)
     ours = t_emb + t_flat
     # (b) baseline, same encoder / batch size
@@ -125,7 +125,11 @@ def run_index(args: argparse.Namespace) -> None:
         idx = flat
         if factory != "Flat":
             idx = DenseIndex(
-                factory=factory, device=str(device), ef_search=args.ef_search, nprobe=args.nprobe
+                factory=factory,
+                device=str(device),
+                ef_search=args.ef_search,
+                nprobe=args.nprobe,
+                num_threads=args.faiss_threads,
             )
             _, t_build = _timed(lambda idx=idx: idx.build(emb), cuda)
         else:
@@ -157,6 +161,7 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=100)
     p.add_argument("--ef-search", type=int, default=256)
     p.add_argument("--nprobe", type=int, default=16)
+    p.add_argument("--faiss-threads", type=int, default=None, help="default: free cores")
     p.add_argument("--ivf-factory", default=None, help="default IVF{4 sqrt(N)},PQ{d/8}np")
     p.set_defaults(func=run_index)
 

@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from rag_lightning.retrieval.index import DenseIndex
+from rag_lightning.retrieval.sharded import ShardedIndex
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,10 @@ class RefreshIndex(Callback):
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         retriever = pl_module.retriever
-        if self._restored and retriever.index is None:
-            index = self._load_saved(pl_module)
-            if index is not None:
-                retriever.index = index
-                log.info("resumed index v%d from %s", index.version, self.save_dir)
+        if self._restored and retriever.index is None:  # resuming: the saved index if its stamp matches
+            retriever.index = self._load_saved(pl_module)
+            if retriever.index is not None:
+                log.info("resumed index v%d from %s", self.version, self.save_dir)
             else:
                 pl_module.ensure_index()
                 retriever.index.version = self.version
@@ -116,8 +115,8 @@ class RefreshIndex(Callback):
         self.last_refresh_step = step
         index = pl_module.retriever.index
         index.meta.update(step=step, version=self.version)
-        if self.save_dir and trainer.is_global_zero:
-            index.save(self.save_dir)
+        if self.save_dir and (trainer.is_global_zero or pl_module.retriever.index_mode == "sharded"):
+            index.save(self.save_dir)  # atomic; sharded: each rank writes its own shard
         pl_module.log_dict(
             {
                 "index/version": float(self.version),
@@ -128,11 +127,11 @@ class RefreshIndex(Callback):
         )
         return True
 
-    def _load_saved(self, pl_module: L.LightningModule) -> DenseIndex | None:
+    def _load_saved(self, pl_module: L.LightningModule) -> ShardedIndex | None:
         if not self.save_dir or not os.path.isdir(self.save_dir):
             return None
         try:
-            index = DenseIndex.load(self.save_dir)
+            index = pl_module.retriever.load_index(self.save_dir)
         except Exception as e:  # noqa: BLE001
             log.warning("saved index at %s unusable (%s): rebuilding", self.save_dir, e)
             return None

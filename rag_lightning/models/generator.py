@@ -46,6 +46,9 @@ class Generator(nn.Module):
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_source_length: int = 128):
         super().__init__()
+        encoder = model.get_encoder()
+        if getattr(encoder, "pooler", None) is not None:
+            encoder.pooler = None  # bert2bert: the encoder's pooler feeds nothing (and DDP would complain)
         self.model = model
         self.tokenizer = tokenizer
         self.max_source_length = max_source_length

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from rag_lightning.models.encoders import Encoder
-from rag_lightning.retrieval.embed import embed_passages
+from rag_lightning.retrieval.embed import RowSlice, embed_passages
 from rag_lightning.retrieval.index import DenseIndex
+from rag_lightning.retrieval.sharded import ShardedIndex, rank_world, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +40,13 @@ class Retriever(nn.Module):
         self.n_docs = n_docs
         self.train_doc_encoder = train_doc_encoder
         self.index_kwargs = dict(index or {})
+        self.index_mode = self.index_kwargs.pop("mode", "replicated")  # replicated | sharded (under DDP)
         self.embed_batch_size = embed_batch_size
         self.query_encoder.requires_grad_(train_query_encoder)
         self.doc_encoder.requires_grad_(train_doc_encoder)
         if not train_doc_encoder:
             self.doc_encoder.eval()
-        self.index: DenseIndex | None = None  # not a parameter: rebuilt or reloaded, never in state_dict
+        self.index: ShardedIndex | None = None  # not a parameter: rebuilt or reloaded, never in state_dict
 
     def train(self, mode: bool = True) -> Retriever:
         super().train(mode)
@@ -57,22 +59,35 @@ class Retriever(nn.Module):
         """Whether re-embedding the corpus can give anything new."""
         return self.train_doc_encoder
 
-    def build_index(self, corpus, progress: bool = True, stats: dict | None = None) -> DenseIndex:
-        """Embed every passage with the current document encoder and build a new index (not swapped in)."""
+    def build_index(self, corpus, progress: bool = True, stats: dict | None = None) -> ShardedIndex:
+        """Embed the passages with the current document encoder and build a new index (not swapped in).
+
+        Replicated: every rank embeds and indexes the whole corpus. Sharded (Atlas-style, exact): rank r embeds
+        and indexes rows `shard_range(N, r, world)` only, and search merges the top-k of all shards.
+        """
         device = next(self.doc_encoder.parameters()).device
+        rank, world = rank_world()
+        start, end = (
+            shard_range(len(corpus), rank, world) if self.index_mode == "sharded" else (0, len(corpus))
+        )
+        view = corpus.doc_token_view()
         emb = embed_passages(
             self.doc_encoder,
-            corpus.doc_token_view(),
+            view if (start, end) == (0, len(corpus)) else RowSlice(view, start, end),
             batch_size=self.embed_batch_size,
             device=device,
             pad_id=self.doc_encoder.tokenizer.pad_token_id or 0,
             progress=progress,
             stats=stats,
         )  # (N, d)
-        index = DenseIndex(dim=emb.shape[1], **self.index_kwargs)
-        index.build(emb)
+        local = DenseIndex(dim=emb.shape[1], **self.index_kwargs)
+        local.build(emb)  # (end - start, d)
+        index = ShardedIndex(local, start, self.index_mode)
         index.meta["corpus"] = getattr(corpus, "fingerprint", None)
         return index
+
+    def load_index(self, path: str) -> ShardedIndex:
+        return ShardedIndex.load(path, self.index_mode)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, corpus=None

@@ -157,7 +157,7 @@ def embed_chunks(
         path = chunk_path(out, s, e)
         if i % num_shards != shard_id or path.exists():
             continue
-        emb = embed_passages(encoder, _Slice(tokens, s, e), desc=f"chunk {s}-{e}", **embed_kwargs)
+        emb = embed_passages(encoder, RowSlice(tokens, s, e), desc=f"chunk {s}-{e}", **embed_kwargs)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")
         np.save(tmp, emb.numpy())
         os.replace(tmp, path)
@@ -186,7 +186,7 @@ def merge_chunks(out_dir: str | os.PathLike, n: int | None = None) -> torch.Tens
     return torch.from_numpy(np.concatenate(parts, axis=0)) if parts else torch.empty((0, 0))
 
 
-class _Slice:
+class RowSlice:
     """View of rows [start, end) of a token source, with the same ``__getitem__(list)`` interface."""
 
     def __init__(self, tokens: Any, start: int, end: int) -> None:

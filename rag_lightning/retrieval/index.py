@@ -34,6 +34,13 @@ def _faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and torch.cuda.is_available()
 
 
+def default_num_threads() -> int:
+    """CPU cores usable by this process, split among the ranks on this node (``LOCAL_WORLD_SIZE``):
+    faiss OpenMP loops degrade badly (10-100x) when their threads outnumber the free cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def _fsync(path: Path) -> None:
     """Flush a file or directory to disk (directories: best effort, not supported on every OS)."""
     try:
@@ -56,6 +63,7 @@ class DenseIndex:
         except on a cuda device with a CPU-only faiss and an exact "Flat" factory, where it is torch.
     factory: any faiss factory string ("Flat", "HNSW32,Flat", "IVF256,PQ16", ...), built with
         ``METRIC_INNER_PRODUCT`` and trained on (a sample of at most ``train_size``) rows when needed.
+    num_threads: faiss OpenMP threads (process-wide setting), default ``default_num_threads()``.
     The exact vectors are kept on CPU in ``store_dtype`` for ``vectors(ids)`` (a second copy next to a Flat
     faiss index: N*d*4 bytes more). ``version`` is bumped on every ``build``; callers may also set it.
     """
@@ -95,7 +103,7 @@ class DenseIndex:
         self._index: faiss.Index | None = None  # faiss index (CPU or GPU)
         self._vecs: torch.Tensor | None = None  # (N, d) exact vectors, CPU, store dtype
         self._dev_vecs: torch.Tensor | None = None  # (N, d) torch-backend copy on self.device
-        faiss.omp_set_num_threads(num_threads or os.cpu_count() or 1)
+        faiss.omp_set_num_threads(num_threads or default_num_threads())
 
     # ------------------------------------------------------------------ build
     @property

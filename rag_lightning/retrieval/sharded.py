@@ -14,6 +14,9 @@ Collectives run on CUDA tensors for nccl, CPU tensors otherwise (gloo).
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 import torch.distributed as dist
 
@@ -27,7 +30,7 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (rank < rem)
 
 
-def _rank_world(group=None) -> tuple[int, int]:
+def rank_world(group=None) -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(group), dist.get_world_size(group)
     return 0, 1
@@ -46,7 +49,7 @@ class ShardedIndex:
         cls, emb: torch.Tensor, mode: str = "sharded", group=None, **index_kwargs
     ) -> ShardedIndex:
         """Build from the full (N, d) embeddings: this rank indexes its shard (sharded) or all rows."""
-        rank, world = _rank_world(group)
+        rank, world = rank_world(group)
         start, end = shard_range(len(emb), rank, world) if mode == "sharded" else (0, len(emb))
         local = DenseIndex(**index_kwargs)
         local.build(emb[start:end])
@@ -59,6 +62,35 @@ class ShardedIndex:
     @property
     def version(self) -> int:
         return self.local.version
+
+    @version.setter
+    def version(self, value: int) -> None:
+        self.local.version = value
+
+    @property
+    def meta(self) -> dict:
+        return self.local.meta
+
+    @property
+    def ntotal(self) -> int:
+        """Rows held by this rank."""
+        return self.local.ntotal
+
+    def shard_dir(self, path: str | os.PathLike) -> Path:
+        """Where this rank's part lives: `path` itself, or `path/shard-R-of-W` when sharded over W > 1."""
+        rank, world = rank_world(self.group)
+        return Path(path) / f"shard-{rank}-of-{world}" if self.mode == "sharded" and world > 1 else Path(path)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Atomic save of this rank's part (sharded: every rank calls it; replicated: rank 0 suffices)."""
+        self.local.meta["start"] = self.start
+        self.local.save(self.shard_dir(path))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, mode: str = "sharded", group=None, **kwargs) -> ShardedIndex:
+        probe = cls(DenseIndex(), 0, mode, group)
+        local = DenseIndex.load(probe.shard_dir(path), **kwargs)
+        return cls(local, int(local.meta.get("start", 0)), mode, group)
 
     def search(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Global top-k: (scores (B, k) float32 CPU, global ids (B, k) int64 CPU), descending, (-inf, -1)
@@ -85,7 +117,7 @@ class ShardedIndex:
 
     @torch.no_grad()
     def _search(self, q: torch.Tensor, k: int, with_vectors: bool):
-        rank, world = _rank_world(self.group)
+        rank, world = rank_world(self.group)
         if self.mode == "replicated" or world == 1:
             return self._local(q, k, with_vectors)
         dev = (

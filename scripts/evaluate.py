@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint: answers, EM / F1 and retrieval recall@k on the test (or val) questions.
+
+    python scripts/evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt [split=val] [key=value ...]
+
+Config: conf/evaluate.yaml (same groups as training). When the checkpoint lies in a run dir
+``<run>/checkpoints/*.ckpt`` (or ``<run>/*.ckpt``) with ``<run>/.hydra/config.yaml``, that run's
+data / retriever / index / model / optimizer / scheduler nodes replace the defaults, so the training
+overrides need not be repeated. Your overrides still win: a group choice (``data=nq``) keeps the freshly
+composed node, a dotted override (``model.decoding.num_beams=4``) is applied on top. ``use_run_config=false``
+turns this off.
+
+The weights are loaded with ``torch.load(weights_only=True)`` and a strict ``load_state_dict``; the index
+is built from the corpus with the loaded document encoder (``RagModule.on_predict_start``). Each question
+retrieves max(n_docs, max(eval_ks)) passages (eval_ks clamped to the corpus size): the first n_docs feed
+the generator, recall@k is computed over the first k. Outputs in the Hydra output dir, written atomically:
+``predictions.jsonl`` (one line per question) and ``metrics.json`` (means over questions, and count).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
+from rag_lightning.preflight import preflight
+from rag_lightning.train import instantiate_list
+
+log = logging.getLogger("evaluate")
+RUN_KEYS = ("data", "retriever", "index", "model", "optimizer", "scheduler")
+
+
+def find_run_config(ckpt_path: str | os.PathLike) -> Path | None:
+    """``<run>/.hydra/config.yaml`` for a checkpoint at ``<run>/checkpoints/x.ckpt`` or ``<run>/x.ckpt``."""
+    ckpt = Path(ckpt_path).resolve()
+    for run_dir in (ckpt.parent.parent, ckpt.parent):
+        cfg = run_dir / ".hydra" / "config.yaml"
+        if cfg.is_file():
+            return cfg
+    return None
+
+
+def merge_run_config(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with RUN_KEYS nodes taken from ``run_cfg``, except groups the user chose in ``overrides``;
+    the user's dotted overrides under those keys are re-applied (values taken from ``cfg``)."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    keys = [o.key_or_group for o in parsed if not o.is_delete()]
+    chosen = {k for k in keys if "." not in k}  # group choices such as `model=tiny`
+    out = cfg.copy()
+    with open_dict(out):
+        for key in RUN_KEYS:
+            if key in run_cfg and key not in chosen:
+                out[key] = run_cfg[key]
+        for key in keys:
+            top = key.split(".")[0]
+            if "." in key and top in RUN_KEYS and top not in chosen:
+                OmegaConf.update(out, key, OmegaConf.select(cfg, key), merge=False)
+    return out
+
+
+def load_weights(model: torch.nn.Module, ckpt_path: str) -> dict[str, Any]:
+    """Strictly load a Lightning checkpoint's state_dict (weights_only); returns its hyper_parameters."""
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"{ckpt_path} does not fit the configured model; pass the retriever / model overrides it was "
+            f"trained with (or keep its run dir's .hydra/config.yaml next to it)\n{e}"
+        ) from e
+    hp = ckpt.get("hyper_parameters", {})
+    for key in ("variant", "decoding"):
+        if key in hp and hp[key] != model.hparams.get(key):
+            log.warning(
+                "model.%s=%r but the checkpoint was trained with %r", key, model.hparams[key], hp[key]
+            )
+    return hp
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def summarize(rows: list[dict[str, Any]], eval_ks: list[int], n_passages: int) -> dict[str, Any]:
+    """Mean EM / F1 / recall@k over questions (recall@k reads the row's recall@min(k, n_passages))."""
+    n = len(rows)
+    mean = lambda key: sum(r[key] for r in rows) / n if n else 0.0  # noqa: E731
+    out: dict[str, Any] = {"em": mean("em"), "f1": mean("f1")}
+    for k in eval_ks:
+        out[f"recall@{k}"] = mean(f"recall@{min(k, n_passages)}")
+    out["count"] = n
+    return out
+
+
+def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, Any]:
+    run_cfg_path = find_run_config(cfg.ckpt_path) if cfg.get("use_run_config", True) else None
+    if run_cfg_path is not None:
+        log.info("using the run config %s (with your overrides on top)", run_cfg_path)
+        cfg = merge_run_config(cfg, OmegaConf.load(run_cfg_path), overrides)
+    if cfg.split not in ("test", "val"):
+        raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}")
+    preflight(cfg)
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("test" if cfg.split == "test" else "validate")
+    sets = datamodule.test_sets if cfg.split == "test" else datamodule.val_sets
+    if not sets:
+        raise ValueError(f"data has no {cfg.split} sets (data.{cfg.split}_sets is empty)")
+    n_passages = len(datamodule.corpus)
+    eval_ks = [int(k) for k in cfg.eval_ks]
+    with open_dict(cfg):
+        cfg.model.eval_ks = sorted({min(k, n_passages) for k in eval_ks})  # k > corpus size: whole list
+
+    model = hydra.utils.instantiate(cfg.model)
+    load_weights(model, cfg.ckpt_path)
+    model.corpus = datamodule.corpus
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_list(cfg.get("callbacks")), logger=False, default_root_dir=out_dir
+    )
+    loaders = datamodule.test_dataloader() if cfg.split == "test" else datamodule.val_dataloader()
+    batches = trainer.predict(model, dataloaders=loaders)
+    if len(sets) == 1:
+        batches = [batches]  # one loader: a flat list of batch outputs
+    rows = [
+        {"set": name, **row}
+        for (name, _), per_set in zip(sets, batches)
+        for batch in per_set
+        for row in batch
+    ]
+    result = {**summarize(rows, eval_ks, n_passages), "split": cfg.split, "ckpt_path": str(cfg.ckpt_path)}
+    if len(sets) > 1:
+        result["per_set"] = {
+            name: summarize([r for r in rows if r["set"] == name], eval_ks, n_passages) for name, _ in sets
+        }
+    write_atomic(
+        out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    )
+    write_atomic(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    print_table(result, eval_ks, out_dir)
+    return result
+
+
+def print_table(result: dict[str, Any], eval_ks: list[int], out_dir: Path) -> None:
+    print(f"\n{'=' * 44}\nevaluation: {result['split']} split, {result['count']} questions")
+    for key in ["em", "f1"] + [f"recall@{k}" for k in eval_ks]:
+        print(f"{key:14s}{100 * result[key]:8.1f}%")
+    print(f"outputs: {out_dir}\n{'=' * 44}")
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    hc = HydraConfig.get()
+    evaluate(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

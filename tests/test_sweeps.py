@@ -1,0 +1,119 @@
+"""Hydra multirun: basic launcher (one dir, csv log and return value per job), Optuna, SLURM config."""
+
+from __future__ import annotations
+
+import csv
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+import rag_lightning.resolvers  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["retriever=tiny", "model=tiny", "data.max_train_examples=8", "data.max_eval_examples=4",
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "validate_before_fit=false", "test=false",
+        "callbacks.rich_progress_bar=null", "callbacks.model_summary=null"]  # fmt: skip
+# pickles each job's return value to <job dir>/.hydra/job_return.pickle
+JOB_INFO = "+hydra.callbacks.job_info._target_=hydra.experimental.callbacks.PickleJobInfoCallback"
+
+
+def offline_env(tmp: Path) -> dict[str, str]:
+    """W&B offline, with its caches under tmp (tests write nothing outside tmp_path)."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
+    for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[var] = str(tmp / "wandb_home" / var.lower())
+    return env
+
+
+def run_train(args: list[str], tmp: Path, cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` with tiny models, every output under tmp; cwd=tmp so root_dir is tmp too."""
+    flags = [a for a in args if a.startswith("-")]  # -m must come before the overrides
+    args = [a for a in args if not a.startswith("-")]
+    cmd = [sys.executable, str(ROOT / "train.py"), *flags, *TINY, f"paths.cache_dir={cache_dir}",
+           f"paths.log_dir={tmp / 'logs'}", *args]  # fmt: skip
+    return subprocess.run(cmd, cwd=tmp, env=offline_env(tmp), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tokenized corpus cache shared by the sweeps of this module."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def job_dirs(sweep: Path) -> list[Path]:
+    return sorted((p for p in sweep.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+
+
+@pytest.mark.slow
+def test_basic_multirun_two_jobs(tmp_path: Path, cache_dir: Path):
+    sweep = tmp_path / "sweep"
+    proc = run_train(["-m", "model.variant=token,sequence", "logger=csv", f"hydra.sweep.dir={sweep}", JOB_INFO],
+                     tmp_path, cache_dir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (sweep / "multirun.yaml").is_file()
+    jobs = job_dirs(sweep)
+    assert [j.name for j in jobs] == ["0", "1"]
+    variants = []
+    for job in jobs:
+        variants.append(yaml.safe_load((job / ".hydra" / "config.yaml").read_text())["model"]["variant"])
+        with open(job / "csv" / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert any(r.get("val/em") not in (None, "") for r in rows)
+        with open(job / ".hydra" / "job_return.pickle", "rb") as f:
+            ret = pickle.load(f)
+        assert isinstance(ret.return_value, float) and 0.0 <= ret.return_value <= 1.0  # val/em
+    assert variants == ["token", "sequence"]
+
+
+@pytest.mark.slow
+def test_optuna_two_trials(tmp_path: Path, cache_dir: Path):
+    sweep = tmp_path / "optuna"
+    proc = run_train(["hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=csv",
+                      f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(job_dirs(sweep)) == 2
+    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert results["name"] == "optuna"
+    assert set(results["best_params"]) == {
+        "optimizer.lr", "retriever.n_docs", "model.label_smoothing", "scheduler.num_warmup_steps",
+    }  # fmt: skip
+    assert 0.0 <= results["best_value"] <= 1.0
+    assert 1e-5 <= results["best_params"]["optimizer.lr"] <= 1e-3
+
+
+def compose_hydra(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose("train", overrides=overrides, return_hydra_config=True)
+
+
+def test_optuna_config():
+    cfg = compose_hydra(["hparams_search=optuna"])
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == cfg.seed
+    assert cfg.optimized_metric == "val/em" and sweeper.n_trials > 0
+    assert set(sweeper.params) == {
+        "optimizer.lr", "retriever.n_docs", "model.label_smoothing", "scheduler.num_warmup_steps",
+    }  # fmt: skip
+    assert sweeper.params["optimizer.lr"].startswith("tag(log, interval(")
+
+
+def test_slurm_launcher_composes_without_submitting(tmp_path: Path):
+    cfg = compose_hydra(["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=4",
+                         "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}"])  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 4 and launcher.tasks_per_node == 4  # one DDP rank per GPU
+    assert launcher.nodes == cfg.trainer.num_nodes == 1
+    assert launcher.partition == "gpu" and launcher.timeout_min > 0
+    assert launcher.cpus_per_task > 0 and launcher.mem_gb > 0
+    assert launcher.submitit_folder.startswith(str(tmp_path))
