@@ -149,7 +149,7 @@ class RagModule(L.LightningModule):
         """Loss, greedy/beam answers, EM/F1 and recall@k for one batch (all per question)."""
         kmax = min(max(self.retriever.n_docs, *self.hparams.eval_ks), len(self.corpus))
         doc_scores, ids = self.retrieve(batch, kmax)  # (B, kmax) sorted by score
-        k = self.retriever.n_docs
+        k = min(self.retriever.n_docs, kmax)
         nll = self.nll(batch, doc_scores[:, :k], ids[:, :k])  # (B,)
         preds = self.generate(batch, doc_scores[:, :k], ids[:, :k])
         regex = bool(batch.get("regex", False))
@@ -239,9 +239,10 @@ class RagModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
 
-def _first_hit(texts: list[str], answers: list[str], regex: bool) -> int:
-    """Rank of the first passage that contains a gold answer (len(texts) if none)."""
-    return next((i for i, t in enumerate(texts) if metrics.has_answer(t, answers, regex=regex)), len(texts))
+def _first_hit(texts: list[str], answers: list[str], regex: bool) -> float:
+    """Rank of the first passage that contains a gold answer; inf if none (so recall@k = 0 for every k, also
+    for k beyond the retrieved list, e.g. eval_ks 100 on a smaller corpus)."""
+    return next((i for i, t in enumerate(texts) if metrics.has_answer(t, answers, regex=regex)), float("inf"))
 
 
 def _plain(x: Any) -> Any:

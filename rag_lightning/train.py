@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any
 
 import hydra
@@ -15,6 +16,8 @@ from rag_lightning.preflight import preflight
 from rag_lightning.summary import print_summary
 
 log = logging.getLogger(__name__)
+# a frozen document encoder is in eval mode on purpose (no dropout: index and scores agree)
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
@@ -43,19 +46,19 @@ def train(cfg: DictConfig) -> float | None:
 
     before: dict[str, float] = {}
     status = "failed"
+    fit = cfg.get("train", True)
+    eval_ckpt = None if fit else cfg.get("ckpt_path")  # train=false ckpt_path=X: evaluate X's weights
     try:
         if cfg.get("validate_before_fit"):
-            before = trainer.validate(model, datamodule=datamodule, verbose=False)[0]
-        if cfg.get("train", True):
+            before = trainer.validate(model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)[0]
+        if fit:
             trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         test: dict[str, float] = {}
         if cfg.get("test"):
-            ckpt = (
-                "best"
-                if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path
-                else None
-            )
+            ckpt = eval_ckpt
+            if fit and trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path:
+                ckpt = "best"
             test = trainer.test(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
         metrics = {**after, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
         if trainer.is_global_zero:
@@ -69,7 +72,7 @@ def train(cfg: DictConfig) -> float | None:
         _finish_wandb(0 if status == "success" else 1)
 
     name = cfg.get("optimized_metric")
-    if name is None:
+    if name is None or (not fit and name not in metrics):  # evaluation only: nothing to optimize
         return None
     if name not in metrics:
         raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from bench_decode import add_decode_parser  # scripts/ is sys.path[0] when run as a script
 
 # ============================================================================ index sub-command
 CLS, SEP, VOCAB = 101, 102, 30522
@@ -166,13 +167,9 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_index)
 
 
-# ============================================================================ decode sub-command
-# Reserved for the decode benchmark (another engineer): define `add_decode_parser(sub)` here, which adds
-# a "decode" sub-parser with `set_defaults(func=run_decode)`, and append it to SUBCOMMANDS below.
-
-
 # ============================================================================ entry point
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_index_parser]
+# `decode` lives in scripts/bench_decode.py (also runnable on its own)
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_index_parser, add_decode_parser]
 
 
 def main(argv: list[str] | None = None) -> None:
