@@ -18,6 +18,14 @@ from rag_lightning.summary import print_summary
 log = logging.getLogger(__name__)
 # a frozen document encoder is in eval mode on purpose (no dropout: index and scores agree)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build loaded: not for every run
+
+
+def _quiet_transformers() -> None:
+    """Load reports list every unused checkpoint key (e.g. MiniLM's pooler, the layers a 3-layer copy drops)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
 
 
 def instantiate_list(cfg: DictConfig | None) -> list[Any]:
@@ -29,6 +37,7 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 
 def train(cfg: DictConfig) -> float | None:
     preflight(cfg)
+    _quiet_transformers()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -41,14 +50,13 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
-    for lg in loggers:
-        lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
     before: dict[str, float] = {}
     status = "failed"
     fit = cfg.get("train", True)
     eval_ckpt = None if fit else cfg.get("ckpt_path")  # train=false ckpt_path=X: evaluate X's weights
     try:
+        for lg in loggers:
+            lg.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         if cfg.get("validate_before_fit"):
             before = trainer.validate(model, datamodule=datamodule, ckpt_path=eval_ckpt, verbose=False)[0]
         if fit:

@@ -27,7 +27,8 @@ JOB_INFO = "+hydra.callbacks.job_info._target_=hydra.experimental.callbacks.Pick
 def offline_env(tmp: Path) -> dict[str, str]:
     """W&B offline, with its caches under tmp (tests write nothing outside tmp_path)."""
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1")
+    # OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads make torch ~10x slower on a busy 2-core machine
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", HYDRA_FULL_ERROR="1", OMP_WAIT_POLICY="PASSIVE")
     for var in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
         env[var] = str(tmp / "wandb_home" / var.lower())
     return env
@@ -117,3 +118,28 @@ def test_slurm_launcher_composes_without_submitting(tmp_path: Path):
     assert launcher.partition == "gpu" and launcher.timeout_min > 0
     assert launcher.cpus_per_task > 0 and launcher.mem_gb > 0
     assert launcher.submitit_folder.startswith(str(tmp_path))
+
+
+def test_slurm_launcher_renders_sbatch_script(tmp_path: Path):
+    """The launcher's params go through submitit as-is (no typo'd keys) into a one-rank-per-GPU sbatch script."""
+    from unittest import mock
+
+    import submitit
+    from hydra.utils import instantiate
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    cfg = compose_hydra(["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=2",
+                         f"hydra.sweep.dir={tmp_path}"])  # fmt: skip
+    params = dict(instantiate(cfg.hydra.launcher).params)  # what SlurmLauncher.launch hands to submitit
+    with mock.patch.object(SlurmExecutor, "affinity", return_value=1):  # pretend srun exists
+        executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),
+                                         slurm_max_num_timeout=params.pop("max_num_timeout"))  # fmt: skip
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
+    script = _make_sbatch_string(command="python -m submitit.core._submit x", folder=str(tmp_path),
+                                 **executor._executor.parameters)  # fmt: skip
+    for line in ("--gpus-per-node=2", "--ntasks-per-node=2", "--nodes=1", "--cpus-per-task=8", "--mem=64GB"):
+        assert f"#SBATCH {line}" in script
+    assert "\nsrun " in script

@@ -1,3 +1,4 @@
 from rag_lightning.callbacks.refresh import RefreshIndex, parse_schedule
+from rag_lightning.callbacks.samples import LogSamples
 
-__all__ = ["RefreshIndex", "parse_schedule"]
+__all__ = ["LogSamples", "RefreshIndex", "parse_schedule"]

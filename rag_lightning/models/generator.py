@@ -70,9 +70,11 @@ class Generator(nn.Module):
         kind: str = "auto",
         tie_encoder_decoder: bool = False,
         gradient_checkpointing: bool = False,
+        num_layers: int | None = None,
     ) -> Generator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
-        checkpoint, e.g. MiniLM), or "auto" (seq2seq unless the checkpoint is encoder-only)."""
+        checkpoint, e.g. MiniLM), or "auto" (seq2seq unless the checkpoint is encoder-only). bert2bert only:
+        `num_layers` keeps the first N layers of the checkpoint in both encoder and decoder (a cheaper model)."""
         if name_or_path.startswith("tiny:"):
             from rag_lightning.models.tiny import tiny_generator
 
@@ -84,8 +86,13 @@ class Generator(nn.Module):
         if kind == "auto":
             kind = "seq2seq" if config.is_encoder_decoder else "bert2bert"
         if kind == "bert2bert" and not config.is_encoder_decoder:
+            layers = {} if num_layers is None else {"num_hidden_layers": num_layers}
             model = EncoderDecoderModel.from_encoder_decoder_pretrained(
-                name_or_path, name_or_path, tie_encoder_decoder=tie_encoder_decoder
+                name_or_path,
+                name_or_path,
+                tie_encoder_decoder=tie_encoder_decoder,
+                **{f"encoder_{k}": v for k, v in layers.items()},
+                **{f"decoder_{k}": v for k, v in layers.items()},
             )
             model.config.decoder_start_token_id = tok.cls_token_id
             model.config.pad_token_id = tok.pad_token_id
