@@ -12,7 +12,7 @@ from transformers import (
 )
 
 from rag_lightning.models.encoders import Encoder
-from rag_lightning.models.generator import Generator, pair_template, shift_right
+from rag_lightning.models.generator import Generator, join_wordpiece_punct, pair_template, shift_right
 from rag_lightning.models.tiny import tiny_tokenizer
 
 
@@ -114,3 +114,19 @@ def test_generator_bert2bert_warm_start(tmp_path, tok):
     gen.save_pretrained(out)  # an EncoderDecoderModel dir loads back as one
     again = Generator.from_pretrained(str(out))
     assert again.model.config.model_type == "encoder-decoder"
+
+
+@pytest.mark.parametrize(
+    "raw, joined",
+    [("0. 2", "0.2"), ("mid - 14th century", "mid-14th century"), ("earth's crustal rock", "earth's crustal rock"),
+     ("1, 000", "1,000"), ("10 : 30", "10:30"), ("paris, france", "paris, france"),
+     ("st. louis", "st. louis"), ("and / or", "and/or")],
+)  # fmt: skip
+def test_join_wordpiece_punct(raw, joined):
+    assert join_wordpiece_punct(raw) == joined
+
+
+def test_wordpiece_decode_round_trips_numbers(tok):
+    gen = Generator.from_pretrained("tiny:bart")
+    ids = torch.tensor([tok("0.2 and mid-14th", add_special_tokens=False).input_ids])
+    assert gen.decode(ids) == ["0.2 and mid-14th"]

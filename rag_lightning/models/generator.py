@@ -8,6 +8,7 @@ Input of row b*K + k is `template(question_b, passage_{b,k})`, the tokenizer's o
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 
 import torch
@@ -135,4 +136,21 @@ class Generator(nn.Module):
         return self.model(input_ids=src, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
 
     def decode(self, ids: torch.Tensor) -> list[str]:
-        return self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        return [join_wordpiece_punct(t) for t in texts] if self._wordpiece else texts
+
+    @property
+    def _wordpiece(self) -> bool:
+        model = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
+        return type(model).__name__ == "WordPiece"
+
+
+_NUM_PUNCT = re.compile(r"(?<=\d) ?([.,:]) ?(?=\d)")  # 0. 2 -> 0.2, 1, 000 -> 1,000, 10 : 30 -> 10:30
+_WORD_PUNCT = re.compile(r"(?<=\w) ?([-/]) ?(?=\w)")  # mid - 14th -> mid-14th, and / or -> and/or
+
+
+def join_wordpiece_punct(text: str) -> str:
+    """WordPiece loses the spacing around punctuation ("0.2" decodes as "0. 2", "mid-14th" as "mid - 14th");
+    SQuAD normalization then drops the punctuation and splits the token. Rejoin punctuation between word
+    characters where that is unambiguous: `.,:` between digits, `-/` between word characters."""
+    return _WORD_PUNCT.sub(r"\1", _NUM_PUNCT.sub(r"\1", text))
