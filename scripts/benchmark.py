@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from bench_decode import add_decode_parser  # scripts/ is sys.path[0] when run as a script
+from bench_corpus import add_corpus_parser  # scripts/ is sys.path[0] when run as a script
+from bench_decode import add_decode_parser
 
 # ============================================================================ index sub-command
 CLS, SEP, VOCAB = 101, 102, 30522
@@ -168,8 +169,12 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # ============================================================================ entry point
-# `decode` lives in scripts/bench_decode.py (also runnable on its own)
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_index_parser, add_decode_parser]
+# `decode` and `corpus` live in scripts/bench_decode.py and scripts/bench_corpus.py (also runnable alone)
+SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_index_parser,
+    add_decode_parser,
+    add_corpus_parser,
+]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from rag_lightning.preflight import require_model
+from rag_lightning.retrieval.embed import pad_batch
 
 
 def pair_template(tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:
@@ -122,13 +123,7 @@ class Generator(nn.Module):
         for i, p in enumerate(passages):
             q = list(questions[i // n_docs])[:budget]
             rows.append(self.prefix + q + self.middle + list(p)[: budget - len(q)] + self.suffix)
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = torch.tensor(row)
-            mask[r, : len(row)] = 1
-        return ids, mask  # (B*K, S)
+        return pad_batch(rows, self.pad_token_id)  # (B*K, S)
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B*K, T, V) for labels (B*K, T) (-100 = padding)."""

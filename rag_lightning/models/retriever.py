@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from rag_lightning.models.encoders import Encoder
-from rag_lightning.retrieval.embed import RowSlice, embed_passages
+from rag_lightning.retrieval.embed import RowSlice, embed_passages, pad_batch
 from rag_lightning.retrieval.index import DenseIndex
 from rag_lightning.retrieval.sharded import ShardedIndex, rank_world, shard_range
 
@@ -106,11 +106,5 @@ class Retriever(nn.Module):
         return torch.einsum("bd,bkd->bk", q, d), ids
 
     def _encode_docs(self, tokens: list[list[int]], device: torch.device) -> torch.Tensor:
-        pad = self.doc_encoder.tokenizer.pad_token_id or 0
-        width = max(map(len, tokens))
-        ids = torch.full((len(tokens), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, t in enumerate(tokens):
-            ids[i, : len(t)] = torch.tensor(t)
-            mask[i, : len(t)] = 1
+        ids, mask = pad_batch(tokens, self.doc_encoder.tokenizer.pad_token_id or 0)  # (B*k, L)
         return self.doc_encoder(ids.to(device), mask.to(device))  # (B*k, d)

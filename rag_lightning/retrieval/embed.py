@@ -34,7 +34,7 @@ def _fetch(tokens: Any, ids: list[int]) -> list[list[int]]:
     return tokens[ids]
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest row: (input_ids (B, L) int64, attention_mask (B, L) int64)."""
     width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -91,7 +91,7 @@ def embed_passages(
                 order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # ascending length
                 for b0 in range(0, len(order), batch_size):
                     sel = order[b0 : b0 + batch_size]
-                    input_ids, mask = _pad([rows[i] for i in sel], pad_id)  # (B, L)
+                    input_ids, mask = pad_batch([rows[i] for i in sel], pad_id)  # (B, L)
                     n_tok, n_pad = n_tok + int(mask.sum()), n_pad + mask.numel()
                     if device.type == "cuda":
                         input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
