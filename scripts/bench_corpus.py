@@ -73,7 +73,18 @@ def _child(stage: str, tsv: str, cache: str) -> None:
             corpus.gen_tokens(order[i : i + 512])
             corpus.doc_tokens(order[i : i + 512])
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_mb}))
+    print(json.dumps({"seconds": time.perf_counter() - t0, "peak_rss_mb": peak_mb, **_rss_split()}))
+
+
+def _rss_split() -> dict[str, float]:
+    """Resident memory now, split into anonymous (the process's own heap: Python objects, tensors) and
+    file-backed (pages of memory-mapped files, reclaimable page cache) in MB (Linux /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            kv = dict(line.split(":", 1) for line in f if line.startswith(("RssAnon", "RssFile")))
+    except OSError:
+        return {}
+    return {k.lower(): int(v.split()[0]) / 1024 for k, v in kv.items()}
 
 
 def _run(stage: str, tsv: str, cache: str) -> dict:
@@ -94,14 +105,15 @@ def run(args: argparse.Namespace) -> list[dict]:
             conv = _run("convert", tsv, os.path.join(tmp, "cache"))
             read = _run("read", tsv, os.path.join(tmp, "cache"))
             rows.append({"n": n, "tsv_mb": os.path.getsize(tsv) / 2**20, "convert": conv, "read": read})
-    base = rows[0]["read"]["peak_rss_mb"]
+    base = rows[0]["read"].get("rssanon", rows[0]["read"]["peak_rss_mb"])
     print(f"\n== corpus memory: synthetic 100-word passages, MiniLM tokenizer, {len(rows)} sizes ==\n")
     print(f"{'passages':>10}{'tsv MB':>9}{'convert s':>11}{'psg/s':>8}{'convert peak MB':>17}"
-          f"{'read-all peak MB':>18}{'vs smallest':>13}")  # fmt: skip
+          f"{'read-all peak MB':>18}{'anon MB':>9}{'file MB':>9}{'anon vs smallest':>18}")  # fmt: skip
     for r in rows:
         c, d = r["convert"], r["read"]
         print(f"{r['n']:>10}{r['tsv_mb']:>9.1f}{c['seconds']:>11.1f}{r['n'] / c['seconds']:>8.0f}"
-              f"{c['peak_rss_mb']:>17.0f}{d['peak_rss_mb']:>18.0f}{d['peak_rss_mb'] / base:>12.2f}x")  # fmt: skip
+              f"{c['peak_rss_mb']:>17.0f}{d['peak_rss_mb']:>18.0f}{d.get('rssanon', 0):>9.0f}"
+              f"{d.get('rssfile', 0):>9.0f}{d.get('rssanon', d['peak_rss_mb']) / base:>17.2f}x")  # fmt: skip
     return rows
 
 
