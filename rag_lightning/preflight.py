@@ -6,6 +6,7 @@ run should instead stop at once and say which config key to point at a local cop
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -31,6 +32,7 @@ def _cached(name: str) -> bool:
         return False
 
 
+@functools.cache  # asked once per process (the entry point and train() both run the preflight)
 def _hub_reachable(timeout: float = 3.0) -> bool:
     import socket
 

