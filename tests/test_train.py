@@ -42,7 +42,7 @@ def test_fast_dev_run(tmp_path, variant):
     assert metric is not None and 0.0 <= metric <= 1.0  # val/em from the one validation batch
 
 
-def test_train_steps_checkpoint_and_resume_refresh_state(tmp_path):
+def test_train_steps_checkpoint_and_resume_refresh_state(tmp_path, caplog):
     common = ["retriever.train_doc_encoder=true", "callbacks.refresh_index.every_n_steps=2", "test=false",
               "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]  # fmt: skip
     cfg = run_cfg(tmp_path, [*common, "trainer.max_steps=4"])
@@ -53,8 +53,13 @@ def test_train_steps_checkpoint_and_resume_refresh_state(tmp_path):
     assert refresh["version"] == 2 and refresh["last_refresh_step"] == 4  # refreshed at steps 2 and 4
     assert (Path(cfg.paths.output_dir) / "index" / "meta.json").exists()
 
-    cfg2 = run_cfg(tmp_path, [*common, "trainer.max_steps=6", f"ckpt_path={ckpt}"])
-    train(cfg2)
+    # validate-before-fit builds an index from the un-restored weights; the resumed fit must not keep it
+    cfg2 = run_cfg(
+        tmp_path, [*common, "trainer.max_steps=6", f"ckpt_path={ckpt}", "validate_before_fit=true"]
+    )
+    with caplog.at_level("INFO", logger="rag_lightning.callbacks.refresh"):
+        train(cfg2)
+    assert "resumed index v2" in caplog.text
     state = torch.load(Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     (refresh,) = [v for k, v in state["callbacks"].items() if k.startswith("RefreshIndex")]
     assert state["global_step"] == 6

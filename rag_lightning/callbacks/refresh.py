@@ -74,13 +74,15 @@ class RefreshIndex(Callback):
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         retriever = pl_module.retriever
-        if self._restored and retriever.index is None:  # resuming: the saved index if its stamp matches
+        if self._restored and retriever.doc_encoder_changes:
+            # resuming: an index built before the weights were restored (e.g. by validate-before-fit) is stale;
+            # use the saved one if its stamp matches the checkpoint, else rebuild from the restored encoder
             retriever.index = self._load_saved(pl_module)
-            if retriever.index is not None:
-                log.info("resumed index v%d from %s", self.version, self.save_dir)
+            if retriever.index is None:
+                pl_module.rebuild_index(progress=self.progress and trainer.is_global_zero)
             else:
-                pl_module.ensure_index()
-                retriever.index.version = self.version
+                log.info("resumed index v%d from %s", self.version, self.save_dir)
+            retriever.index.version = self.version
         pl_module.ensure_index()
         if self.at_fit_start and not self._restored:
             self.refresh(trainer, pl_module)
