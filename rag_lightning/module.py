@@ -168,24 +168,30 @@ class RagModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.evaluate(batch)
-        bs = len(batch["questions"])
         for name, values in out.items():
             key = f"{stage}_{name.replace('@', '_')}"
             if key in self.eval_metrics:
-                metric = self.eval_metrics[key]
-                metric.update(values.detach().float().to(self.device))
-                self.log(
-                    f"{stage}/{name}",
-                    metric,
-                    on_step=False,
-                    on_epoch=True,
-                    batch_size=bs,
-                    prog_bar=name == "em",
-                )
+                self.eval_metrics[key].update(values.detach().float().to(self.device))  # logged at epoch end
         if len(self.samples) < self.hparams.n_samples:
             titles = [self.corpus.titles(row[:3]) for row in out["ids"].tolist()]
             for q, a, p, t in zip(batch["questions"], batch["answers"], out["predictions"], titles):
                 self.samples.append({"question": q, "answers": a, "prediction": p, "top_titles": t})
+
+    def _log_eval_metrics(self, stage: str) -> None:
+        """One value per metric over every question of every val / test set (several loaders feed one metric)."""
+        for key, metric in self.eval_metrics.items():
+            prefix, name = key.split("_", 1)
+            if prefix == stage and metric.update_count:
+                self.log(
+                    f"{stage}/{name.replace('recall_', 'recall@')}", metric.compute(), prog_bar=name == "em"
+                )
+                metric.reset()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_metrics("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_metrics("test")
 
     def on_validation_epoch_start(self) -> None:
         self.samples = []

@@ -112,3 +112,9 @@ def test_schedule_parsing_and_due():
         parse_schedule("100-50:5")
     with pytest.raises(ValueError, match="not both"):
         RefreshIndex(every_n_steps=5, schedule="0-:5")
+
+
+def test_several_val_sets_feed_one_metric(tmp_path):
+    cfg = run_cfg(tmp_path, ["debug=fdr", "data.val_sets=[demo_val,demo_test]", "test=false"])
+    metric = train(cfg)  # optimized_metric val/em exists, not val/em/dataloader_idx_N
+    assert metric is not None and 0.0 <= metric <= 1.0
