@@ -59,10 +59,13 @@ def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, in
     return model.eval().to(args.device), ids
 
 
-def make_inputs(b: int, k: int, vocab: int, pad: int, eos: int, seed: int) -> tuple[Tensor, Tensor, Tensor]:
-    """src_ids / src_mask (B*K, S) right-padded random rows of 24..64 tokens ending in EOS; doc_scores (B, K)."""
+def make_inputs(
+    b: int, k: int, vocab: int, pad: int, eos: int, seed: int, src_len: tuple[int, int] = (24, 64)
+) -> tuple[Tensor, Tensor, Tensor]:
+    """src_ids / src_mask (B*K, S) right-padded random rows of src_len[0]..src_len[1] tokens ending in EOS;
+    doc_scores (B, K)."""
     g = torch.Generator().manual_seed(seed)
-    lens = torch.randint(24, 65, (b * k,), generator=g)
+    lens = torch.randint(src_len[0], src_len[1] + 1, (b * k,), generator=g)
     src = torch.randint(4, vocab, (b * k, int(lens.max())), generator=g)
     pos = torch.arange(src.shape[1])
     src[torch.arange(b * k), lens - 1] = eos
@@ -150,7 +153,13 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     src, mask, doc_scores = (
         t.to(args.device)
         for t in make_inputs(
-            args.questions, args.docs, vocab, ids["pad_token_id"], ids["eos_token_id"], args.seed
+            args.questions,
+            args.docs,
+            vocab,
+            ids["pad_token_id"],
+            ids["eos_token_id"],
+            args.seed,
+            (args.src_min, args.src_max),
         )
     )
     k = args.docs
@@ -188,6 +197,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", type=int, default=5, help="K passages per question")
     p.add_argument("--num-beams", type=int, default=4)
     p.add_argument("--max-length", type=int, default=20, help="generated tokens, EOS included")
+    p.add_argument("--src-min", type=int, default=24, help="shortest question+passage input, tokens")
+    p.add_argument("--src-max", type=int, default=64, help="longest question+passage input, tokens")
     p.add_argument("--model-dir", default=None, help="a saved seq2seq model instead of the random BART")
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--d-model", type=int, default=256)

@@ -68,7 +68,7 @@ def _one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(scope="module", params=["bart", "bert2bert"])
+@pytest.fixture(scope="module", params=["bart", "bert2bert", "t5"])
 def setup(request):
     torch.manual_seed(0)
     model, ids = BUILDERS[request.param]()
@@ -259,8 +259,38 @@ def test_thorough_scoring_chunks_and_k1_agree(monkeypatch):
     model.eval()
     src, mask, scores = _inputs(seed=5)
     ref = rag_sequence_generate(model, src, mask, scores, num_beams=2, max_length=6, **ids)
-    monkeypatch.setattr(D, "_SCORE_CHUNK_ROWS", 3)
+    monkeypatch.setattr(D, "_SCORE_ROWS", 3)
     assert torch.equal(rag_sequence_generate(model, src, mask, scores, num_beams=2, max_length=6, **ids), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("budget", [3, 10_000])
+def test_trie_forced_scores_equal_full_forward(setup, budget, monkeypatch):
+    """Trie-shared teacher forcing (KV cache, shared prefixes decoded once) vs one full forward per row."""
+    model, ids = setup
+    start, pad = ids["decoder_start_token_id"], ids["pad_token_id"]
+    src, mask, _ = _inputs(b=2, k=3, seed=6)
+    cands = [(1, [7, 8, 9]), (0, [7, 8]), (0, [7, 8, 9, 10]), (0, [7, 11]), (1, [7, 8, 12]), (0, [5])]
+    cands += [(1, [13, 8, 9, 10, 11]), (0, [7, 8, 9, 14])]  # unsorted, shared prefixes, varying lengths
+    q = torch.tensor([c[0] for c in cands])
+    seqs = torch.full((len(cands), 6), pad)
+    for i, (_, y) in enumerate(cands):
+        seqs[i, : len(y)] = torch.tensor(y)
+    lens = torch.tensor([len(y) for _, y in cands])
+    enc_h = model.get_encoder()(input_ids=src, attention_mask=mask).last_hidden_state
+    monkeypatch.setattr(D, "_SCORE_ROWS", budget)  # 3: one question per group
+    got = D._forced_logprob(model, enc_h, mask, q, seqs, lens, 3, start)  # (U, K)
+    for u, (b, y) in enumerate(cands):
+        for z in range(3):
+            row = slice(b * 3 + z, b * 3 + z + 1)
+            dec = torch.tensor([[start] + y[:-1]])
+            lp = (
+                model(input_ids=src[row], attention_mask=mask[row], decoder_input_ids=dec)
+                .logits[0]
+                .log_softmax(-1)
+            )
+            want = sum(lp[t, y[t]] for t in range(len(y)))
+            torch.testing.assert_close(got[u, z], want, atol=1e-4, rtol=1e-4)
 
 
 def test_bad_inputs():

@@ -5,6 +5,8 @@ its K passages; ``doc_scores`` (B, K) unnormalized, p(z|x) = softmax_K(doc_score
 on the B*K rows; the decoder is stepped with ``past_key_values`` (a transformers ``Cache``; beams are
 re-ordered with ``reorder_cache``). Works for ``AutoModelForSeq2SeqLM`` (BART, T5) and
 ``EncoderDecoderModel``. Call under ``model.eval()`` (dropout is not switched off here).
+Step 0 of a beam search runs one beam per problem and then expands the cache; beam re-ordering leaves the
+cross-attention cache alone (a beam never changes its encoder row).
 
 Lengths count GENERATED tokens (the decoder start token excluded, EOS included), like HF's
 ``max_new_tokens`` / ``min_new_tokens``: at most ``max_length`` tokens; EOS is forbidden while fewer than
@@ -23,7 +25,8 @@ hypotheses and no running one can still beat the worst of them (exact bound, as 
   decoder keeps one state per (question, beam, passage): B*N*K rows.
 * RAG-Sequence: beam search under each passage separately (B*K problems, batched), giving up to K*N
   candidates per question (duplicates removed). ``thorough``: each candidate is scored under every
-  passage by teacher forcing, log p(y|x) = log sum_z p(z|x) p(y|x,z); ``fast``: p(y|x,z) is taken as 0
+  passage by teacher forcing, log p(y|x) = log sum_z p(z|x) p(y|x,z), decoding each question's candidates
+  as a prefix trie (beams share long prefixes; each shared prefix is decoded once); ``fast``: p(y|x,z) is taken as 0
   for passages whose beam search did not produce y, so the beam's raw (un-penalized) sum log-prob is
   used and no extra forward pass is needed. The candidate with the highest log p(y|x) is returned.
 """
@@ -36,7 +39,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = ["rag_token_generate", "rag_sequence_generate"]
 
-_SCORE_CHUNK_ROWS = 64  # rows per teacher-forced scoring pass in RAG-Sequence "thorough"
+_SCORE_ROWS = 2048  # max decoder rows (trie node x passage) per scoring group in RAG-Sequence "thorough"
 
 
 def _encode(model, src_ids: Tensor, src_mask: Tensor) -> Tensor:
@@ -44,15 +47,22 @@ def _encode(model, src_ids: Tensor, src_mask: Tensor) -> Tensor:
     return out.last_hidden_state  # (B*K, S, H)
 
 
-def _reorder(past, idx: Tensor):
+def _reorder(past, idx: Tensor, cross: bool = True):
+    """Select cache rows ``idx``. ``cross=False`` keeps the cross-attention cache as it is: valid when every
+    row is mapped to a row over the same encoder row (beams of one problem), and it saves copying
+    (R, heads, S, head_dim) per layer at every step."""
+    if not cross and hasattr(past, "self_attention_cache"):
+        past.self_attention_cache.reorder_cache(idx)
+        return past
     if hasattr(past, "reorder_cache"):
         past.reorder_cache(idx)
         return past
-    return tuple(tuple(t.index_select(0, idx) for t in layer) for layer in past)  # legacy tuple cache
+    keep = 4 if cross else 2  # legacy tuple cache: (self k, self v, cross k, cross v) per layer
+    return tuple(tuple(t.index_select(0, idx) if i < keep else t for i, t in enumerate(ly)) for ly in past)
 
 
 def _step(model, enc_h: Tensor, enc_mask: Tensor, tokens: Tensor, past):
-    """One decoder step for R rows: tokens (R,) -> next-token log-probs (R, V) float32, new cache."""
+    """One decoder step for R rows: tokens (R,) -> next-token logits (R, V) float32, new cache."""
     out = model(
         encoder_outputs=BaseModelOutput(last_hidden_state=enc_h),
         attention_mask=enc_mask,
@@ -61,7 +71,21 @@ def _step(model, enc_h: Tensor, enc_mask: Tensor, tokens: Tensor, past):
         use_cache=True,
         return_dict=True,
     )
-    return torch.log_softmax(out.logits[:, -1].float(), dim=-1), out.past_key_values
+    return out.logits[:, -1].float(), out.past_key_values
+
+
+def _marginal(logits: Tensor, doc_lp: Tensor) -> Tensor:
+    """log sum_z p(z|x) p(y_t|x,z,y<t): logits (P, N, D, V), doc_lp (P, D) -> (P, N, V).
+
+    D > 1 is summed in probability space (one softmax and one batched matrix-vector product instead of a
+    multi-pass logsumexp); a token whose probability underflows float32 under every passage gets -inf.
+    """
+    p_, n, d_, v = logits.shape
+    if d_ == 1:  # p(z|x) = 1
+        return torch.log_softmax(logits[:, :, 0], dim=-1)
+    probs = torch.softmax(logits, dim=-1).view(p_ * n, d_, v)
+    w = doc_lp.exp()[:, None, None, :].expand(p_, n, 1, d_).reshape(p_ * n, 1, d_)
+    return torch.bmm(w, probs).view(p_, n, v).log_()
 
 
 def _search(
@@ -85,12 +109,9 @@ def _search(
     p_, d_ = doc_lp.shape
     n = num_beams
     dev = doc_lp.device
-    enc_idx = (torch.arange(p_, device=dev)[:, None, None] * d_ + torch.arange(d_, device=dev)).expand(
-        p_, n, d_
-    )
-    enc_idx = enc_idx.reshape(-1)  # (P*N*D,) row (p, n, d) -> encoder row p*D + d
-    h, m = enc_h.index_select(0, enc_idx), enc_mask.index_select(0, enc_idx)
-    tokens = torch.full((p_ * n * d_,), start, dtype=torch.long, device=dev)
+    # step 0 runs one beam per problem (all beams are identical then): rows (p, d) = the encoder rows
+    h, m, w = enc_h, enc_mask, 1  # w: beams per problem in the cache
+    tokens = torch.full((p_ * d_,), start, dtype=torch.long, device=dev)
     ninf = float("-inf")
 
     run_seqs = torch.empty(p_, n, 0, dtype=torch.long, device=dev)  # (P, N, t)
@@ -105,9 +126,9 @@ def _search(
     rank_ok = torch.arange(2 * n, device=dev) < n  # only the top-N ranks may finish (as HF)
 
     for t in range(max_length):
-        lp, past = _step(model, h, m, tokens, past)  # (P*N*D, V)
-        v = lp.shape[-1]
-        lp = torch.logsumexp(lp.view(p_, n, d_, v) + doc_lp[:, None, :, None], dim=2)  # (P, N, V)
+        logits, past = _step(model, h, m, tokens, past)  # (P*w*D, V)
+        v = logits.shape[-1]
+        lp = _marginal(logits.view(p_, w, d_, v), doc_lp)  # (P, w, V), broadcast over beams at step 0
         if t < min_length:
             lp[..., eos] = ninf
         last = t == max_length - 1
@@ -146,10 +167,12 @@ def _search(
         done = done | (full & (run_scores[:, 0] / denom <= fin_scores[:, -1]))
         if bool(done.all()):
             break
-        rows = (torch.arange(p_, device=dev)[:, None] * n + src_beam)[..., None] * d_ + torch.arange(
-            d_, device=dev
-        )
-        past = _reorder(past, rows.reshape(-1))
+        ar_d = torch.arange(d_, device=dev)
+        rows = (torch.arange(p_, device=dev)[:, None] * w + src_beam)[..., None] * d_ + ar_d  # (P, N, D)
+        past = _reorder(past, rows.reshape(-1), cross=w < n)  # rows keep their (problem, passage)
+        if w < n:  # after step 0: N beams, row (p, n, d) -> encoder row p*D + d
+            enc_idx = (rows - src_beam[..., None] * d_).reshape(-1)
+            h, m, w = enc_h.index_select(0, enc_idx), enc_mask.index_select(0, enc_idx), n
         tokens = run_seqs[..., -1, None].expand(-1, -1, d_).reshape(-1)
     return fin_seqs, fin_raw, fin_len, fin_scores
 
@@ -195,35 +218,77 @@ def rag_token_generate(
     return _trim(seqs[:, 0], lens[:, 0])
 
 
+def _lex_order(q: Tensor, seqs: Tensor) -> Tensor:
+    """Permutation sorting rows by question ``q`` (R,), then lexicographically by ``seqs`` (R, L)."""
+    order = torch.arange(len(q), device=q.device)
+    for col in reversed(range(seqs.shape[1])):  # LSD radix sort: stable sorts from the last column
+        order = order[torch.sort(seqs[order, col], stable=True).indices]
+    return order[torch.sort(q[order], stable=True).indices]
+
+
+def _trie_logprob(
+    model, enc_h: Tensor, enc_mask: Tensor, q: Tensor, seqs: Tensor, lens: Tensor, k: int, start: int
+):
+    """``_forced_logprob`` for rows sorted by ``_lex_order``: (G, K).
+
+    Once sorted, rows sharing the prefix y[:t] are adjacent, so the trie nodes at depth t (over the rows with
+    lens > t) are the runs of equal prefixes and their ids a cumsum. Step t runs the decoder on the
+    (node, passage) rows, its cache re-ordered from each node's parent at depth t - 1.
+    """
+    g = len(q)
+    dev = q.device
+    ar_k = torch.arange(k, device=dev)
+    score = torch.zeros(g, k, device=dev)
+    node = torch.full((g,), -1, dtype=torch.long, device=dev)  # each row's trie node at the current depth
+    past, prev_node, prev_q = None, None, None
+    for t in range(int(lens.max())):
+        rows = (lens > t).nonzero().squeeze(1)  # (A,) rows still to score at depth t
+        a, b = rows[1:], rows[:-1]
+        same = (q[a] == q[b]) & (seqs[a, :t] == seqs[b, :t]).all(1)  # same prefix y[:t] as the row above
+        head = torch.cat([same.new_ones(1), ~same])  # (A,) first row of each depth-t node
+        node = node.clone()
+        node[rows] = torch.cumsum(head.long(), 0) - 1
+        first = rows[head]  # (n_t,)
+        node_q = q[first]  # (n_t,) each node's question, ascending
+        moved = prev_q is None or not torch.equal(node_q, prev_q)  # did row i change its encoder row?
+        if moved:
+            enc_rows = (node_q[:, None] * k + ar_k).reshape(-1)  # (n_t*K,) row (node, z) -> q*K + z
+            h, m = enc_h[enc_rows], enc_mask[enc_rows]
+        if t == 0:
+            tokens = torch.full((len(first) * k,), start, dtype=torch.long, device=dev)
+        else:
+            tokens = seqs[first, t - 1].repeat_interleave(k)
+            parent = (prev_node[first, None] * k + ar_k).reshape(-1)
+            past = _reorder(past, parent, cross=moved)  # a parent has the same (question, passage)
+        logits, past = _step(model, h, m, tokens, past)  # (n_t*K, V)
+        lp = torch.log_softmax(logits, -1).view(len(first), k, -1)  # (n_t, K, V)
+        score[rows] += lp[node[rows], :, seqs[rows, t]]  # (A, K) log p(y_t | x, z, y<t)
+        prev_node, prev_q = node, node_q
+    return score
+
+
 def _forced_logprob(
-    model,
-    enc_h: Tensor,
-    enc_mask: Tensor,
-    enc_rows: Tensor,
-    targets: Tensor,
-    lengths: Tensor,
-    start: int,
-    pad: int,
-) -> Tensor:
-    """Teacher-forced sum_t log p(y_t|x,z,y<t) over the first lengths[r] tokens of targets[r]: (R,)."""
-    out = []
-    for i in range(0, targets.shape[0], _SCORE_CHUNK_ROWS):
-        sl = slice(i, i + _SCORE_CHUNK_ROWS)
-        ln = lengths[sl]
-        y = targets[sl, : int(ln.max())]  # (r, L)
-        dec_in = torch.cat([torch.full_like(y[:, :1], start), y[:, :-1]], 1)
-        rows = enc_rows[sl]
-        logits = model(
-            encoder_outputs=BaseModelOutput(last_hidden_state=enc_h.index_select(0, rows)),
-            attention_mask=enc_mask.index_select(0, rows),
-            decoder_input_ids=dec_in,
-            use_cache=False,
-            return_dict=True,
-        ).logits.float()  # (r, L, V)
-        tok_lp = logits.gather(-1, y[..., None]).squeeze(-1) - torch.logsumexp(logits, -1)  # (r, L)
-        valid = torch.arange(y.shape[1], device=y.device) < ln[:, None]
-        out.append(tok_lp.masked_fill(~valid, 0.0).sum(-1))
-    return torch.cat(out)
+    model, enc_h: Tensor, enc_mask: Tensor, q: Tensor, seqs: Tensor, lens: Tensor, k: int, start: int
+):
+    """Teacher-forced log p(y_u|x,z) = sum_t log p(y_t|x,z,y<t) of candidate u (first ``lens[u]`` tokens of
+    ``seqs[u]``, question ``q[u]``) under each of its question's K passages (encoder rows q*K + z): (U, K).
+
+    Candidates of one question are decoded as a prefix trie (a shared prefix is decoded once, with the KV
+    cache), in groups of whole questions of at most ``_SCORE_ROWS`` decoder rows.
+    """
+    order = _lex_order(q, seqs)
+    q, seqs, lens = q[order], seqs[order], lens[order]
+    counts = torch.unique_consecutive(q, return_counts=True)[1].tolist()
+    parts, a, rows = [], 0, 0
+    for i, c in enumerate(counts):  # close a group before it exceeds the row budget
+        rows += c * k
+        if i + 1 == len(counts) or rows + counts[i + 1] * k > _SCORE_ROWS:
+            b = a + rows // k
+            parts.append(_trie_logprob(model, enc_h, enc_mask, q[a:b], seqs[a:b], lens[a:b], k, start))
+            a, rows = b, 0
+    out = torch.empty(len(q), k, device=q.device)
+    out[order] = torch.cat(parts) if parts else out
+    return out
 
 
 @torch.no_grad()
@@ -266,12 +331,9 @@ def rag_sequence_generate(
         score = torch.logsumexp(own[:, None, :].masked_fill(~same, float("-inf")), dim=-1)  # (B, C)
     else:
         qb, qc = first.nonzero(as_tuple=True)  # (U,) unique candidates
-        enc_rows = (qb[:, None] * k + torch.arange(k, device=dev)).reshape(-1)  # (U*K,)
-        tgt = cand[qb, qc].repeat_interleave(k, 0)  # (U*K, max_length)
-        ln = lens[qb, qc].repeat_interleave(k, 0)
         seq_lp = _forced_logprob(
-            model, enc_h, src_mask, enc_rows, tgt, ln, decoder_start_token_id, pad_token_id
-        ).view(-1, k)  # (U, K)
+            model, enc_h, src_mask, qb, cand[qb, qc], lens[qb, qc], k, decoder_start_token_id
+        )  # (U, K)
         score = torch.full((b, c), float("-inf"), device=dev)
         score[qb, qc] = torch.logsumexp(doc_lp[qb] + seq_lp, dim=-1)
     best = score.masked_fill(~first, float("-inf")).argmax(-1)  # (B,)
