@@ -3,7 +3,8 @@
 
 index   corpus embedding + index build (ours vs the datasets.map / add_faiss_index baseline) and search
         latency / recall of Flat, HNSW and IVF-PQ:  python scripts/benchmark.py index --n 100000
-decode  (reserved: batched RAG decoding, added separately)
+decode  batched RAG-Sequence thorough / fast and RAG-Token beam search vs a per-example loop (bench_decode.py)
+corpus  Arrow corpus conversion speed and reader memory (bench_corpus.py)
 """
 
 from __future__ import annotations
@@ -27,6 +28,24 @@ def synthetic_tokens(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     lens = rng.integers(lo, hi + 1, n)
     return [[CLS, *rng.integers(1000, VOCAB, ln - 2).tolist(), SEP] for ln in lens]
+
+
+def squad_tokens(
+    path: str, tokenizer, max_len: int, n_queries: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(paragraph token ids as (title, text) pairs, question token ids) of a SQuAD v1.1 json file."""
+    import json
+    from pathlib import Path
+
+    from rag_lightning.data.readers import squad_paragraphs
+
+    paras = list(squad_paragraphs(path))
+    articles = json.loads(Path(path).read_text())["data"]
+    questions = [qa["question"] for a in articles for p in a["paragraphs"] for qa in p["qas"]]
+    questions = questions[:: max(1, len(questions) // n_queries)][:n_queries]  # spread over the articles
+    titles, texts = [p["title"] for p in paras], [p["text"] for p in paras]
+    enc = tokenizer(titles, texts, truncation="only_second", max_length=max_len)["input_ids"]
+    return enc, tokenizer(questions, truncation=True, max_length=64)["input_ids"]
 
 
 def load_encoder(tiny: bool) -> torch.nn.Module:
@@ -74,19 +93,29 @@ def run_index(args: argparse.Namespace) -> None:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     encoder = load_encoder(args.tiny).to(device)
-    tokens = synthetic_tokens(args.n, args.min_len, args.max_len, seed=0)
-    queries_tok = synthetic_tokens(args.queries, 8, 24, seed=1)
+    if args.squad:  # real text: SQuAD paragraphs as passages, its questions as queries
+        tokens, queries_tok = squad_tokens(args.squad, encoder.tokenizer, args.max_len, args.queries)
+        args.n, kind = len(tokens), f"SQuAD paragraphs, <= {args.max_len} tokens"
+    else:
+        tokens = synthetic_tokens(args.n, args.min_len, args.max_len, seed=0)
+        queries_tok = synthetic_tokens(args.queries, 8, 24, seed=1)
+        kind = f"synthetic, {args.min_len}-{args.max_len} tokens"
     name = "tiny BERT" if args.tiny else "MiniLM-L6"
     print(
-        f"\n== index benchmark: N={args.n} passages ({args.min_len}-{args.max_len} tokens), {name} "
+        f"\n== index benchmark: N={args.n} passages ({kind}), {name} "
         f"(d={encoder.dim}), device={device}, batch={args.batch_size}, threads={torch.get_num_threads()} =="
     )
-    embed_passages(encoder, tokens[: args.batch_size], batch_size=args.batch_size, progress=False)  # warm-up
+    embed_passages(
+        encoder, tokens[: args.batch_size], args.batch_size, progress=False, amp_dtype=args.precision
+    )
 
-    # (a) ours: length-sorted batches, inference_mode, autocast (bf16 on GPU) + DenseIndex(Flat)
+    # (a) ours: length-sorted batches, inference_mode, autocast (bf16 on GPU / native-bf16 CPU) + DenseIndex(Flat)
     stats: dict = {}
     emb, t_emb = _timed(
-        lambda: embed_passages(encoder, tokens, args.batch_size, progress=False, stats=stats), cuda
+        lambda: embed_passages(
+            encoder, tokens, args.batch_size, progress=False, stats=stats, amp_dtype=args.precision
+        ),
+        cuda,
     )
     flat = DenseIndex(device=str(device), num_threads=args.faiss_threads)
     _, t_flat = _timed(lambda: flat.build(emb), cuda)
@@ -97,14 +126,15 @@ def run_index(args: argparse.Namespace) -> None:
         ds, base = _timed(
             lambda: baseline_embed_and_index(encoder, tokens, args.batch_size, args.max_len), cuda
         )
-        base_emb = np.asarray(ds["embeddings"], dtype=np.float32)
-        err = float(np.abs(base_emb - emb.numpy()).max())
+        base_emb = torch.from_numpy(np.asarray(ds["embeddings"], dtype=np.float32))
+        err = float((base_emb - emb).abs().max())
     print(f"\n{'corpus embedding + index build':50s}{'seconds':>10s}{'passages/s':>12s}{'speed-up':>10s}")
     print(
         f"{'ours: embed_passages + DenseIndex(Flat)':50s}{ours:10.2f}{args.n / ours:12.1f}"
         + (f"{base / ours:9.2f}x" if ds is not None else "")
     )
-    print(f"{'  of which embedding':50s}{t_emb:10.2f}{args.n / t_emb:12.1f}")
+    label = f"  of which embedding ({stats['dtype']} autocast)"
+    print(f"{label:50s}{t_emb:10.2f}{args.n / t_emb:12.1f}")
     if ds is not None:
         print(f"{'baseline: Dataset.map + add_faiss_index':50s}{base:10.2f}{args.n / base:12.1f}{1.0:9.2f}x")
         print(
@@ -113,7 +143,15 @@ def run_index(args: argparse.Namespace) -> None:
         )
 
     # (c) search latency, batches of 64 queries, k=100, same embeddings
-    q = embed_passages(encoder, queries_tok, args.batch_size, progress=False)  # (Q, d)
+    q = embed_passages(encoder, queries_tok, args.batch_size, progress=False, amp_dtype="fp32")  # (Q, d)
+    if ds is not None:  # does reduced-precision embedding change what is retrieved?
+        top = min(10, args.n)
+        got = flat.search(q, top)[1]
+        ref_index = DenseIndex(device=str(device))
+        ref_index.build(base_emb)
+        ref = ref_index.search(q, top)[1]
+        same = np.mean([len(set(a.tolist()) & set(b.tolist())) / top for a, b in zip(got, ref)])
+        print(f"  top-{top} overlap with the baseline's fp32 index over {len(q)} queries: {100 * same:.1f}%")
     nlist = max(16, 2 ** round(math.log2(4 * math.sqrt(args.n))))
     m = max(m for m in range(1, encoder.dim // 8 + 1) if encoder.dim % m == 0)  # PQ sub-quantizers
     ivf = args.ivf_factory or f"IVF{nlist},PQ{m}np"
@@ -155,8 +193,10 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-len", type=int, default=20)
     p.add_argument("--max-len", type=int, default=150, help="also the baseline's max_length padding")
     p.add_argument("--tiny", action="store_true", help="tiny random BERT instead of MiniLM-L6")
+    p.add_argument("--squad", default=None, help="SQuAD v1.1 json: its paragraphs / questions, not synthetic")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default=None)
+    p.add_argument("--precision", default="auto", help="ours: embedding autocast auto|bf16|fp16|fp32")
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--queries", type=int, default=640)
     p.add_argument("--qbatch", type=int, default=64)

@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--factory", default="Flat", help='faiss factory string, e.g. "HNSW32,Flat"')
     p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
     p.add_argument("--device", default=None, help="embedding device (default: cuda if available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="embedding autocast; auto = bf16 on CUDA and on CPUs with native bf16")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -129,6 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         index_kwargs={"store_dtype": args.store_dtype},
         batch_size=args.batch_size,
         device=device,
+        amp_dtype=args.precision,
         progress=not args.no_progress,
         pad_id=getattr(getattr(encoder, "tokenizer", None), "pad_token_id", None) or 0,
     )

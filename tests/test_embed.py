@@ -139,7 +139,7 @@ def test_tiny_bert_padding_invariant() -> None:
             return (h * m).sum(1) / m.sum(1)  # (B, d)
 
     enc, rows = Bert(), _rows(n=12)
-    out = embed_passages(enc, rows, batch_size=5, progress=False)
+    out = embed_passages(enc, rows, batch_size=5, progress=False, amp_dtype="fp32")
     torch.testing.assert_close(out, _one_by_one(enc, rows), rtol=1e-4, atol=1e-5)
 
 
@@ -156,3 +156,23 @@ def test_cuda_bf16_default() -> None:
     assert out.device.type == "cpu" and out.dtype == torch.float32
     assert next(enc.parameters()).device.type == "cpu"  # moved back
     torch.testing.assert_close(out, _one_by_one(enc, rows), rtol=0.02, atol=0.02)
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch) -> None:
+    from rag_lightning.retrieval import embed as E
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert E.amp_dtype_for(cuda) is torch.bfloat16
+    monkeypatch.setattr(E, "cpu_has_bf16", lambda: True)
+    assert E.amp_dtype_for(cpu, "auto") is torch.bfloat16
+    monkeypatch.setattr(E, "cpu_has_bf16", lambda: False)
+    assert E.amp_dtype_for(cpu, None) is None  # emulated bf16 is slower than fp32: no autocast
+    assert E.amp_dtype_for(cpu, "bf16") is torch.bfloat16 and E.amp_dtype_for(cuda, "fp16") is torch.float16
+    assert E.amp_dtype_for(cuda, "fp32") is None and E.amp_dtype_for(cpu, torch.float32) is None
+    with pytest.raises(ValueError, match="precision"):
+        E.amp_dtype_for(cpu, "int8")
+    stats: dict = {}
+    embed_passages(MeanEncoder(), _rows(n=3), progress=False, stats=stats)
+    assert stats["dtype"] == "float32"  # no native bf16 (patched): fp32
+    embed_passages(MeanEncoder(), _rows(n=3), progress=False, stats=stats, amp_dtype="bf16")
+    assert stats["dtype"] == "bfloat16"

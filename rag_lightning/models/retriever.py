@@ -32,8 +32,13 @@ class Retriever(nn.Module):
         train_doc_encoder: bool = False,
         index: dict[str, Any] | None = None,
         embed_batch_size: int = 128,
+        embed_precision: str = "auto",
     ):
-        """`doc_encoder=None` uses a copy of the query encoder (DPR-style two towers from one checkpoint)."""
+        """`doc_encoder=None` uses a copy of the query encoder (DPR-style two towers from one checkpoint).
+
+        embed_precision: autocast dtype for re-embedding the corpus, "auto" (bf16 on CUDA and on CPUs with
+        native bf16, else fp32), "bf16", "fp16" or "fp32"; stored vectors are float32 either way.
+        """
         super().__init__()
         self.query_encoder = query_encoder
         self.doc_encoder = doc_encoder if doc_encoder is not None else copy.deepcopy(query_encoder)
@@ -42,6 +47,7 @@ class Retriever(nn.Module):
         self.index_kwargs = dict(index or {})
         self.index_mode = self.index_kwargs.pop("mode", "replicated")  # replicated | sharded (under DDP)
         self.embed_batch_size = embed_batch_size
+        self.embed_precision = embed_precision
         self.query_encoder.requires_grad_(train_query_encoder)
         self.doc_encoder.requires_grad_(train_doc_encoder)
         if not train_doc_encoder:
@@ -79,6 +85,7 @@ class Retriever(nn.Module):
             pad_id=self.doc_encoder.tokenizer.pad_token_id or 0,
             progress=progress,
             stats=stats,
+            amp_dtype=self.embed_precision,
         )  # (N, d)
         local = DenseIndex(dim=emb.shape[1], **self.index_kwargs)
         local.build(emb)  # (end - start, d)

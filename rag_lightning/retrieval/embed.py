@@ -34,6 +34,32 @@ def _fetch(tokens: Any, ids: list[int]) -> list[list[int]]:
     return tokens[ids]
 
 
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower."""
+    cpu = getattr(torch, "cpu", None)
+    return any(
+        getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
+def amp_dtype_for(device: torch.device, precision: str | torch.dtype | None = "auto") -> torch.dtype | None:
+    """The autocast dtype for embedding on ``device``: ``"auto"`` (or None) is bf16 on CUDA and on CPUs with
+    native bf16, fp32 (no autocast) elsewhere; ``"bf16"`` / ``"fp16"`` / ``"fp32"`` or a dtype force one."""
+    if isinstance(precision, torch.dtype):
+        dtype = precision
+    elif precision in (None, "auto"):
+        native = device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16())
+        dtype = torch.bfloat16 if native else torch.float32
+    elif precision in _DTYPES:
+        dtype = _DTYPES[precision]
+    else:
+        raise ValueError(f"embedding precision must be auto, bf16, fp16 or fp32, got {precision!r}")
+    return None if dtype == torch.float32 else dtype
+
+
 def pad_batch(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest row: (input_ids (B, L) int64, attention_mask (B, L) int64)."""
     width = max(1, max(len(r) for r in rows))
@@ -52,7 +78,7 @@ def embed_passages(
     device: str | torch.device | None = None,
     pad_id: int = 0,
     progress: bool = True,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: str | torch.dtype | None = "auto",
     desc: str = "embedding corpus",
     stats: dict | None = None,
     sort_window: int = 64,
@@ -61,8 +87,9 @@ def embed_passages(
 
     tokens: ``__len__`` + ``__getitem__(list[int]) -> list[list[int]]`` (or a plain list of token lists).
     device: defaults to the encoder's parameter device; otherwise the encoder is moved there and back.
-    amp_dtype: autocast dtype; default bf16 on CUDA, none (fp32) on CPU; ``torch.float32`` disables it.
-    stats: if given, filled with ``seconds``, ``passages_per_s``, ``tokens``, ``padded_tokens``.
+    amp_dtype: autocast dtype, see ``amp_dtype_for`` (default: bf16 on CUDA and on CPUs with native bf16,
+        where it is about 2x faster than fp32; "fp32" disables it). Embeddings are returned in float32.
+    stats: if given, filled with ``seconds``, ``passages_per_s``, ``tokens``, ``padded_tokens``, ``dtype``.
     Returns (N, d) float32 CPU in the original row order; ``encoder.training`` is restored.
     """
     t0 = time.perf_counter()
@@ -70,10 +97,8 @@ def embed_passages(
     param = next(encoder.parameters(), None)
     home = param.device if param is not None else torch.device("cpu")
     device = torch.device(device) if device is not None else home
-    if amp_dtype is None and device.type == "cuda":
-        amp_dtype = torch.bfloat16
-    use_amp = amp_dtype is not None and amp_dtype != torch.float32
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if use_amp else nullcontext()
+    amp = amp_dtype_for(device, amp_dtype)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else nullcontext()
     was_training = encoder.training
     encoder.eval().to(device)
     out: torch.Tensor | None = None
@@ -108,6 +133,7 @@ def embed_passages(
     if stats is not None:
         secs = time.perf_counter() - t0
         stats.update(seconds=secs, passages_per_s=n / max(secs, 1e-9), tokens=n_tok, padded_tokens=n_pad)
+        stats["dtype"] = str(amp or torch.float32).removeprefix("torch.")
     return out
 
 
