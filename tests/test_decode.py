@@ -293,6 +293,19 @@ def test_trie_forced_scores_equal_full_forward(setup, budget, monkeypatch):
             torch.testing.assert_close(got[u, z], want, atol=1e-4, rtol=1e-4)
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("seed", range(4))
+def test_thorough_pruning_is_exact(setup, seed, monkeypatch):
+    """Branch and bound over the candidates returns what scoring every candidate fully returns."""
+    model, ids = setup
+    src, mask, scores = _inputs(b=3, k=3, seed=10 + seed)
+    scores = scores / 4  # flatter p(z|x): more passages matter, closer candidates
+    cfg = dict(num_beams=3, max_length=6, **ids)
+    pruned = rag_sequence_generate(model, src, mask, scores, **cfg)
+    monkeypatch.setattr(D, "_PRUNE", False)
+    assert torch.equal(rag_sequence_generate(model, src, mask, scores, **cfg), pruned)
+
+
 def test_bad_inputs():
     model, ids = _bart()
     src, mask, scores = _inputs()

@@ -39,6 +39,8 @@ from transformers.modeling_outputs import BaseModelOutput
 
 __all__ = ["rag_token_generate", "rag_sequence_generate"]
 
+_PRUNE = True  # RAG-Sequence "thorough": drop candidates that provably cannot win (exact; for tests)
+_PRUNE_MARGIN = 1e-3  # nats of slack for round-off between beam-search and teacher-forced log-probs
 _SCORE_ROWS = 2048  # max decoder rows (trie node x passage) per scoring group in RAG-Sequence "thorough"
 
 
@@ -227,8 +229,9 @@ def _lex_order(q: Tensor, seqs: Tensor) -> Tensor:
 
 
 def _trie_logprob(
-    model, enc_h: Tensor, enc_mask: Tensor, q: Tensor, seqs: Tensor, lens: Tensor, k: int, start: int
-):
+    model, enc_h: Tensor, enc_mask: Tensor, q: Tensor, seqs: Tensor, lens: Tensor, k: int, start: int,
+    doc_lp: Tensor | None = None, floor: Tensor | None = None,
+):  # fmt: skip
     """``_forced_logprob`` for rows sorted by ``_lex_order``: (G, K).
 
     Once sorted, rows sharing the prefix y[:t] are adjacent, so the trie nodes at depth t (over the rows with
@@ -240,9 +243,12 @@ def _trie_logprob(
     ar_k = torch.arange(k, device=dev)
     score = torch.zeros(g, k, device=dev)
     node = torch.full((g,), -1, dtype=torch.long, device=dev)  # each row's trie node at the current depth
+    live = torch.ones(g, dtype=torch.bool, device=dev)  # not pruned
     past, prev_node, prev_q = None, None, None
     for t in range(int(lens.max())):
-        rows = (lens > t).nonzero().squeeze(1)  # (A,) rows still to score at depth t
+        rows = ((lens > t) & live).nonzero().squeeze(1)  # (A,) rows still to score at depth t
+        if len(rows) == 0:
+            break
         a, b = rows[1:], rows[:-1]
         same = (q[a] == q[b]) & (seqs[a, :t] == seqs[b, :t]).all(1)  # same prefix y[:t] as the row above
         head = torch.cat([same.new_ones(1), ~same])  # (A,) first row of each depth-t node
@@ -263,28 +269,39 @@ def _trie_logprob(
         logits, past = _step(model, h, m, tokens, past)  # (n_t*K, V)
         lp = torch.log_softmax(logits, -1).view(len(first), k, -1)  # (n_t, K, V)
         score[rows] += lp[node[rows], :, seqs[rows, t]]  # (A, K) log p(y_t | x, z, y<t)
+        if floor is not None:  # bound: a prefix is at least as likely as any of its continuations
+            live[rows] = torch.logsumexp(doc_lp[rows] + score[rows], -1) >= floor[rows]
         prev_node, prev_q = node, node_q
-    return score
+    return score.masked_fill(~live[:, None], float("-inf"))
 
 
 def _forced_logprob(
-    model, enc_h: Tensor, enc_mask: Tensor, q: Tensor, seqs: Tensor, lens: Tensor, k: int, start: int
-):
+    model, enc_h: Tensor, enc_mask: Tensor, q: Tensor, seqs: Tensor, lens: Tensor, k: int, start: int,
+    doc_lp: Tensor | None = None, floor: Tensor | None = None,
+) -> Tensor:  # fmt: skip
     """Teacher-forced log p(y_u|x,z) = sum_t log p(y_t|x,z,y<t) of candidate u (first ``lens[u]`` tokens of
     ``seqs[u]``, question ``q[u]``) under each of its question's K passages (encoder rows q*K + z): (U, K).
 
     Candidates of one question are decoded as a prefix trie (a shared prefix is decoded once, with the KV
     cache), in groups of whole questions of at most ``_SCORE_ROWS`` decoder rows.
+    Branch and bound, with ``doc_lp`` (U, K) log p(z|x) and ``floor`` (U,): a candidate is dropped (its row
+    returned as -inf) as soon as logsumexp_z(doc_lp + log p(y_<=t|x,z)), an upper bound of its final
+    log p(y|x), falls below its floor.
     """
     order = _lex_order(q, seqs)
     q, seqs, lens = q[order], seqs[order], lens[order]
+    if floor is not None:
+        doc_lp, floor = doc_lp[order], floor[order]
     counts = torch.unique_consecutive(q, return_counts=True)[1].tolist()
     parts, a, rows = [], 0, 0
     for i, c in enumerate(counts):  # close a group before it exceeds the row budget
         rows += c * k
         if i + 1 == len(counts) or rows + counts[i + 1] * k > _SCORE_ROWS:
             b = a + rows // k
-            parts.append(_trie_logprob(model, enc_h, enc_mask, q[a:b], seqs[a:b], lens[a:b], k, start))
+            bound = (doc_lp[a:b], floor[a:b]) if floor is not None else (None, None)
+            parts.append(
+                _trie_logprob(model, enc_h, enc_mask, q[a:b], seqs[a:b], lens[a:b], k, start, *bound)
+            )
             a, rows = b, 0
     out = torch.empty(len(q), k, device=q.device)
     out[order] = torch.cat(parts) if parts else out
@@ -326,14 +343,26 @@ def rag_sequence_generate(
     same = (cand[:, :, None, :] == cand[:, None, :, :]).all(-1) & valid[:, :, None] & valid[:, None, :]
     earlier = torch.ones(c, c, dtype=torch.bool, device=dev).tril(-1)  # j < i
     first = valid & ~(same & earlier).any(-1)  # (B, C) unique candidates
-    if mode == "fast":
-        own = doc_lp.repeat_interleave(n, dim=1) + raw  # (B, C) log p(z_j|x) + log p(y_j|x, z_j)
-        score = torch.logsumexp(own[:, None, :].masked_fill(~same, float("-inf")), dim=-1)  # (B, C)
-    else:
+    own = doc_lp.repeat_interleave(n, dim=1) + raw  # (B, C) log p(z_j|x) + log p(y_j|x, z_j)
+    score = torch.logsumexp(own[:, None, :].masked_fill(~same, float("-inf")), dim=-1)  # (B, C) fast
+    if mode == "thorough":
+        # the fast score drops the passages that did not generate y: a lower bound of the thorough score,
+        # so the best one is a floor below which no candidate can win (margin: float round-off)
+        margin = _PRUNE_MARGIN if enc_h.dtype == torch.float32 else 100 * _PRUNE_MARGIN
+        floor = score.masked_fill(~first, float("-inf")).amax(-1) - margin  # (B,)
         qb, qc = first.nonzero(as_tuple=True)  # (U,) unique candidates
         seq_lp = _forced_logprob(
-            model, enc_h, src_mask, qb, cand[qb, qc], lens[qb, qc], k, decoder_start_token_id
-        )  # (U, K)
+            model,
+            enc_h,
+            src_mask,
+            qb,
+            cand[qb, qc],
+            lens[qb, qc],
+            k,
+            decoder_start_token_id,
+            doc_lp=doc_lp[qb],
+            floor=floor[qb] if _PRUNE else None,
+        )  # (U, K) fmt: skip
         score = torch.full((b, c), float("-inf"), device=dev)
         score[qb, qc] = torch.logsumexp(doc_lp[qb] + seq_lp, dim=-1)
     best = score.masked_fill(~first, float("-inf")).argmax(-1)  # (B,)
