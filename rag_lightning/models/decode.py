@@ -230,7 +230,7 @@ def _lex_order(q: Tensor, seqs: Tensor) -> Tensor:
 
 def _trie_logprob(
     model, enc_h: Tensor, enc_mask: Tensor, q: Tensor, seqs: Tensor, lens: Tensor, k: int, start: int,
-    doc_lp: Tensor | None = None, floor: Tensor | None = None,
+    doc_lp: Tensor | None = None, floor: Tensor | None = None, exact: Tensor | None = None,
 ):  # fmt: skip
     """``_forced_logprob`` for rows sorted by ``_lex_order``: (G, K).
 
@@ -246,6 +246,9 @@ def _trie_logprob(
     live = torch.ones(g, dtype=torch.bool, device=dev)  # not pruned
     past, prev_node, prev_q = None, None, None
     for t in range(int(lens.max())):
+        if floor is not None:  # upper bound of log p(y|x): known exact terms, else the prefix's log-prob
+            ub = torch.logsumexp(doc_lp + torch.where(exact > float("-inf"), exact, score), -1)  # (G,)
+            live &= ub >= floor
         rows = ((lens > t) & live).nonzero().squeeze(1)  # (A,) rows still to score at depth t
         if len(rows) == 0:
             break
@@ -269,36 +272,35 @@ def _trie_logprob(
         logits, past = _step(model, h, m, tokens, past)  # (n_t*K, V)
         lp = torch.log_softmax(logits, -1).view(len(first), k, -1)  # (n_t, K, V)
         score[rows] += lp[node[rows], :, seqs[rows, t]]  # (A, K) log p(y_t | x, z, y<t)
-        if floor is not None:  # bound: a prefix is at least as likely as any of its continuations
-            live[rows] = torch.logsumexp(doc_lp[rows] + score[rows], -1) >= floor[rows]
         prev_node, prev_q = node, node_q
     return score.masked_fill(~live[:, None], float("-inf"))
 
 
 def _forced_logprob(
     model, enc_h: Tensor, enc_mask: Tensor, q: Tensor, seqs: Tensor, lens: Tensor, k: int, start: int,
-    doc_lp: Tensor | None = None, floor: Tensor | None = None,
+    doc_lp: Tensor | None = None, floor: Tensor | None = None, exact: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """Teacher-forced log p(y_u|x,z) = sum_t log p(y_t|x,z,y<t) of candidate u (first ``lens[u]`` tokens of
     ``seqs[u]``, question ``q[u]``) under each of its question's K passages (encoder rows q*K + z): (U, K).
 
     Candidates of one question are decoded as a prefix trie (a shared prefix is decoded once, with the KV
     cache), in groups of whole questions of at most ``_SCORE_ROWS`` decoder rows.
-    Branch and bound, with ``doc_lp`` (U, K) log p(z|x) and ``floor`` (U,): a candidate is dropped (its row
-    returned as -inf) as soon as logsumexp_z(doc_lp + log p(y_<=t|x,z)), an upper bound of its final
-    log p(y|x), falls below its floor.
+    Branch and bound, with ``doc_lp`` (U, K) log p(z|x), ``floor`` (U,) and ``exact`` (U, K) the already known
+    log p(y|x,z) (-inf where unknown): a candidate is dropped (its row returned as -inf) as soon as
+    logsumexp_z(doc_lp + (exact where known, else log p(y_<t|x,z))), an upper bound of its log p(y|x) since
+    a prefix is at least as likely as any continuation, falls below its floor.
     """
     order = _lex_order(q, seqs)
     q, seqs, lens = q[order], seqs[order], lens[order]
     if floor is not None:
-        doc_lp, floor = doc_lp[order], floor[order]
+        doc_lp, floor, exact = doc_lp[order], floor[order], exact[order]
     counts = torch.unique_consecutive(q, return_counts=True)[1].tolist()
     parts, a, rows = [], 0, 0
     for i, c in enumerate(counts):  # close a group before it exceeds the row budget
         rows += c * k
         if i + 1 == len(counts) or rows + counts[i + 1] * k > _SCORE_ROWS:
             b = a + rows // k
-            bound = (doc_lp[a:b], floor[a:b]) if floor is not None else (None, None)
+            bound = (doc_lp[a:b], floor[a:b], exact[a:b]) if floor is not None else ()
             parts.append(
                 _trie_logprob(model, enc_h, enc_mask, q[a:b], seqs[a:b], lens[a:b], k, start, *bound)
             )
@@ -343,26 +345,19 @@ def rag_sequence_generate(
     same = (cand[:, :, None, :] == cand[:, None, :, :]).all(-1) & valid[:, :, None] & valid[:, None, :]
     earlier = torch.ones(c, c, dtype=torch.bool, device=dev).tril(-1)  # j < i
     first = valid & ~(same & earlier).any(-1)  # (B, C) unique candidates
-    own = doc_lp.repeat_interleave(n, dim=1) + raw  # (B, C) log p(z_j|x) + log p(y_j|x, z_j)
-    score = torch.logsumexp(own[:, None, :].masked_fill(~same, float("-inf")), dim=-1)  # (B, C) fast
+    # exact[b, i, z] = log p(y_i|x,z) where passage z's beam search produced candidate i, else -inf
+    exact = raw[:, None, :].masked_fill(~same, float("-inf")).view(b, c, k, n).amax(-1)  # (B, C, K)
+    score = torch.logsumexp(doc_lp[:, None, :] + exact, dim=-1)  # (B, C) fast: unseen p(y|x,z) taken as 0
     if mode == "thorough":
         # the fast score drops the passages that did not generate y: a lower bound of the thorough score,
         # so the best one is a floor below which no candidate can win (margin: float round-off)
         margin = _PRUNE_MARGIN if enc_h.dtype == torch.float32 else 100 * _PRUNE_MARGIN
         floor = score.masked_fill(~first, float("-inf")).amax(-1) - margin  # (B,)
         qb, qc = first.nonzero(as_tuple=True)  # (U,) unique candidates
-        seq_lp = _forced_logprob(
-            model,
-            enc_h,
-            src_mask,
-            qb,
-            cand[qb, qc],
-            lens[qb, qc],
-            k,
-            decoder_start_token_id,
-            doc_lp=doc_lp[qb],
-            floor=floor[qb] if _PRUNE else None,
-        )  # (U, K) fmt: skip
+        seq_lp = _forced_logprob(  # (U, K)
+            model, enc_h, src_mask, qb, cand[qb, qc], lens[qb, qc], k, decoder_start_token_id,
+            doc_lp=doc_lp[qb], floor=floor[qb] if _PRUNE else None, exact=exact[qb, qc],
+        )  # fmt: skip
         score = torch.full((b, c), float("-inf"), device=dev)
         score[qb, qc] = torch.logsumexp(doc_lp[qb] + seq_lp, dim=-1)
     best = score.masked_fill(~first, float("-inf")).argmax(-1)  # (B,)
