@@ -197,3 +197,26 @@ def test_gpu_matches_cpu(tmp_path, backend: str) -> None:
     assert (ids == cpu.search(q, 10)[1]).float().mean() > 0.95  # fp16 store may swap near-ties
     gpu.save(tmp_path / "g")
     assert DenseIndex.load(tmp_path / "g", device="cpu").ntotal == 2000
+
+
+def test_faiss_gpu_large_k_searches_a_cpu_copy(monkeypatch) -> None:
+    """faiss GPU selects at most 2048: larger k goes to a CPU clone, made once (simulated without a GPU)."""
+    x = torch.randn(50, 8)
+    idx = DenseIndex(dim=8)
+    idx.build(x)
+    idx.use_faiss_gpu = True  # pretend the installed index lives on a GPU
+    clones = []
+    monkeypatch.setattr(index_mod.faiss, "index_gpu_to_cpu", lambda i: clones.append(i) or i, raising=False)
+    monkeypatch.setattr(index_mod, "FAISS_GPU_MAX_K", 20)
+    s_small, _ = idx.search(x[:2], 20)
+    assert clones == []
+    s, ids = idx.search(x[:2], 60)  # above the limit, and above ntotal: padded
+    assert len(clones) == 1 and ids.shape == (2, 60) and (ids[:, 50:] == -1).all()
+    torch.testing.assert_close(s[:, :20], s_small)
+    idx.search(x[:2], 60)
+    assert len(clones) == 1  # cached until the next build
+    idx.use_faiss_gpu = False  # rebuild on CPU (no GPU here), then pretend again
+    idx.build(x)
+    idx.use_faiss_gpu = True
+    idx.search(x[:2], 60)
+    assert len(clones) == 2

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _FILES = ("index.faiss", "vectors.npy", "meta.json")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
+FAISS_GPU_MAX_K = 2048  # faiss GPU top-k selection limit; larger k is searched on a CPU copy
 
 
 class IndexFileError(RuntimeError):
@@ -101,6 +102,7 @@ class DenseIndex:
         self.version = 0
         self.meta: dict = dict(meta or {})
         self._index: faiss.Index | None = None  # faiss index (CPU or GPU)
+        self._cpu_copy: faiss.Index | None = None  # CPU clone of a GPU index, made on a k > 2048 search
         self._vecs: torch.Tensor | None = None  # (N, d) exact vectors, CPU, store dtype
         self._dev_vecs: torch.Tensor | None = None  # (N, d) torch-backend copy on self.device
         faiss.omp_set_num_threads(num_threads or default_num_threads())
@@ -152,7 +154,7 @@ class DenseIndex:
         for name, value in (("nprobe", self.nprobe), ("efSearch", self.ef_search)):
             with contextlib.suppress(RuntimeError):  # parameter does not apply to this index type
                 space.set_index_parameter(index, name, value)
-        self._index = index
+        self._index, self._cpu_copy = index, None
 
     # ----------------------------------------------------------------- search
     def _check_built(self) -> None:
@@ -172,7 +174,13 @@ class DenseIndex:
         if self.backend == "torch":
             return self._search_torch(q, k)
         qn = q.to("cpu", torch.float32).contiguous().numpy()  # (B, d)
-        scores, ids = self._index.search(qn, k)
+        index = self._index
+        if self.use_faiss_gpu and k > FAISS_GPU_MAX_K:
+            if self._cpu_copy is None:
+                log.warning("k=%d exceeds faiss GPU's limit %d: searching a CPU copy", k, FAISS_GPU_MAX_K)
+                self._cpu_copy = faiss.index_gpu_to_cpu(self._index)
+            index = self._cpu_copy
+        scores, ids = index.search(qn, k)
         scores, ids = torch.from_numpy(scores), torch.from_numpy(ids).long()
         return scores.masked_fill(ids < 0, float("-inf")), ids
 
