@@ -133,7 +133,7 @@ def run_index(args: argparse.Namespace) -> None:
         f"{'ours: embed_passages + DenseIndex(Flat)':50s}{ours:10.2f}{args.n / ours:12.1f}"
         + (f"{base / ours:9.2f}x" if ds is not None else "")
     )
-    label = f"  of which embedding ({stats['dtype']} autocast)"
+    label = f"  of which embedding ({stats['dtype']})"
     print(f"{label:50s}{t_emb:10.2f}{args.n / t_emb:12.1f}")
     if ds is not None:
         print(f"{'baseline: Dataset.map + add_faiss_index':50s}{base:10.2f}{args.n / base:12.1f}{1.0:9.2f}x")
