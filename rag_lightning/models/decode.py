@@ -6,7 +6,7 @@ on the B*K rows; the decoder is stepped with ``past_key_values`` (a transformers
 re-ordered with ``reorder_cache``). Works for ``AutoModelForSeq2SeqLM`` (BART, T5) and
 ``EncoderDecoderModel``. Call under ``model.eval()`` (dropout is not switched off here).
 Step 0 of a beam search runs one beam per problem and then expands the cache; beam re-ordering leaves the
-cross-attention cache alone (a beam never changes its encoder row).
+cross-attention cache alone (a beam never changes its encoder row); finished problems leave the batch.
 
 Lengths count GENERATED tokens (the decoder start token excluded, EOS included), like HF's
 ``max_new_tokens`` / ``min_new_tokens``: at most ``max_length`` tokens; EOS is forbidden while fewer than
@@ -111,72 +111,88 @@ def _search(
     p_, d_ = doc_lp.shape
     n = num_beams
     dev = doc_lp.device
-    # step 0 runs one beam per problem (all beams are identical then): rows (p, d) = the encoder rows
-    h, m, w = enc_h, enc_mask, 1  # w: beams per problem in the cache
-    tokens = torch.full((p_ * d_,), start, dtype=torch.long, device=dev)
     ninf = float("-inf")
-
-    run_seqs = torch.empty(p_, n, 0, dtype=torch.long, device=dev)  # (P, N, t)
+    out_seqs = torch.full((p_, n, max_length), pad, dtype=torch.long, device=dev)
+    out_raw = torch.full((p_, n), ninf, device=dev)
+    out_len = torch.zeros(p_, n, dtype=torch.long, device=dev)
+    out_scores = torch.full((p_, n), ninf, device=dev)
+    # state of the A active problems (finished ones are written to out_* and dropped from the batch)
+    pid = torch.arange(p_, device=dev)  # (A,) problem ids
+    dlp = doc_lp  # (A, D)
+    run_seqs = torch.empty(p_, n, 0, dtype=torch.long, device=dev)  # (A, N, t)
     run_scores = torch.zeros(p_, n, device=dev)
     run_scores[:, 1:] = ninf  # identical beams at start: only one live
     fin_seqs = torch.full((p_, n, max_length), pad, dtype=torch.long, device=dev)
     fin_scores = torch.full((p_, n), ninf, device=dev)
     fin_raw = torch.full((p_, n), 0.0 if n == 1 else ninf, device=dev)  # greedy accumulates here
     fin_len = torch.zeros(p_, n, dtype=torch.long, device=dev)
-    done = torch.zeros(p_, dtype=torch.bool, device=dev)
-    past = None
     rank_ok = torch.arange(2 * n, device=dev) < n  # only the top-N ranks may finish (as HF)
+    ar_d = torch.arange(d_, device=dev)
+    # step 0 runs one beam per problem (all beams are identical then): rows (p, d) = the encoder rows
+    h, m, w, past = enc_h, enc_mask, 1, None  # w: beams per problem in the cache
+    tokens = torch.full((p_ * d_,), start, dtype=torch.long, device=dev)
 
     for t in range(max_length):
-        logits, past = _step(model, h, m, tokens, past)  # (P*w*D, V)
+        a_ = len(pid)
+        logits, past = _step(model, h, m, tokens, past)  # (A*w*D, V)
         v = logits.shape[-1]
-        lp = _marginal(logits.view(p_, w, d_, v), doc_lp)  # (P, w, V), broadcast over beams at step 0
+        lp = _marginal(logits.view(a_, w, d_, v), dlp)  # (A, w, V), broadcast over beams at step 0
         if t < min_length:
             lp[..., eos] = ninf
         last = t == max_length - 1
         if n == 1:  # greedy
-            tok_lp, tok = lp[:, 0].max(-1)  # (P,)
-            live = ~done
-            run_seqs = torch.cat([run_seqs, torch.where(live, tok, pad)[:, None, None]], -1)
-            fin_raw = torch.where(live[:, None], fin_raw + tok_lp[:, None], fin_raw)
-            fin_len = fin_len + live[:, None].long()
-            done = done | (tok == eos)
-            if last or bool(done.all()):
-                fin_seqs[:, :, : t + 1] = run_seqs
-                return fin_seqs, fin_raw, fin_len, fin_raw / fin_len.clamp(min=1) ** length_penalty
-            tokens = torch.where(live, tok, pad).repeat_interleave(d_)
-            continue
-
-        top_s, top_i = (run_scores[..., None] + lp).view(p_, n * v).topk(2 * n, dim=1)  # (P, 2N)
-        beam, tok = top_i // v, top_i % v
-        seqs = torch.cat([run_seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], -1)
-        is_fin = torch.ones_like(tok, dtype=torch.bool) if last else tok == eos  # (P, 2N)
-        fin_now = is_fin & rank_ok & ~done[:, None] & torch.isfinite(top_s)
-        pen = (top_s / float(t + 1) ** length_penalty).masked_fill(~fin_now, ninf)
-        all_scores = torch.cat([fin_scores, pen], 1)  # (P, 3N)
-        fin_scores, sel = all_scores.topk(n, dim=1)
-        padded = torch.nn.functional.pad(seqs, (0, max_length - t - 1), value=pad)
-        fin_seqs = torch.cat([fin_seqs, padded], 1).gather(1, sel[..., None].expand(-1, -1, max_length))
-        fin_raw = torch.cat([fin_raw, top_s], 1).gather(1, sel)
-        fin_len = torch.cat([fin_len, torch.full_like(tok, t + 1)], 1).gather(1, sel)
-        if last:
-            break
-        run_scores, keep = top_s.masked_fill(is_fin, ninf).topk(n, dim=1)  # (P, N)
-        run_seqs = seqs.gather(1, keep[..., None].expand(-1, -1, t + 1))
-        src_beam = beam.gather(1, keep)  # (P, N)
-        denom = float(max_length if length_penalty > 0 else t + 2) ** length_penalty
-        full = torch.isfinite(fin_scores).all(1)
-        done = done | (full & (run_scores[:, 0] / denom <= fin_scores[:, -1]))
-        if bool(done.all()):
-            break
-        ar_d = torch.arange(d_, device=dev)
-        rows = (torch.arange(p_, device=dev)[:, None] * w + src_beam)[..., None] * d_ + ar_d  # (P, N, D)
-        past = _reorder(past, rows.reshape(-1), cross=w < n)  # rows keep their (problem, passage)
-        if w < n:  # after step 0: N beams, row (p, n, d) -> encoder row p*D + d
-            enc_idx = (rows - src_beam[..., None] * d_).reshape(-1)
+            tok_lp, tok = lp[:, 0].max(-1)  # (A,)
+            run_seqs = torch.cat([run_seqs, tok[:, None, None]], -1)
+            fin_raw, fin_len = fin_raw + tok_lp[:, None], fin_len + 1
+            fin_seqs[:, :, : t + 1] = run_seqs
+            fin_scores = fin_raw / fin_len.clamp(min=1) ** length_penalty
+            src_beam = torch.zeros(a_, 1, dtype=torch.long, device=dev)
+            done = torch.ones_like(tok, dtype=torch.bool) if last else tok == eos  # (A,)
+        else:
+            top_s, top_i = (run_scores[..., None] + lp).view(a_, n * v).topk(2 * n, dim=1)  # (A, 2N)
+            beam, tok = top_i // v, top_i % v
+            seqs = torch.cat([run_seqs.gather(1, beam[..., None].expand(-1, -1, t)), tok[..., None]], -1)
+            is_fin = torch.ones_like(tok, dtype=torch.bool) if last else tok == eos  # (A, 2N)
+            fin_now = is_fin & rank_ok & torch.isfinite(top_s)
+            pen = (top_s / float(t + 1) ** length_penalty).masked_fill(~fin_now, ninf)
+            fin_scores, sel = torch.cat([fin_scores, pen], 1).topk(n, dim=1)  # best N of (A, 3N)
+            padded = torch.nn.functional.pad(seqs, (0, max_length - t - 1), value=pad)
+            fin_seqs = torch.cat([fin_seqs, padded], 1).gather(1, sel[..., None].expand(-1, -1, max_length))
+            fin_raw = torch.cat([fin_raw, top_s], 1).gather(1, sel)
+            fin_len = torch.cat([fin_len, torch.full_like(tok, t + 1)], 1).gather(1, sel)
+            run_scores, keep = top_s.masked_fill(is_fin, ninf).topk(n, dim=1)  # (A, N)
+            run_seqs = seqs.gather(1, keep[..., None].expand(-1, -1, t + 1))
+            src_beam = beam.gather(1, keep)  # (A, N)
+            denom = float(max_length if length_penalty > 0 else t + 2) ** length_penalty
+            full = torch.isfinite(fin_scores).all(1)
+            done = full & (run_scores[:, 0] / denom <= fin_scores[:, -1])  # no running beam can enter
+            done = done | last
+        moved = bool(done.any())
+        if moved:  # write finished problems out and drop them from the batch
+            f = done.nonzero().squeeze(1)
+            out_seqs[pid[f]], out_raw[pid[f]] = fin_seqs[f], fin_raw[f]
+            out_len[pid[f]], out_scores[pid[f]] = fin_len[f], fin_scores[f]
+            k_ = (~done).nonzero().squeeze(1)
+            if len(k_) == 0:
+                break
+            pid, dlp, run_seqs, run_scores, src_beam = (
+                pid[k_],
+                dlp[k_],
+                run_seqs[k_],
+                run_scores[k_],
+                src_beam[k_],
+            )
+            fin_seqs, fin_scores, fin_raw, fin_len = fin_seqs[k_], fin_scores[k_], fin_raw[k_], fin_len[k_]
+        else:
+            k_ = torch.arange(a_, device=dev)
+        if n > 1 or moved:  # cache row (a, n, d) <- old row (a_old, src_beam, d)
+            rows = (k_[:, None] * w + src_beam)[..., None] * d_ + ar_d  # (A, N, D)
+            past = _reorder(past, rows.reshape(-1), cross=w < n or moved)  # else rows keep their encoder row
+        if w < n or moved:  # row (a, n, d) -> encoder row pid[a]*D + d
+            enc_idx = (pid[:, None, None] * d_ + ar_d).expand(-1, n, -1).reshape(-1)
             h, m, w = enc_h.index_select(0, enc_idx), enc_mask.index_select(0, enc_idx), n
         tokens = run_seqs[..., -1, None].expand(-1, -1, d_).reshape(-1)
-    return fin_seqs, fin_raw, fin_len, fin_scores
+    return out_seqs, out_raw, out_len, out_scores
 
 
 def _trim(seqs: Tensor, lengths: Tensor) -> Tensor:
