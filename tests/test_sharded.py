@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -38,6 +39,15 @@ def test_world_one_equals_dense_index(mode: str) -> None:
     for a, b in zip(dense.search_with_vectors(q, K), sharded.search_with_vectors(q, K)):
         assert torch.equal(a, b)
     assert torch.equal(sharded.vectors(torch.tensor([0, 300])), dense.vectors(torch.tensor([0, 300])))
+
+
+def test_from_memory_mapped_embeddings(tmp_path) -> None:
+    x, q = _emb(), _queries(0, 5)
+    np.save(tmp_path / "emb.npy", x.numpy())
+    mapped = ShardedIndex.from_embeddings(np.load(tmp_path / "emb.npy", mmap_mode="r"), device="cpu")
+    ref = ShardedIndex.from_embeddings(x, device="cpu")
+    for a, b in zip(mapped.search_with_vectors(q, K), ref.search_with_vectors(q, K)):
+        assert torch.equal(a, b)
 
 
 def _worker(rank: int, world: int, init: str, sizes: list[int]) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -46,9 +47,12 @@ class ShardedIndex:
 
     @classmethod
     def from_embeddings(
-        cls, emb: torch.Tensor, mode: str = "sharded", group=None, **index_kwargs
+        cls, emb: torch.Tensor | np.ndarray, mode: str = "sharded", group=None, **index_kwargs
     ) -> ShardedIndex:
-        """Build from the full (N, d) embeddings: this rank indexes its shard (sharded) or all rows."""
+        """Build from the full (N, d) embeddings: this rank indexes its shard (sharded) or all rows.
+
+        ``emb`` may be a memory-mapped array (``np.load(path, mmap_mode="r")``, e.g. the merged output of
+        scripts/build_index.py): each rank then reads only its own rows from disk."""
         rank, world = rank_world(group)
         start, end = shard_range(len(emb), rank, world) if mode == "sharded" else (0, len(emb))
         local = DenseIndex(**index_kwargs)
