@@ -114,6 +114,8 @@ class DenseIndex:
 
     def build(self, emb: torch.Tensor | np.ndarray) -> None:
         """Index ``emb`` (N, d); row i gets id i. Replaces any previous content and bumps ``version``."""
+        if isinstance(emb, np.ndarray) and not emb.flags.writeable:  # e.g. a read-only memory-mapped slice
+            emb = np.array(emb, dtype=np.float32)  # copied into memory
         x = torch.as_tensor(emb).detach().to("cpu", torch.float32).contiguous()  # (N, d)
         if x.ndim != 2:
             raise ValueError(f"embeddings must be (N, d), got shape {tuple(x.shape)}")
