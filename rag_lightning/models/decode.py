@@ -24,11 +24,13 @@ hypotheses and no running one can still beat the worst of them (exact bound, as 
 * RAG-Token: beam search over the marginal next-token log-prob log sum_z p(z|x) p(y_t|x,z,y<t); the
   decoder keeps one state per (question, beam, passage): B*N*K rows.
 * RAG-Sequence: beam search under each passage separately (B*K problems, batched), giving up to K*N
-  candidates per question (duplicates removed). ``thorough``: each candidate is scored under every
-  passage by teacher forcing, log p(y|x) = log sum_z p(z|x) p(y|x,z), decoding each question's candidates
-  as a prefix trie (beams share long prefixes; each shared prefix is decoded once); ``fast``: p(y|x,z) is taken as 0
-  for passages whose beam search did not produce y, so the beam's raw (un-penalized) sum log-prob is
-  used and no extra forward pass is needed. The candidate with the highest log p(y|x) is returned.
+  candidates per question (duplicates removed). ``fast``: p(y|x,z) is taken as 0 for passages whose beam
+  search did not produce y, so the beams' raw (un-penalized) sum log-probs suffice. ``thorough``: every
+  candidate is scored under every passage by teacher forcing, log p(y|x) = log sum_z p(z|x) p(y|x,z),
+  decoding each question's candidates as a prefix trie (each shared prefix once), with an exact branch
+  and bound: the fast score is a lower bound, a prefix's probability bounds its continuations', and a
+  candidate that cannot reach the best lower bound stops being scored. The candidate with the highest
+  log p(y|x) is returned.
 """
 
 from __future__ import annotations
