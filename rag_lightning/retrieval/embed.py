@@ -39,10 +39,8 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated, slower."""
-    cpu = getattr(torch, "cpu", None)
-    return any(
-        getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    )
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private torch.cpu helpers
+    return any(getattr(torch.cpu, f, lambda: False)() for f in probes)
 
 
 def amp_dtype_for(device: torch.device, precision: str | torch.dtype | None = "auto") -> torch.dtype | None:

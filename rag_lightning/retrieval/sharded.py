@@ -51,8 +51,8 @@ class ShardedIndex:
     ) -> ShardedIndex:
         """Build from the full (N, d) embeddings: this rank indexes its shard (sharded) or all rows.
 
-        ``emb`` may be a memory-mapped array (``np.load(path, mmap_mode="r")``, e.g. the merged output of
-        scripts/build_index.py): each rank then reads only its own rows from disk."""
+        ``emb`` may be a memory-mapped array (``np.load(path, mmap_mode="r")``, e.g. the ``vectors.npy`` of
+        an index saved by scripts/build_index.py): each rank then reads only its own rows from disk."""
         rank, world = rank_world(group)
         start, end = shard_range(len(emb), rank, world) if mode == "sharded" else (0, len(emb))
         local = DenseIndex(**index_kwargs)
