@@ -34,14 +34,10 @@ def squad_tokens(
     path: str, tokenizer, max_len: int, n_queries: int
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(paragraph token ids as (title, text) pairs, question token ids) of a SQuAD v1.1 json file."""
-    import json
-    from pathlib import Path
-
-    from rag_lightning.data.readers import squad_paragraphs
+    from rag_lightning.data.readers import read_questions, squad_paragraphs
 
     paras = list(squad_paragraphs(path))
-    articles = json.loads(Path(path).read_text())["data"]
-    questions = [qa["question"] for a in articles for p in a["paragraphs"] for qa in p["qas"]]
+    questions = [ex.question for ex in read_questions(path, "squad").examples]
     questions = questions[:: max(1, len(questions) // n_queries)][:n_queries]  # spread over the articles
     titles, texts = [p["title"] for p in paras], [p["text"] for p in paras]
     enc = tokenizer(titles, texts, truncation="only_second", max_length=max_len)["input_ids"]
