@@ -109,7 +109,7 @@ class Seq2SeqSteps:
 
     def first(self, rows: Tensor | None) -> tuple[Tensor, Any]:
         self._select(rows)
-        return self._decode(self._m.new_full((self._m.shape[0],), self.start), None)
+        return self._decode(torch.full((self._m.shape[0],), self.start, device=self._m.device), None)
 
     def next(self, tokens: Tensor, rows: Tensor | None, past, t: int) -> tuple[Tensor, Any]:
         self._select(rows)
@@ -120,24 +120,31 @@ class Seq2SeqSteps:
 
 
 class CausalSteps:
-    """Decoder-only: the B*K prompts run once (their logits and KV cache kept); answers continue them."""
+    """Decoder-only: the B*K prompts run once; answers continue them with the KV cache. ``keep_prompt``: keep
+    the prompts' logits and cache for later ``first`` calls (RAG-Sequence thorough scoring) instead of
+    running them again (memory: one prompt cache, (B*K, S) per layer)."""
 
-    def __init__(self, generator: CausalGenerator, src_ids: Tensor, src_mask: Tensor):
-        self.g, self.src_ids, self.src_mask = generator, src_ids, src_mask
+    def __init__(
+        self, generator: CausalGenerator, src_ids: Tensor, src_mask: Tensor, keep_prompt: bool = False
+    ):
+        self.g, self.src_ids, self.src_mask, self.keep_prompt = generator, src_ids, src_mask, keep_prompt
         self.dtype = generator.model.dtype
         self.prompt_len = src_mask.sum(1)  # (B*K,) real prompt tokens: the first answer token's position
-        self._prompt: tuple[Tensor, list[tuple[Tensor, Tensor]]] | None = None
+        self._prompt: tuple[Tensor, list[tuple[Tensor, Tensor]]] | None = None  # logits (B*K, V), (k, v)s
         self._rows: Tensor | None = None
         self._mask, self._pos = src_mask, self.prompt_len  # of the current cache rows
 
     def first(self, rows: Tensor | None) -> tuple[Tensor, Any]:
-        if self._prompt is None:
+        if self._prompt is not None:
+            logits, kv = self._prompt  # a cache never changes these tensors in place
+        elif rows is None or self.keep_prompt:
             logits, cache = self.g.prompt_step(self.src_ids, self.src_mask)
-            self._prompt = (
-                logits,
-                [(k, v) for k, v, *_ in cache],
-            )  # a cache never changes its tensors in place
-        logits, kv = self._prompt
+            kv = [(k, v) for k, v, *_ in cache]
+            if not self.keep_prompt:
+                return logits, cache
+            self._prompt = logits, kv
+        else:
+            return self.g.prompt_step(self.src_ids[rows], self.src_mask[rows])
         if rows is not None:
             logits, kv = logits[rows], [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
         return logits, DynamicCache(ddp_cache_data=kv, config=self.g.model.config)
@@ -155,10 +162,12 @@ class CausalSteps:
         return past
 
 
-def _steps(model, src_ids: Tensor, src_mask: Tensor, start: int | None) -> Seq2SeqSteps | CausalSteps:
+def _steps(
+    model, src_ids: Tensor, src_mask: Tensor, start: int | None, keep_prompt: bool = False
+) -> Seq2SeqSteps | CausalSteps:
     """The adapter for ``model``: a ``CausalGenerator``, or a Hugging Face seq2seq model."""
     if isinstance(model, CausalGenerator):
-        return CausalSteps(model, src_ids, src_mask)
+        return CausalSteps(model, src_ids, src_mask, keep_prompt)
     return Seq2SeqSteps(model, src_ids, src_mask, start)
 
 
@@ -488,7 +497,7 @@ def rag_sequence_generate(
     b, k = doc_scores.shape
     n = num_beams
     dev = doc_scores.device
-    steps = _steps(model, src_ids, src_mask, decoder_start_token_id)
+    steps = _steps(model, src_ids, src_mask, decoder_start_token_id, keep_prompt=mode == "thorough")
     doc_lp = torch.log_softmax(doc_scores.float(), dim=-1)  # (B, K)
     one_doc = torch.zeros(b * k, 1, device=dev)  # each (question, passage) is a problem of its own
     out = _search(steps, one_doc, n, max_length, min_length, length_penalty, eos_token_id, pad_token_id)
