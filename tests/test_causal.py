@@ -180,3 +180,23 @@ def test_cached_decoding_steps_equal_training_forward(arch):
     got = torch.stack(got, 1)  # (R, T, V)
     real = labels >= 0
     torch.testing.assert_close(got[real], want[real].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_datamodule_builds_causal_targets_for_causal_generators():
+    from rag_lightning.data.collate import Item, QACollator
+    from rag_lightning.data.datamodule import QADataModule, load_tokenizer
+    from rag_lightning.data.readers import QAExample
+
+    kind = {name: QADataModule(query_tokenizer="tiny:bert", generator_tokenizer=name)._causal
+            for name in ("tiny:bart", "tiny:gpt2", "tiny:llama")}  # fmt: skip
+    assert kind == {"tiny:bart": False, "tiny:gpt2": True, "tiny:llama": True}
+    assert QADataModule(generator_tokenizer="tiny:bart", generator_kind="causal")._causal
+    tok = load_tokenizer("tiny:llama")
+    assert tok.pad_token_id is None and tok("x").input_ids[0] == tok.bos_token_id
+    collate = QACollator(load_tokenizer("tiny:bert"), tok, causal=True)
+    batch = collate([Item(QAExample(question="where is warsaw", answers=["Poland"])),
+                     Item(QAExample(question="who", answers=["Maria Skłodowska-Curie"]))])  # fmt: skip
+    labels = batch["labels"]
+    assert (labels[:, 0] != tok.bos_token_id).all()
+    ends = (labels != -100).sum(1) - 1
+    assert (labels[torch.arange(2), ends] == tok.eos_token_id).all()

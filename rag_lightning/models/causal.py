@@ -59,11 +59,9 @@ def generator_kind(name_or_path: str, kind: str = "auto") -> str:
     config = AutoConfig.from_pretrained(name_or_path)
     if config.is_encoder_decoder or config.model_type == "encoder-decoder":
         return "seq2seq"
-    t = config.model_type
+    decoder_only = config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES  # BERT & co. are in both maps
     return (
-        "causal"
-        if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and t not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
-        else ("bert2bert")
+        "causal" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and decoder_only else "bert2bert"
     )
 
 
