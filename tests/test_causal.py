@@ -200,3 +200,26 @@ def test_datamodule_builds_causal_targets_for_causal_generators():
     assert (labels[:, 0] != tok.bos_token_id).all()
     ends = (labels != -100).sum(1) - 1
     assert (labels[torch.arange(2), ends] == tok.eos_token_id).all()
+
+
+@torch.no_grad()
+def test_peft_wrapped_model_scores_through_its_adapters():
+    from peft import LoraConfig, get_peft_model
+
+    g = _generator("llama")
+    g.model = get_peft_model(g.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    for name, p in g.model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(std=0.5)  # non-zero adapters: they change the output
+    src, mask, labels = _batch(g)
+    row = 2
+    answer = [t for t in labels[1].tolist() if t != -100]
+    prompt = src[row][mask[row].bool()].tolist()
+    got = torch.log_softmax(g(src, mask, labels.repeat_interleave(2, 0))[row], -1)
+    want = (
+        g.model(input_ids=torch.tensor([prompt + answer[:-1]])).logits[0, len(prompt) - 1 :].log_softmax(-1)
+    )
+    torch.testing.assert_close(got[: len(answer)], want)
+    with g.model.disable_adapter():  # and without them the scores differ
+        plain = torch.log_softmax(g(src, mask, labels.repeat_interleave(2, 0))[row], -1)
+    assert not torch.allclose(plain, got)

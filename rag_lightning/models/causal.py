@@ -236,18 +236,24 @@ class CausalGenerator(nn.Module):
         return {"input_ids": ids, "attention_mask": attn, "position_ids": pos}
 
     # ---------------------------------------------------------------- scoring
+    @property
+    def _lm(self) -> nn.Module:
+        """The transformers model, also under a peft wrapper (whose adapters sit inside it, in place)."""
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
     def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """LM head: weight (V, H), bias (V,) or None; logits = hidden_states @ weight.T + bias."""
-        head = self.model.get_output_embeddings()
+        head = self._lm.get_output_embeddings()
         return head.weight, getattr(head, "bias", None)
 
     def _pre_head(self, h: torch.Tensor) -> torch.Tensor:
         """BERT-family heads transform (dense, activation, LayerNorm) before the output layer."""
-        predictions = getattr(getattr(self.model, "cls", None), "predictions", None)
+        predictions = getattr(getattr(self._lm, "cls", None), "predictions", None)
         return predictions.transform(h) if predictions is not None else h
 
     def _body(self, **inputs: Any):
-        return self.model.base_model(**inputs, return_dict=True)
+        """The transformer without its LM head: hidden states for every position, no (R, L, V) logits."""
+        return self._lm.base_model(**inputs, return_dict=True)
 
     def hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B*K, T, H) at the positions predicting labels (B*K, T), before the LM head."""
@@ -256,7 +262,7 @@ class CausalGenerator(nn.Module):
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B*K, T, V) for labels (B*K, T) (-100 = padding)."""
-        return self.model.get_output_embeddings()(self.hidden_states(src, mask, labels))
+        return self._lm.get_output_embeddings()(self.hidden_states(src, mask, labels))
 
     # ---------------------------------------------------------------- decoding (see models/decode.py)
     def prompt_step(self, src: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
@@ -280,7 +286,7 @@ class CausalGenerator(nn.Module):
         return self._logits(out.last_hidden_state[:, -1]), out.past_key_values
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self.model.get_output_embeddings()(self._pre_head(h)).float()
+        return self._lm.get_output_embeddings()(self._pre_head(h)).float()
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         from rag_lightning.models.generator import join_wordpiece_punct  # (generator.py imports this module)
