@@ -16,9 +16,14 @@ def main(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from rag_lightning.data.textio import DataError
     from rag_lightning.train import train
 
-    return train(cfg)
+    try:
+        return train(cfg)
+    except DataError as e:  # a bad question set or corpus row: file, line and field, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ class QADataModule(L.LightningDataModule):
     substituted) or dicts ``{path, format, fields, regex, name, ...}`` (other keys go to the reader).
     Several sets per split: train sets are concatenated; each val/test set gets its own DataLoader (a list
     when there are several; names in ``val_set_names`` / ``test_set_names``).
-    ``prepare_data`` converts the corpus to Arrow once; ``setup`` reads the sets and memory-maps the corpus.
+    ``validate_sets`` reads and checks every question set (bad rows, invalid regexes and empty sets fail
+    here, with file and line); ``prepare_data`` calls it before it converts the corpus to Arrow (once),
+    ``setup`` before it memory-maps the corpus.
     Without val sets, ``val_split_fraction`` > 0 carves a seeded val split out of train.
     """
 
@@ -130,16 +132,22 @@ class QADataModule(L.LightningDataModule):
         }
 
     def prepare_data(self) -> None:
-        """Convert the corpus to its Arrow cache (once per fingerprint)."""
+        """Read and check the question sets (seconds), then convert the corpus to its Arrow cache (hours for
+        psgs_w100, once per fingerprint)."""
+        self.validate_sets()
         if self.corpus_spec is not None:
             self._load_tokenizers()
             Corpus.prepare(**self._corpus_kwargs())
 
     def setup(self, stage: str | None = None) -> None:
+        self.validate_sets()
         self._load_tokenizers()
         if self.corpus is None and self.corpus_spec is not None:
             self.corpus = Corpus.from_file(**self._corpus_kwargs())  # loads the cache prepare_data built
             log.info("corpus: %d passages (%s)", len(self.corpus), self.corpus.fingerprint)
+
+    def validate_sets(self) -> None:
+        """Read every train / val / test set once (a DataError names file, line and field)."""
         if self._sets_loaded:
             return
         train = [it for s in self.train_specs for it in self._read(s)[1]]
@@ -170,7 +178,7 @@ class QADataModule(L.LightningDataModule):
             spec["path"],
             spec.get("format", "auto"),
             fields=spec.get("fields"),
-            regex=bool(spec.get("regex", False)),
+            regex=spec.get("regex"),  # None: the format's default (on for curatedtrec)
             name=spec.get("name"),
             skip_bad_rows=self.skip_bad_rows,
             **opts,
