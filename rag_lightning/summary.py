@@ -32,32 +32,32 @@ def _rows(prefix: str, columns: list[dict], label: str) -> list[str]:
         values = [c.get(f"{prefix}/{k}") for c in columns]
         if all(v is None for v in values):
             continue
-        out.append(f"{label + k:<24}" + "".join(f"{_fmt(v, k):>10}" for v in values))
+        out.append(f"{label + k:<14}" + "".join(f"{_fmt(v, k):>10}" for v in values))
     return out
 
 
 def print_summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict, test: dict) -> None:
     """Pooled val (before / after) and test metrics, then one block per set when there are several."""
-    lines = ["", "=" * 64, f"rag-lightning run summary ({cfg.model.get('variant', '?')} marginalization)"]
-    lines.append(f"{'metric':<24}{'before':>10}{'after':>10}" + (f"{'test':>10}" if test else ""))
+    lines = ["", "=" * 60, f"rag-lightning run summary ({cfg.model.get('variant', '?')} marginalization)"]
+    lines.append(f"{'metric':<14}{'before':>10}{'after':>10}" + (f"{'test':>10}" if test else ""))
     for k in KEYS:
         b, a, t = before.get(f"val/{k}"), after.get(f"val/{k}"), test.get(f"test/{k}")
         if a is None and b is None and t is None:
             continue
-        row = f"{'val/' + k:<24}{_fmt(b, k):>10}{_fmt(a, k):>10}"
+        row = f"{'val/' + k:<14}{_fmt(b, k):>10}{_fmt(a, k):>10}"
         lines.append(row + (f"{_fmt(t, k):>10}" if test else ""))
     val_sets, test_sets = set_names({**before, **after}, "val"), set_names(test, "test")
     if val_sets or test_sets:
         lines.append("(rows above: all sets pooled)")
     for name in val_sets:
-        lines.append(f"-- val set {name}{'':<{max(0, 22 - len(name))}}{'before':>10}{'after':>10}")
+        lines.append(f"-- val set {name}: before, after")
         lines += _rows(f"val/{name}", [before, after], "   ")
     for name in test_sets:
-        lines.append(f"-- test set {name}{'':<{max(0, 21 - len(name))}}{'test':>10}")
+        lines.append(f"-- test set {name}")
         lines += _rows(f"test/{name}", [test], "   ")
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:
         lines.append(f"checkpoint: {ckpt.best_model_path}")
     lines.append(f"outputs:    {os.path.abspath(cfg.paths.output_dir)}")
-    lines.append("=" * 64)
+    lines.append("=" * 60)
     print("\n".join(lines), flush=True)

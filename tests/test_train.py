@@ -139,6 +139,7 @@ def test_several_val_sets_feed_one_metric(tmp_path, capsys):
     assert "-- val set demo_val" in out and "-- test set demo_test" in out and "all sets pooled" in out
 
 
+@pytest.mark.slow
 def test_bad_question_file_is_one_error_line(tmp_path):
     bad = tmp_path / "val.jsonl"
     bad.write_text(

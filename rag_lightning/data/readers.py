@@ -42,7 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rag_lightning.data.textio import DataError, encoding_error, first_line, load_json, read_head, read_lines
+from rag_lightning.data.textio import (
+    DataError,
+    encoding_error,
+    first_line,
+    iter_json_array,
+    load_json,
+    read_head,
+    read_lines,
+)
 from rag_lightning.metrics import compile_answer_regex, validate_answer_regex
 
 log = logging.getLogger(__name__)
@@ -346,15 +354,6 @@ def _rows_csv(
         )
 
 
-def _json_list(path: Path, strict_encoding: bool, what: str) -> list[Any]:
-    data = load_json(path, strict_encoding)
-    if not isinstance(data, list):
-        raise DataError(
-            path, 1, "<json>", f"expected a JSON list of records ({what}), got {type(data).__name__}"
-        )
-    return data
-
-
 def _rows_json_list(
     path: Path,
     question_field: str = "question",
@@ -365,7 +364,7 @@ def _rows_json_list(
 ) -> Row:
     """A JSON file holding a list of records (record number = line)."""
     src = str(path)
-    for n, rec in enumerate(_json_list(path, strict_encoding, "question / answers"), 1):
+    for n, rec in iter_json_array(path, strict_encoding=strict_encoding):
         yield n, _guard(lambda rec=rec, n=n: _from_record(rec, src, n, question_field, answers_field, regex))
 
 
@@ -397,7 +396,7 @@ def _rows_dpr_json(
         ex.gold_ids = _gold_passage_ids(rec, src, n)
         return ex
 
-    for n, rec in enumerate(_json_list(path, strict_encoding, "DPR retriever file"), 1):
+    for n, rec in iter_json_array(path, strict_encoding=strict_encoding):  # records streamed: files are GBs
         yield n, _guard(lambda rec=rec, n=n: make(rec, n))
 
 
@@ -441,19 +440,15 @@ def _rows_webquestions(path: Path, regex: bool = False, strict_encoding: bool = 
         answers = _check_answers(answers, src, n, "targetValue", regex)
         return QAExample(question, answers, src, n, rec.get("url"))
 
-    for n, rec in enumerate(_json_list(path, strict_encoding, "WebQuestions"), 1):
+    for n, rec in iter_json_array(path, strict_encoding=strict_encoding):
         yield n, _guard(lambda rec=rec, n=n: make(rec, n))
 
 
 def _rows_triviaqa(
     path: Path, regex: bool = False, strict_encoding: bool = True, verified_only: bool = True, **_: Any
 ) -> Row:
-    """TriviaQA json (``Data`` list); a ``VerifiedEval`` file keeps its verified questions only."""
+    """TriviaQA json (``Data`` list, streamed); a ``VerifiedEval`` file keeps its verified questions only."""
     src = str(path)
-    data = load_json(path, strict_encoding)
-    if not isinstance(data, Mapping) or not isinstance(data.get("Data"), list):
-        raise DataError(src, 1, "Data", "missing field (not a TriviaQA file)")
-    verified = verified_only and bool(data.get("VerifiedEval"))
 
     def make(rec: Any, n: int) -> QAExample:
         if not isinstance(rec, Mapping):
@@ -461,14 +456,8 @@ def _rows_triviaqa(
         question = _check_question(rec.get("Question"), src, n, "Question")
         ans = rec.get("Answer")
         if not isinstance(ans, Mapping):
-            raise DataError(
-                src,
-                n,
-                "Answer",
-                "missing field (a test file without answers?)"
-                if ans is None
-                else f"wrong type {type(ans).__name__}, expected an object",
-            )
+            what = "missing field (a test file without answers?)" if ans is None else "expected an object"
+            raise DataError(src, n, "Answer", what)
         value, aliases = ans.get("Value"), ans.get("Aliases") or []
         if not isinstance(aliases, list):
             raise DataError(src, n, "Answer.Aliases", f"wrong type {type(aliases).__name__}, expected a list")
@@ -477,14 +466,22 @@ def _rows_triviaqa(
         qid = rec.get("QuestionId")
         return QAExample(question, answers, src, n, None if qid is None else str(qid))
 
-    left_out = 0
-    for n, rec in enumerate(data["Data"], 1):
-        if verified and isinstance(rec, Mapping) and not rec.get("QuestionPartOfVerifiedEval", True):
-            left_out += 1
-            continue
-        yield n, _guard(lambda rec=rec, n=n: make(rec, n))
-    if left_out:
-        log.info("%s: left out %d questions not part of the verified evaluation", src, left_out)
+    top: dict[str, Any] = {}  # VerifiedEval comes after Data in the published files: decide at the end
+    rows = []
+    for n, rec in iter_json_array(path, "Data", strict_encoding, rest=top):
+        part = not isinstance(rec, Mapping) or rec.get("QuestionPartOfVerifiedEval", True)
+        rows.append((n, _guard(lambda rec=rec, n=n: make(rec, n)), bool(part)))
+    verified = verified_only and bool(top.get("VerifiedEval"))
+    if verified:
+        log.info(
+            "%s: verified evaluation file, keeping %d of %d questions",
+            src,
+            sum(p for *_, p in rows),
+            len(rows),
+        )
+    for n, item, part in rows:
+        if part or not verified:
+            yield n, item
 
 
 def squad_article_split(

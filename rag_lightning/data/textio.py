@@ -84,3 +84,123 @@ def load_json(path: str | os.PathLike, strict_encoding: bool = True) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, e.lineno, "<json>", f"broken JSON: {e.msg} at column {e.colno}") from None
+
+
+class _Stream:
+    """A text buffer over a file that keeps only the unparsed tail, with the line count of what it dropped."""
+
+    def __init__(self, path: str | os.PathLike, strict_encoding: bool, chunk: int) -> None:
+        self.path, self.strict, self.chunk = path, strict_encoding, chunk
+        self.f = open(path, encoding="utf-8", errors="surrogateescape")  # noqa: SIM115 (closed in close())
+        self.buf, self.pos, self.dropped_lines, self.eof = "", 0, 0, False
+        self.more()
+        if self.buf.startswith(BOM):
+            self.pos = 1
+
+    def close(self) -> None:
+        self.f.close()
+
+    def line_of(self, i: int) -> int:
+        return self.dropped_lines + self.buf.count("\n", 0, i) + 1
+
+    def more(self) -> bool:
+        """Read the next chunk (as large as the buffer, so a long record costs O(size)); False at EOF."""
+        new = self.f.read(max(self.chunk, len(self.buf) - self.pos))
+        if not new:
+            self.eof = True
+            return False
+        self.dropped_lines += self.buf.count("\n", 0, self.pos)
+        self.buf, self.pos = self.buf[self.pos :] + new, 0
+        hit = bad_byte(new) if self.strict else None
+        if hit is not None:
+            i = len(self.buf) - len(new) + hit[0]
+            raise encoding_error(
+                self.path, self.line_of(i), "<encoding>", self.buf, self.buf.rfind("\n", 0, i) + 1
+            )
+        return True
+
+    def peek(self) -> str:
+        """The next non-space character ('' at EOF), not consumed."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf) or not self.more():
+                return self.buf[self.pos : self.pos + 1]
+
+    def expect(self, chars: str) -> str:
+        c = self.peek()
+        if not c or c not in chars:
+            got = repr(c) if c else "end of file"
+            raise DataError(
+                self.path, self.line_of(self.pos), "<json>", f"broken JSON: expected {chars!r}, got {got}"
+            )
+        self.pos += 1
+        return c
+
+    def value(self) -> Any:
+        self.peek()
+        while True:
+            try:
+                obj, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                if self.more():
+                    continue
+                raise DataError(self.path, self.line_of(e.pos), "<json>", f"broken JSON: {e.msg}") from None
+            if end == len(self.buf) and self.more():  # a number may go on in the next chunk
+                continue
+            self.pos = end
+            return obj
+
+
+_DECODER = json.JSONDecoder()
+
+
+def iter_json_array(
+    path: str | os.PathLike,
+    key: str | None = None,
+    strict_encoding: bool = True,
+    rest: dict[str, Any] | None = None,
+    chunk: int = 1 << 20,
+) -> Iterator[tuple[int, Any]]:
+    """``(1-based record number, record)`` for each item of a JSON file's top-level list, or of the list
+    under the top-level object's ``key`` (TriviaQA's ``Data``), holding one record at a time in memory
+    (DPR's biencoder-nq-train.json is several GB). The object's other members go into ``rest`` (those after
+    the list once it is exhausted). Broken JSON and bad bytes are DataErrors at their physical line."""
+    s = _Stream(path, strict_encoding, chunk)
+    try:
+        if key is not None:
+            s.expect("{")
+            while True:
+                if s.peek() == "}":
+                    raise DataError(path, s.line_of(s.pos), key, "missing field")
+                name = s.value()
+                s.expect(":")
+                if name == key:
+                    break
+                value = s.value()
+                if rest is not None:
+                    rest[name] = value
+                if s.expect(",}") == "}":
+                    raise DataError(path, s.line_of(s.pos - 1), key, "missing field")
+        if s.peek() != "[":
+            what = f"the value of {key!r}" if key else "the file"
+            raise DataError(path, s.line_of(s.pos), key or "<json>", f"{what} is not a JSON list of records")
+        s.pos += 1
+        n = 0
+        if s.peek() == "]":
+            s.pos += 1
+        else:
+            while True:
+                n += 1
+                yield n, s.value()
+                if s.expect(",]") == "]":
+                    break
+        if key is not None:
+            while s.expect(",}") == ",":
+                name = s.value()
+                s.expect(":")
+                value = s.value()
+                if rest is not None:
+                    rest[name] = value
+    finally:
+        s.close()
