@@ -402,6 +402,10 @@ def test_empty_sets_are_errors(tmp_path: Path) -> None:
         p = _write(tmp_path / name, text)
         with pytest.raises(DataError, match=rf"^{p}:0: field '<questions>': no questions read"):
             read_questions(p, "jsonl" if name.endswith("jsonl") else "dpr_csv")
+    for name in ("e.tsv", "f.csv"):  # auto-detected as csv with a header: still "no questions"
+        p = _write(tmp_path / name, BOM)
+        with pytest.raises(DataError, match=rf"^{p}:0: field '<questions>': no questions read as 'csv'"):
+            read_questions(p)
     p = _write(tmp_path / "bad.jsonl", '{"question": ""}\n{oops\n')
     with pytest.raises(DataError, match=rf"^{p}:0: field '<questions>': .*all 2 rows were bad and skipped"):
         read_questions(p, skip_bad_rows=True)

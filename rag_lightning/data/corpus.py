@@ -138,7 +138,7 @@ def _iter_jsonl(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any
     for ln, s in read_lines(path):  # BOM dropped
         if not s.strip():
             continue
-        err = encoding_error(src, ln, "<encoding>", s)
+        err = encoding_error(src, ln, "<encoding>", s, start=0)
         if err is not None:
             raise err
         try:

@@ -304,7 +304,7 @@ def _rows_jsonl(
     for ln, text in read_lines(path):
         if not text.strip():
             continue
-        bad = encoding_error(src, ln, "<encoding>", text)
+        bad = encoding_error(src, ln, "<encoding>", text, start=0)
         if bad is not None:
             yield ln, bad
             continue
@@ -332,6 +332,8 @@ def _rows_csv(
     delim = delimiter or ("\t" if "\t" in first_line(path) else ",")
     rows = _csv_rows(path, delim)
     header = next(rows, (1, []))[1]
+    if not header:
+        return  # an empty file: read_questions says so
     bad = _bad_cell(header, [f"header column {i + 1}" for i in range(len(header))], src, 1)
     if bad is not None:
         raise bad

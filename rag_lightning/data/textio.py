@@ -35,14 +35,15 @@ def bad_byte(text: str) -> tuple[int, int] | None:
 
 
 def encoding_error(
-    src: str | os.PathLike, line: int, field_name: str, text: str, start: int = 0
+    src: str | os.PathLike, line: int, field_name: str, text: str, start: int | None = None
 ) -> DataError | None:
-    """A DataError for the first undecodable byte of ``text`` (None when the text is clean UTF-8); the column
-    is counted from ``start`` (the index in ``text`` where the line begins)."""
+    """A DataError for the first undecodable byte of ``text`` (None when the text is clean UTF-8). With
+    ``start`` (the index in ``text`` where the line begins) the message gives the byte's column; without,
+    ``text`` is one field's value and the field names the place."""
     hit = bad_byte(text)
     if hit is None:
         return None
-    where = f" at column {hit[0] - start + 1}" if hit[0] >= start else ""
+    where = f" at column {hit[0] - start + 1}" if start is not None and hit[0] >= start else ""
     return DataError(
         src,
         line,
