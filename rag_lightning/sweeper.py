@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, OverrideType, RangeSweep
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -36,7 +36,6 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-_PREFIX = {OverrideType.ADD: "+", OverrideType.FORCE_ADD: "++"}
 _PLAIN = re.compile(r"[\w./:@-]+")  # strings Hydra reads back without quotes
 
 
@@ -68,16 +67,16 @@ def distribution(override: Override) -> Any:
     raise ValueError(f"{name}: {override.input_line!r}: the Optuna sweeper takes interval, range or choice")
 
 
-def search_space(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str], list[str]]:
-    """Parse `key=value` overrides into ({key: distribution}, {key: "+" / "++" / ""}) for the sweeps and
-    [fixed overrides]. A later override of the same key wins (the command line comes after the config's params).
+def search_space(overrides: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Parse `key=value` overrides into ({key: distribution} for the sweeps, [fixed overrides]).
+
+    Keys keep their `+` / `++` prefix. A later override of the same key wins (the command line comes after
+    the config's params).
     """
     parsed = {o.get_key_element(): o for o in OverridesParser.create().parse_overrides(list(overrides))}
-    sweeps = {k: o for k, o in parsed.items() if o.is_sweep_override()}
-    space = {k: distribution(o) for k, o in sweeps.items()}
-    prefixes = {k: _PREFIX.get(o.type, "") for k, o in sweeps.items()}
+    space = {k: distribution(o) for k, o in parsed.items() if o.is_sweep_override()}
     fixed = [o.input_line for o in parsed.values() if not o.is_sweep_override()]
-    return space, prefixes, fixed
+    return space, fixed
 
 
 def format_value(value: Any) -> str:
@@ -132,7 +131,7 @@ class OptunaSweeper(Sweeper):
         import optuna
 
         params = [f"{k}={v}" for k, v in (self.params or {}).items()]
-        space, prefix, fixed = search_space([*params, *arguments])
+        space, fixed = search_space([*params, *arguments])
         if not space:
             raise ValueError("the Optuna sweeper has nothing to search: set hydra.sweeper.params")
         storage = instantiate(self.storage) if isinstance(self.storage, DictConfig) else self.storage
@@ -150,9 +149,7 @@ class OptunaSweeper(Sweeper):
         done = 0
         while done < self.n_trials:
             trials = [study.ask(space) for _ in range(min(self.n_jobs, self.n_trials - done))]
-            batch = [
-                [*fixed, *(f"{prefix[k]}{k}={format_value(v)}" for k, v in t.params.items())] for t in trials
-            ]
+            batch = [[*fixed, *(f"{k}={format_value(v)}" for k, v in t.params.items())] for t in trials]
             self.validate_batch_is_legal(batch)
             returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
             self.job_idx += len(returns)
