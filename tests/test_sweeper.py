@@ -81,11 +81,11 @@ class FakeLauncher:
 
 
 def make_sweeper(
-    tmp_path: Path, objective, n_trials: int, n_jobs: int = 1, sweep: str = "sweep"
+    tmp_path: Path, objective, n_trials: int, n_jobs: int = 1, sweep: str = "sweep", storage=None
 ) -> OptunaSweeper:
     sweeper = OptunaSweeper(
         direction="maximize", n_trials=n_trials, n_jobs=n_jobs, study_name="rag",
-        storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+        storage=storage or f"sqlite:///{tmp_path / 'optuna.db'}",
         sampler=OmegaConf.create({"_target_": "optuna.samplers.TPESampler", "seed": 3, "n_startup_trials": 10}),
         params=OmegaConf.create({"x": "interval(0, 1)", "n": "choice(1, 2, 4)"}),
     )  # fmt: skip
@@ -139,3 +139,16 @@ def test_a_failed_trial_is_recorded_and_stops_the_sweep(tmp_path: Path):
 def test_a_job_returning_none_fails(tmp_path: Path):
     with pytest.raises(ValueError, match="returned None"):
         make_sweeper(tmp_path, lambda params: None, n_trials=1).sweep([])
+
+
+def test_storage_given_as_a_config_node(tmp_path: Path):
+    """A `_target_` storage (here optuna's journal file, for file systems where SQLite locking is unreliable)."""
+    journal = pytest.importorskip("optuna.storages.journal")
+    node = OmegaConf.create({
+        "_target_": "optuna.storages.JournalStorage",
+        "log_storage": {"_target_": "optuna.storages.journal.JournalFileBackend", "file_path": str(tmp_path / "j.log")},
+    })  # fmt: skip
+    for _ in range(2):
+        make_sweeper(tmp_path, objective, n_trials=1, storage=node).sweep([])
+    storage = journal.JournalStorage(journal.JournalFileBackend(str(tmp_path / "j.log")))
+    assert len(optuna.load_study(study_name="rag", storage=storage).trials) == 2
