@@ -91,6 +91,8 @@ def format_value(value: Any) -> str:
 
 
 class OptunaSweeper(Sweeper):
+    """Config: conf/hydra/sweeper/rag_optuna.yaml (every argument documented there)."""
+
     def __init__(
         self,
         direction: str = "minimize",
@@ -118,10 +120,12 @@ class OptunaSweeper(Sweeper):
         )
 
     def _make_sampler(self, n_done: int) -> Any:
-        """The configured sampler; its seed is offset by the study's trial count, so a resumed study does not
-        replay the random start-up trials it already ran."""
+        """The configured sampler (optuna's default, TPE, when none is); its seed is offset by the study's trial
+        count, so a resumed study does not replay the random start-up trials it already ran."""
+        import optuna
+
         if self.sampler is None:
-            return None
+            return optuna.samplers.TPESampler()
         overrides = {}
         if self.sampler.get("seed") is not None:
             overrides["seed"] = int(self.sampler.seed) + n_done
