@@ -142,5 +142,8 @@ def test_run_without_validation_warns_and_cleans_stale_partial_checkpoints(tmp_p
 
 def test_run_without_validation_fails_inside_a_multirun(tmp_path):
     cfg = run_cfg(tmp_path, [*NO_VAL, "hydra.mode=MULTIRUN"])  # as a sweep's job: a trial needs its value
-    with pytest.raises(KeyError, match="optimized_metric='val/em' was not logged"):
-        train(cfg)
+    try:
+        with pytest.raises(KeyError, match="optimized_metric='val/em' was not logged"):
+            train(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # later tests must not see a multirun
