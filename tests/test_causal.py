@@ -7,10 +7,11 @@ import torch
 from transformers import BertConfig, BertLMHeadModel
 
 from rag_lightning.data.collate import causal_labels
-from rag_lightning.models.causal import CausalGenerator, generator_kind, prefix_lm_mask
+from rag_lightning.models.causal import CausalGenerator, prefix_lm_mask
 from rag_lightning.models.generator import Generator
 from rag_lightning.models.marginalize import rag_sequence_nll, rag_token_nll
 from rag_lightning.models.tiny import tiny_causal_lm, tiny_generator, tiny_tokenizer
+from rag_lightning.tokenization import generator_kind
 
 QUESTIONS = ["who was the first female nobel laureate?", "where is warsaw"]
 PASSAGES = [
@@ -184,8 +185,9 @@ def test_cached_decoding_steps_equal_training_forward(arch):
 
 def test_datamodule_builds_causal_targets_for_causal_generators():
     from rag_lightning.data.collate import Item, QACollator
-    from rag_lightning.data.datamodule import QADataModule, load_tokenizer
+    from rag_lightning.data.datamodule import QADataModule
     from rag_lightning.data.readers import QAExample
+    from rag_lightning.tokenization import load_tokenizer
 
     kind = {name: QADataModule(query_tokenizer="tiny:bert", generator_tokenizer=name)._causal
             for name in ("tiny:bart", "tiny:gpt2", "tiny:llama")}  # fmt: skip

@@ -24,45 +24,17 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
-    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
     PreTrainedTokenizerBase,
 )
-from transformers.models.auto.modeling_auto import (
-    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
-)
 
 from rag_lightning.preflight import require_model
+from rag_lightning.tokenization import SETTINGS_FILE
 
 DEFAULT_TEMPLATE = "context: {passage} question: {question} answer:"
-SETTINGS_FILE = "rag_generator.json"  # generator settings saved next to the weights (kind, template, ...)
 _FIELD = re.compile(r"\{(passage|question)\}")
-TINY_CAUSAL = ("tiny:gpt2", "tiny:llama")
-
-
-def generator_kind(name_or_path: str, kind: str = "auto") -> str:
-    """Resolve ``kind`` "auto": "seq2seq" for encoder-decoder configs, "causal" for decoder-only ones (a causal
-    LM type that is not also a masked-LM encoder) or a directory saved by ``CausalGenerator.save_pretrained``,
-    else "bert2bert" (an encoder checkpoint warm-starting both halves)."""
-    kinds = ("auto", "seq2seq", "bert2bert", "causal")
-    if kind not in kinds:
-        raise ValueError(f"model.generator.kind must be one of {kinds}, got {kind!r}")
-    if kind != "auto":
-        return kind
-    if name_or_path.startswith("tiny:"):
-        return "causal" if name_or_path in TINY_CAUSAL else "seq2seq"
-    if os.path.isfile(os.path.join(name_or_path, SETTINGS_FILE)):
-        return "causal"
-    config = AutoConfig.from_pretrained(name_or_path)
-    if config.is_encoder_decoder or config.model_type == "encoder-decoder":
-        return "seq2seq"
-    decoder_only = config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES  # BERT & co. are in both maps
-    return (
-        "causal" if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and decoder_only else "bert2bert"
-    )
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

