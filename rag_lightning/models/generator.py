@@ -82,6 +82,8 @@ class Generator(nn.Module):
             from rag_lightning.models.tiny import tiny_generator
 
             model, tok = tiny_generator()
+            if gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return cls(model, tok, max_source_length)
         require_model(name_or_path, "model.generator.name_or_path")
         config = AutoConfig.from_pretrained(name_or_path)
@@ -104,8 +106,8 @@ class Generator(nn.Module):
             model = EncoderDecoderModel.from_pretrained(name_or_path)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if gradient_checkpointing:  # activations recomputed in backward, layer by layer
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(model, tok, max_source_length)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
