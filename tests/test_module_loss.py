@@ -48,3 +48,25 @@ def test_gradient_checkpointing_same_gradients():
     torch.testing.assert_close(loss, ref_loss)
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_step_close_to_fp32(fused):
+    """trainer precision bf16-mixed: the step runs under CPU autocast; the loss stays float32 and close."""
+    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+    module = RagModule(None, gen, variant="token", fused_loss=fused)
+    src, mask, labels, scores = _batch(gen)
+    ref = rag_loss(module.token_logprobs(src, mask, labels), scores, "token").sum()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = rag_loss(module.token_logprobs(src, mask, labels), scores, "token").sum()
+    loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=0.02 * ref.abs().item(), rtol=0)
+    assert all(torch.isfinite(p.grad).all() for p in gen.parameters() if p.grad is not None)
+
+
+def test_cpu_precision_resolver():
+    from rag_lightning.resolvers import cpu_precision
+    from rag_lightning.retrieval.embed import cpu_has_bf16
+
+    assert cpu_precision() == ("bf16-mixed" if cpu_has_bf16() else "32-true")
