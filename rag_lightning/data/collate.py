@@ -29,6 +29,8 @@ class QACollator:
     ``labels`` (B, T) int64 (padding = -100): seq2seq generators, the generator's ``text_target`` encoding of
     the target answer; causal generators (``causal=True``), the answer's tokens as they continue the prompt
     (after a space, no BOS) plus EOS, which the generator learns to emit to stop;
+    ``label_positions`` (P,) int64 flat indices into (B, T) of the non-padding labels (computed here, on the
+    CPU, so the loss selects them on the device without waiting for it);
     ``questions`` list[str]; ``answers`` list[list[str]]; ``regex`` bool (any item's set is regex);
     plus ``ids`` list[str|None], ``gold_ids`` list[list[str]], ``set_names`` list[str].
     The target answer is the first gold answer, or a random one when ``answer="random"``.
@@ -78,6 +80,7 @@ class QACollator:
             "q_attention_mask": q["attention_mask"],  # (B, Lq)
             "g_question": g["input_ids"],
             "labels": labels,
+            "label_positions": (labels != -100).flatten().nonzero().squeeze(1),  # (P,)
             "questions": questions,
             "answers": [list(e.answers) for e in exs],
             "regex": any(it.regex for it in items),
