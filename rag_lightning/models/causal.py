@@ -31,6 +31,7 @@ from transformers import (
 )
 
 from rag_lightning.preflight import require_model
+from rag_lightning.retrieval.embed import pad_batch
 from rag_lightning.tokenization import SETTINGS_FILE
 
 DEFAULT_TEMPLATE = "context: {passage} question: {question} answer:"
@@ -186,13 +187,37 @@ class CausalGenerator(nn.Module):
         """questions: B id lists (no specials); passages: B*K id lists -> prompt ids, mask (B*K, S), left-padded."""
         if len(passages) != len(questions) * n_docs:
             raise ValueError(f"expected {len(questions)} x {n_docs} passages, got {len(passages)}")
-        budget = self.max_source_length - sum(len(p) for p in self.pieces if not isinstance(p, str))
-        rows = []
-        for i, passage in enumerate(passages):
-            q = list(questions[i // n_docs])[: max(budget, 0)]
-            fields = {"question": q, "passage": list(passage)[: max(budget - len(q), 0)]}
-            rows.append([t for p in self.pieces for t in (fields[p] if isinstance(p, str) else p)])
-        return left_pad(rows, self.pad_token_id)  # (B*K, S)
+        q, qm = pad_batch([list(x) for x in questions], self.pad_token_id)
+        p, pm = pad_batch([list(x) for x in passages], self.pad_token_id)
+        return self.assemble_sources(q, qm.sum(1), p, pm.sum(1), n_docs)
+
+    def assemble_sources(
+        self, q: torch.Tensor, q_len: torch.Tensor, p: torch.Tensor, p_len: torch.Tensor, n_docs: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorized template: q (B, Lq) / q_len (B,), p (B*K, Lp) / p_len (B*K,) right-padded token ids ->
+        prompt ids, mask (B*K, S), LEFT-padded (the answer follows at the same position in every row); the
+        passage is cut to fit max_source_length, never the question."""
+        r = p.shape[0]
+        if r != q.shape[0] * n_docs:
+            raise ValueError(f"expected {q.shape[0]} x {n_docs} passages, got {r}")
+        budget = max(self.max_source_length - sum(len(x) for x in self.pieces if not isinstance(x, str)), 0)
+        ql = q_len.clamp(max=budget).repeat_interleave(n_docs)  # (R,)
+        pl = torch.minimum(p_len, (budget - ql).clamp(min=0))  # (R,)
+        fields = {"question": (q.repeat_interleave(n_docs, 0), ql), "passage": (p, pl)}
+        toks, keep = [], []
+        for piece in self.pieces:
+            if isinstance(piece, str):  # a field: its first n tokens
+                x, n = fields[piece]
+                keep.append(torch.arange(x.shape[1]) < n[:, None])
+            else:  # the template's literal token ids
+                x = torch.tensor(piece, dtype=torch.long).expand(r, len(piece))
+                keep.append(torch.ones(x.shape, dtype=torch.bool))
+            toks.append(x.long())
+        toks, keep = torch.cat(toks, 1), torch.cat(keep, 1)  # (R, W)
+        order = torch.argsort(keep.to(torch.uint8), dim=1, stable=True)  # dropped first, kept last, in order
+        order = order[:, order.shape[1] - max(1, int(keep.sum(1).max())) :]  # (R, S)
+        kept = keep.gather(1, order)
+        return toks.gather(1, order).masked_fill_(~kept, self.pad_token_id), kept.long()
 
     def _teacher_forced_inputs(
         self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
