@@ -43,6 +43,8 @@ def train(cfg: DictConfig) -> float | None:
 
     log.info("datamodule <%s>", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    if hasattr(datamodule, "prepare_corpus"):  # before any process group: no barrier timeout on conversion
+        datamodule.prepare_corpus()
     log.info("model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_list(cfg.get("callbacks"))

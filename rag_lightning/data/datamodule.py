@@ -129,11 +129,22 @@ class QADataModule(L.LightningDataModule):
             "num_proc": self.corpus_num_proc,
         }
 
-    def prepare_data(self) -> None:
-        """Convert the corpus to its Arrow cache (once per fingerprint)."""
-        if self.corpus_spec is not None:
-            self._load_tokenizers()
+    def prepare_corpus(self) -> None:
+        """Convert the corpus to its Arrow cache (once per fingerprint), outside any distributed barrier:
+        local rank 0 (env ``LOCAL_RANK``) converts, the other local ranks wait for the finished cache with no
+        timeout. ``train.py`` and ``scripts/build_index.py`` call it before the trainer starts."""
+        if self.corpus_spec is None:
+            return
+        self._load_tokenizers()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             Corpus.prepare(**self._corpus_kwargs())
+        else:
+            Corpus.wait_for(**self._corpus_kwargs())
+
+    def prepare_data(self) -> None:
+        """Lightning's hook (local rank 0, before a barrier with the process group's timeout): a no-op when
+        ``prepare_corpus`` ran before, as in train.py; otherwise it converts here."""
+        self.prepare_corpus()
 
     def setup(self, stage: str | None = None) -> None:
         self._load_tokenizers()

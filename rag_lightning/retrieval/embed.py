@@ -189,24 +189,30 @@ def embed_chunks(
     return done
 
 
-def merge_chunks(out_dir: str | os.PathLike, n: int | None = None) -> torch.Tensor:
-    """Concatenate all chunk files of ``out_dir`` into (N, d) float32; raises naming missing ranges."""
+def chunk_spans(out_dir: str | os.PathLike, n: int) -> list[tuple[int, int]]:
+    """Sorted (start, end) of the chunk files in ``out_dir``; raises naming the row ranges not covered."""
     out = Path(out_dir)
-    if n is None:
-        n = json.loads((out / "plan.json").read_text())["n"]
     spans = sorted((int(m[1]), int(m[2])) for f in out.iterdir() if (m := _CHUNK_RE.match(f.name)))
-    pos, missing, parts = 0, [], []
+    pos, missing = 0, []
     for s, e in spans:
         if s < pos:
             raise ValueError(f"overlapping chunk files in {out}: emb_{s}_{e}.npy")
         if s > pos:
             missing.append((pos, s))
-        parts.append(np.load(chunk_path(out, s, e)))
         pos = e
     if pos < n:
         missing.append((pos, n))
     if missing:
         raise FileNotFoundError(f"{out} lacks embeddings for row ranges {missing}; rerun the embed step")
+    return spans
+
+
+def merge_chunks(out_dir: str | os.PathLike, n: int | None = None) -> torch.Tensor:
+    """Concatenate all chunk files of ``out_dir`` into (N, d) float32; raises naming missing ranges."""
+    out = Path(out_dir)
+    if n is None:
+        n = json.loads((out / "plan.json").read_text())["n"]
+    parts = [np.load(chunk_path(out, s, e)) for s, e in chunk_spans(out, n)]
     return torch.from_numpy(np.concatenate(parts, axis=0)) if parts else torch.empty((0, 0))
 
 
