@@ -71,7 +71,9 @@ class RagModule(L.LightningModule):
     def _ensure_index(self, match_weights: bool = False) -> None:
         if self.corpus is None:
             raise RuntimeError("RagModule has no corpus: fit/validate with a QADataModule or set .corpus")
-        self.retriever.ensure_index(self.corpus, progress=self.trainer.is_global_zero, match_weights=match_weights)
+        self.retriever.ensure_index(
+            self.corpus, progress=self.trainer.is_global_zero, match_weights=match_weights
+        )
 
     def on_fit_start(self) -> None:
         self._ensure_index()

@@ -122,7 +122,9 @@ class RefreshIndex(Callback):
                 self._said_frozen = True
             return False
         try:
-            stats = retriever.refresh_index(pl_module.corpus, progress=self.progress and trainer.is_global_zero)
+            stats = retriever.refresh_index(
+                pl_module.corpus, progress=self.progress and trainer.is_global_zero
+            )
         except IndexRefreshError as e:  # raised on every rank alike: all keep the old index
             self.failures += 1
             log.error("index refresh at step %d failed (%s); training goes on with index v%d",

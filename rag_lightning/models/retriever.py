@@ -79,7 +79,9 @@ class Retriever(nn.Module):
         self.index: ShardedIndex | None = None  # not a parameter: built or loaded, never in state_dict
         self.index_version = 0
         self.index_source: dict[str, Any] = {}  # {"path": where it was loaded from / saved to, "stamp": ...}
-        self.known_indexes: list[str] = []  # more places a matching index may be (e.g. a checkpoint's refresh)
+        self.known_indexes: list[
+            str
+        ] = []  # more places a matching index may be (e.g. a checkpoint's refresh)
 
     def train(self, mode: bool = True) -> Retriever:
         super().train(mode)
@@ -159,7 +161,9 @@ class Retriever(nn.Module):
                 index = ShardedIndex.from_embeddings(vectors, self.index_mode, **self.index_kwargs)
                 n = len(vectors)
             else:
-                kw = {k: v for k, v in self.index_kwargs.items() if k in ("device", "num_threads", "chunk_rows")}
+                kw = {
+                    k: v for k, v in self.index_kwargs.items() if k in ("device", "num_threads", "chunk_rows")
+                }
                 index = ShardedIndex.load(path, self.index_mode, **kw)
                 n = index.meta.get("passages")
         except Exception as e:  # noqa: BLE001 - any rank's failure is every rank's: decided below
