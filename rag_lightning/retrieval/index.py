@@ -143,9 +143,7 @@ class DenseIndex:
 
         vectors: an exact (N, d) source for ``vectors(ids)`` (e.g. ``np.load(f, mmap_mode="r")[a:b]``),
         needed only by compressed factories (PQ); ``emb`` itself is not kept."""
-        if isinstance(emb, np.ndarray) and not emb.flags.writeable:  # e.g. a read-only memory-mapped slice
-            emb = np.array(emb, dtype=np.float32)  # copied into memory
-        x = torch.as_tensor(emb).detach().to("cpu", torch.float32).contiguous()  # (N, d)
+        x = emb if isinstance(emb, np.ndarray) else torch.as_tensor(emb).detach()  # (N, d); read in chunks
         if x.ndim != 2:
             raise ValueError(f"embeddings must be (N, d), got shape {tuple(x.shape)}")
         if self.dim is not None and x.shape[1] != self.dim:
@@ -155,25 +153,32 @@ class DenseIndex:
         self.dim, self._ntotal = int(x.shape[1]), int(x.shape[0])
         self._index, self._dev_vecs, self._exact = None, None, vectors
         if self.backend == "faiss":
-            self._set_faiss(self._build_faiss(x.numpy()))
-        else:
-            self._dev_vecs = x.to(self.device, _DTYPES[self.store_dtype])
+            self._set_faiss(self._build_faiss(x))
+            return
+        self._dev_vecs = torch.empty(
+            (self._ntotal, self.dim), dtype=_DTYPES[self.store_dtype], device=self.device
+        )
+        for s in range(0, self._ntotal, self.chunk_rows):  # host memory: one chunk at a time
+            self._dev_vecs[s : s + self.chunk_rows] = _rows_f32(x, s, s + self.chunk_rows).to(self.device)
 
     def _cpu_factory(self) -> str:
         """The factory built on CPU: an fp16 exact index is faiss's scalar quantizer (half the memory)."""
         fp16_cpu = self.store_dtype == "float16" and not self.use_faiss_gpu
         return "SQfp16" if self.factory == "Flat" and fp16_cpu else self.factory
 
-    def _build_faiss(self, x: np.ndarray) -> faiss.Index:
-        """CPU faiss index from ``x`` (N, d) float32, trained on a seeded sample when untrained."""
+    def _build_faiss(self, x: np.ndarray | torch.Tensor) -> faiss.Index:
+        """CPU faiss index from ``x`` (N, d) (a tensor, an array or a memory map), trained on a seeded sample
+        when untrained, added in chunks of ``chunk_rows`` (host memory: the index plus one chunk)."""
         index = faiss.index_factory(self.dim, self._cpu_factory(), faiss.METRIC_INNER_PRODUCT)
+        n = len(x)
         if not index.is_trained:
-            sample = x
-            if len(x) > self.train_size:
-                rows = np.random.default_rng(0).choice(len(x), self.train_size, replace=False)
-                sample = x[np.sort(rows)]
-            index.train(sample)
-        index.add(x)
+            rows = np.arange(n)
+            if n > self.train_size:
+                rows = np.sort(np.random.default_rng(0).choice(n, self.train_size, replace=False))
+            sample = x[torch.from_numpy(rows)] if isinstance(x, torch.Tensor) else x[rows]
+            index.train(np.ascontiguousarray(torch.as_tensor(np.asarray(sample)).float().numpy()))
+        for s in range(0, n, self.chunk_rows):
+            index.add(_rows_f32(x, s, s + self.chunk_rows).numpy())
         return index
 
     def _set_faiss(self, cpu_index: faiss.Index) -> None:
@@ -385,6 +390,14 @@ class DenseIndex:
             f"DenseIndex(factory={self.factory!r}, backend={self.backend!r}, device={self.device}, "
             f"ntotal={self.ntotal}, dim={self.dim}, version={self.version})"
         )
+
+
+def _rows_f32(x: np.ndarray | torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of ``x`` as a contiguous float32 CPU tensor (a copy of that chunk only)."""
+    part = x[start:end]
+    if isinstance(part, np.ndarray):
+        return torch.from_numpy(np.array(part, dtype=np.float32))
+    return part.detach().to("cpu", torch.float32).contiguous()
 
 
 def write_npy_rows(path: str | os.PathLike, index: DenseIndex, chunk_rows: int = 65_536) -> None:
