@@ -5,6 +5,7 @@ index   corpus embedding + index build (ours vs the datasets.map / add_faiss_ind
         latency / recall of Flat, HNSW and IVF-PQ:  python scripts/benchmark.py index --n 100000
 decode  batched RAG-Sequence thorough / fast and RAG-Token beam search vs a per-example loop (bench_decode.py)
 corpus  Arrow corpus conversion speed and reader memory (bench_corpus.py)
+scale   prepare (2 processes) + 2-process sharded train.py on a synthetic DPR corpus at N and 4N (bench_scale.py)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from bench_corpus import add_corpus_parser  # scripts/ is sys.path[0] when run as a script
 from bench_decode import add_decode_parser
+from bench_scale import add_scale_parser
 
 # ============================================================================ index sub-command
 CLS, SEP, VOCAB = 101, 102, 30522
@@ -205,11 +207,12 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # ============================================================================ entry point
-# `decode` and `corpus` live in scripts/bench_decode.py and scripts/bench_corpus.py (also runnable alone)
+# `decode`, `corpus` and `scale` live in scripts/bench_{decode,corpus,scale}.py
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_index_parser,
     add_decode_parser,
     add_corpus_parser,
+    add_scale_parser,
 ]
 
 

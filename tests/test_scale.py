@@ -213,7 +213,7 @@ def test_prepare_then_train_resume_evaluate_load_it(tmp_path):
 
     train = ["trainer=ddp_sim", "trainer.val_check_interval=3", "trainer.limit_val_batches=1", "data.batch_size=2",
              "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "logger=csv",
-             "validate_before_fit=false", "test=false"]  # fmt: skip
+             "validate_before_fit=false", "test=false", "optimized_metric=null"]  # fmt: skip
     run([*train, "trainer.max_steps=3", f"hydra.run.dir={tmp_path}/run1"])
     ckpt = tmp_path / "run1" / "checkpoints" / "last.ckpt"
     run([*train, "trainer.max_steps=4", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/run2"])  # new dir
