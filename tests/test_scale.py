@@ -22,7 +22,20 @@ from rag_lightning.models.tiny import tiny_tokenizer
 from rag_lightning.retrieval import store
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+]
 
 
 def _corpus(tmp: Path, n: int = 12) -> Corpus:

@@ -55,7 +55,8 @@ def test_train_steps_checkpoint_and_resume_refresh_state(tmp_path, caplog):
 
     # validate-before-fit builds an index from the un-restored weights; the resumed fit must not keep it
     cfg2 = run_cfg(  # resumed into a new output dir: the index is found from the checkpoint, not re-embedded
-        tmp_path / "resumed", [*common, "trainer.max_steps=6", f"ckpt_path={ckpt}", "validate_before_fit=true"]
+        tmp_path / "resumed",
+        [*common, "trainer.max_steps=6", f"ckpt_path={ckpt}", "validate_before_fit=true"],
     )
     with caplog.at_level("INFO", logger="rag_lightning.models.retriever"):
         train(cfg2)
