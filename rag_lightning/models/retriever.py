@@ -242,7 +242,7 @@ class Retriever(nn.Module):
         q = self.query_encoder(input_ids, attention_mask)  # (B, d)
         _, ids, vecs = self.index.search_with_vectors(q.detach(), k)  # (B, k), (B, k, d)
         ids = ids.to(q.device)
-        if self.train_doc_encoder and (self.training or self.index.local._lossy):
+        if self.train_doc_encoder and (self.training or self.index.local.lossy):
             tokens = corpus.doc_tokens(ids.flatten().tolist())
             d = self._encode_docs(tokens, q.device).view(*ids.shape, -1)  # (B, k, d), with grad
         else:

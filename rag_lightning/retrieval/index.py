@@ -138,6 +138,11 @@ class DenseIndex:
     def ntotal(self) -> int:
         return self._ntotal
 
+    @property
+    def lossy(self) -> bool:
+        """Whether ``vectors()`` returns compressed (PQ) reconstructions rather than the exact vectors."""
+        return self._lossy
+
     def build(self, emb: torch.Tensor | np.ndarray, vectors: np.ndarray | None = None) -> None:
         """Index ``emb`` (N, d); row i gets id i. Replaces any previous content.
 
