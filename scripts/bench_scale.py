@@ -87,13 +87,13 @@ def _common(data: Path, work: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def prepare_2proc(data: Path, work: Path) -> dict:
+def prepare_2proc(data: Path, work: Path, n: int) -> dict:
     """Two build_index.py processes (RANK 0/1 of 2); returns timings parsed from their logs."""
     env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs, t0 = [], time.perf_counter()
     for r in (0, 1):
         cmd = [sys.executable, str(ROOT / "scripts" / "build_index.py"), *_common(data, work),
-               f"hydra.run.dir={work}/prep{r}", "chunk_size=10000"]  # fmt: skip
+               f"hydra.run.dir={work}/prep{r}", f"chunk_size={max(1000, n // 8)}"]  # fmt: skip
         procs.append(subprocess.Popen(cmd, cwd=work, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
     outs = [p.communicate() for p in procs]
@@ -139,7 +139,7 @@ def scale_main(args: argparse.Namespace) -> None:
         with tempfile.TemporaryDirectory(prefix="bench_scale_") as tmp:
             work = Path(tmp)
             data = write_dpr_layout(work / "data", n)
-            prep = prepare_2proc(data, work)
+            prep = prepare_2proc(data, work, n)
             tr = train_2proc(data, work, args.steps)
             rows.append((n, prep, tr))
             print(f"N={n}: prepare {json.dumps(prep)}\n        train {json.dumps(tr)}", flush=True)
