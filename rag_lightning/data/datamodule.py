@@ -16,23 +16,11 @@ from rag_lightning.data.collate import Item, QACollator
 from rag_lightning.data.corpus import Corpus
 from rag_lightning.data.readers import QASet, read_questions
 from rag_lightning.data.registry import _to_plain, resolve_corpus, resolve_set
+from rag_lightning.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 _SET_KEYS = ("path", "format", "fields", "regex", "name")
-
-
-def load_tokenizer(name_or_path: str) -> Any:
-    """AutoTokenizer for a Hub name / local dir; ``tiny:*`` gives the tiny test models' tokenizer."""
-    if name_or_path.startswith("tiny:"):
-        from rag_lightning.models.tiny import tiny_tokenizer
-
-        tok = tiny_tokenizer()
-        tok.name_or_path = name_or_path
-        return tok
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 class QADataModule(L.LightningDataModule):
@@ -42,7 +30,9 @@ class QADataModule(L.LightningDataModule):
     substituted) or dicts ``{path, format, fields, regex, name, ...}`` (other keys go to the reader).
     Several sets per split: train sets are concatenated; each val/test set gets its own DataLoader (a list
     when there are several; names in ``val_set_names`` / ``test_set_names``).
-    ``prepare_data`` converts the corpus to Arrow once; ``setup`` reads the sets and memory-maps the corpus.
+    ``validate_sets`` reads and checks every question set (bad rows, invalid regexes and empty sets fail
+    here, with file and line); ``prepare_data`` calls it before it converts the corpus to Arrow (once),
+    ``setup`` before it memory-maps the corpus.
     Without val sets, ``val_split_fraction`` > 0 carves a seeded val split out of train.
     """
 
@@ -142,15 +132,21 @@ class QADataModule(L.LightningDataModule):
             Corpus.wait_for(**self._corpus_kwargs())
 
     def prepare_data(self) -> None:
-        """Lightning's hook (local rank 0, before a barrier with the process group's timeout): a no-op when
-        ``prepare_corpus`` ran before, as in train.py; otherwise it converts here."""
+        """Lightning's hook (local rank 0, before a barrier with the process group's timeout): read and check
+        the question sets (seconds), then the corpus: a no-op when ``prepare_corpus`` ran before, as in
+        train.py; otherwise it converts here (hours for psgs_w100, once per fingerprint)."""
+        self.validate_sets()
         self.prepare_corpus()
 
     def setup(self, stage: str | None = None) -> None:
+        self.validate_sets()
         self._load_tokenizers()
         if self.corpus is None and self.corpus_spec is not None:
             self.corpus = Corpus.from_file(**self._corpus_kwargs())  # loads the cache prepare_data built
             log.info("corpus: %d passages (%s)", len(self.corpus), self.corpus.fingerprint)
+
+    def validate_sets(self) -> None:
+        """Read every train / val / test set once (a DataError names file, line and field)."""
         if self._sets_loaded:
             return
         train = [it for s in self.train_specs for it in self._read(s)[1]]
@@ -181,7 +177,7 @@ class QADataModule(L.LightningDataModule):
             spec["path"],
             spec.get("format", "auto"),
             fields=spec.get("fields"),
-            regex=bool(spec.get("regex", False)),
+            regex=spec.get("regex"),  # None: the format's default (on for curatedtrec)
             name=spec.get("name"),
             skip_bad_rows=self.skip_bad_rows,
             **opts,
