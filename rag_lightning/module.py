@@ -12,7 +12,6 @@ One training step (B questions, K passages each):
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -77,41 +76,30 @@ class RagModule(L.LightningModule):
         self.samples: list[dict[str, Any]] = []  # a few predictions of the last evaluation (W&B table)
         self.train()  # HF from_pretrained returns eval-mode models; Lightning keeps the mode it is given
 
-    # ---------------------------------------------------------------- index lifecycle
+    # ---------------------------------------------------------------- index lifecycle (the retriever's)
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.corpus is None and dm is not None:
             self.corpus = dm.corpus
 
-    def ensure_index(self) -> None:
-        if self.retriever.index is None:
-            self.rebuild_index()
-
-    def rebuild_index(self, progress: bool = True) -> dict[str, float]:
-        """Re-embed the corpus with the current document encoder and swap the new index in."""
+    def _ensure_index(self, match_weights: bool = False) -> None:
         if self.corpus is None:
             raise RuntimeError("RagModule has no corpus: fit/validate with a QADataModule or set .corpus")
-        stats: dict[str, float] = {}
-        t0 = time.perf_counter()
-        old = self.retriever.index
-        index = self.retriever.build_index(self.corpus, progress=progress, stats=stats)
-        index.version = (old.version + 1) if old is not None else 0
-        self.retriever.index = index  # swap only once the new index is complete
-        stats["seconds"] = time.perf_counter() - t0
-        log.info("index v%d: %d passages in %.1fs", index.version, index.ntotal, stats["seconds"])
-        return stats
+        self.retriever.ensure_index(
+            self.corpus, progress=self.trainer.is_global_zero, match_weights=match_weights
+        )
 
     def on_fit_start(self) -> None:
-        self.ensure_index()
+        self._ensure_index()
 
     def on_validation_start(self) -> None:
-        self.ensure_index()
+        self._ensure_index()
 
-    def on_test_start(self) -> None:
-        self.ensure_index()
+    def on_test_start(self) -> None:  # e.g. the best checkpoint's weights: an index made with them
+        self._ensure_index(match_weights=True)
 
     def on_predict_start(self) -> None:
-        self.ensure_index()
+        self._ensure_index(match_weights=True)
 
     # ---------------------------------------------------------------- forward
     def retrieve(self, batch: dict[str, Any], k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,6 +48,8 @@ def train(cfg: DictConfig) -> float | None:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     if hasattr(datamodule, "validate_sets"):
         datamodule.validate_sets()  # bad question files fail here, before the model and the corpus
+    if hasattr(datamodule, "prepare_corpus"):  # before any process group: no barrier timeout on conversion
+        datamodule.prepare_corpus()
     log.info("model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_list(cfg.get("callbacks"))

@@ -8,6 +8,7 @@ corpus  Arrow corpus conversion speed and reader memory (bench_corpus.py)
 train-step  RagModule training step (fused output layer + marginal loss) vs transformers' RagToken /
         RagSequenceForGeneration: time, peak memory, loss; --loss-only: the loss alone vs get_nll (bench_train.py)
 profile-step  where a training step's time goes, --setting demo | nq (bench_profile.py)
+scale   prepare (2 processes) + 2-process sharded train.py on a synthetic DPR corpus at N and 4N (bench_scale.py)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bench_corpus import add_corpus_parser  # scripts/ is sys.path[0] when run a
 from bench_decode import add_decode_parser
 from bench_profile import add_profile_parser
 from bench_train import add_train_parser
+from bench_scale import add_scale_parser
 
 # ============================================================================ index sub-command
 CLS, SEP, VOCAB = 101, 102, 30522
@@ -210,13 +212,14 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # ============================================================================ entry point
-# `decode` and `corpus` live in scripts/bench_decode.py and scripts/bench_corpus.py (also runnable alone)
+# `decode`, `corpus` and `scale` live in scripts/bench_{decode,corpus,scale}.py
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_index_parser,
     add_decode_parser,
     add_corpus_parser,
     add_train_parser,
     add_profile_parser,
+    add_scale_parser,
 ]
 
 

@@ -1,140 +1,146 @@
 #!/usr/bin/env python
-"""Embed a passage corpus with a document encoder and save a DenseIndex; resumable and shardable.
+"""Prepare once, before training: convert the corpus, embed it, save the index under its stamp.
 
-One process:       python scripts/build_index.py --corpus passages.jsonl --encoder minilm --out runs/idx
-S processes:       ... --num-shards S --shard-id I      (each embeds chunks i with i % S == I)
-then once:         ... --merge                           (concatenates the chunks, builds, saves)
-Embeddings go to ``OUT/emb_{start}_{end}.npy`` (``--chunk-size`` rows each, written atomically; existing
-chunks are skipped, so rerunning an interrupted command resumes). The index is saved to ``OUT/index``.
+    python scripts/build_index.py +experiment=nq paths.data_dir=D [the same overrides as train.py]
+
+A Hydra app on train.py's `conf/` (primary config `build_index.yaml` = `train.yaml` + the keys below), so the
+overrides that select the corpus, tokenizers, document encoder and index mean the same thing here. Steps:
+1. the corpus is converted to its tokenized Arrow cache (`paths.cache_dir`), tokenizing in
+   `data.corpus_num_proc` processes, resumable (`Corpus.prepare`); other local ranks wait for it, no timeout;
+2. the document encoder embeds it in chunks of `chunk_size` rows (`emb_{start}_{end}.npy`, written atomically,
+   skipped when present: a rerun resumes), sharded over processes: chunk i belongs to shard i % S. S and this
+   process's shard come from `num_shards` / `shard`, else from torchrun's `WORLD_SIZE` / `RANK`:
+       torchrun --nproc-per-node 8 scripts/build_index.py +experiment=nq paths.data_dir=D
+   each rank embeds on `cuda:LOCAL_RANK` (CPU without CUDA);
+3. the process that completes the last chunk merges them into `<index.root>/<stamp hash>/vectors.npy` with
+   `stamp.json` (corpus fingerprint, document-encoder weights fingerprint, factory, dtype), atomically.
+`train.py` and `scripts/evaluate.py` with the same overrides compute the same stamp and load that directory
+(`index: loaded <path> (<N> passages, <stamp>)`); nothing is converted or embedded at train time.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import fcntl
 import logging
+import os
+import resource
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
+from omegaconf import DictConfig
 
-from rag_lightning.retrieval import DenseIndex, embed_chunks, merge_chunks
+from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
+from rag_lightning.retrieval import embed_chunks, store
+from rag_lightning.retrieval.embed import chunk_spans
 
 log = logging.getLogger("build_index")
 
 
-def run(
+def shard_of(cfg: DictConfig) -> tuple[int, int]:
+    """(shard, num_shards): the config's, else torchrun's RANK / WORLD_SIZE, else (0, 1)."""
+    world = cfg.get("num_shards") or int(os.environ.get("WORLD_SIZE", "1"))
+    shard = cfg.get("shard")
+    shard = int(os.environ.get("RANK", "0")) if shard is None else shard
+    if not 0 <= shard < world:
+        raise ValueError(f"shard={shard} must be in [0, num_shards={world})")
+    return int(shard), int(world)
+
+
+def embed_and_merge(
+    encoder: torch.nn.Module,
     tokens: Any,
-    encoder: torch.nn.Module | None,
-    out_dir: str | Path,
+    target: str | os.PathLike,
+    stamp: dict[str, Any],
     *,
+    dtype: str = "float32",
     chunk_size: int = 100_000,
     num_shards: int = 1,
     shard_id: int = 0,
-    merge_only: bool = False,
-    factory: str = "Flat",
-    fingerprint: str = "",
-    meta: dict | None = None,
-    index_kwargs: dict | None = None,
+    stats: dict | None = None,
     **embed_kwargs: Any,
-) -> DenseIndex | None:
-    """Embed this shard's missing chunks of ``tokens`` (skipped when ``merge_only``); with one shard or
-    ``merge_only``, merge all chunks into an index saved to ``out_dir/index`` and return it."""
-    out_dir = Path(out_dir)
-    if not merge_only:
-        done = embed_chunks(
-            encoder,
-            tokens,
-            out_dir,
-            chunk_size,
-            num_shards,
-            shard_id,
-            fingerprint=fingerprint,
-            **embed_kwargs,
-        )
-        log.info("shard %d/%d: embedded %d chunk(s) %s", shard_id, num_shards, len(done), done)
-        if num_shards > 1:
-            return None  # the final `--merge` step builds the index
-    emb = merge_chunks(out_dir)  # (N, d)
-    fingerprint = fingerprint or json.loads((out_dir / "plan.json").read_text())["fingerprint"]
-    index = DenseIndex(factory=factory, **(index_kwargs or {}))
-    index.build(emb)
-    index.meta = {"fingerprint": fingerprint, "ntotal": index.ntotal, "dim": index.dim, **(meta or {})}
-    index.save(out_dir / "index")
-    log.info("saved %r to %s", index, out_dir / "index")
-    return index
+) -> Path | None:
+    """Embed this shard's missing chunks of ``tokens`` into ``<target>.work``; whoever finds every chunk present
+    afterwards merges them into the prepared directory ``target`` (under a lock: once) and removes the chunks.
+    Returns ``target`` when it is complete, None while other shards are still embedding."""
+    target = Path(target)
+    if store.is_prepared(target):
+        return target
+    work = target.parent / f".work-{target.name}"
+    done = embed_chunks(
+        encoder, tokens, work, chunk_size, num_shards, shard_id, fingerprint=store.stamp_key(stamp), **embed_kwargs
+    )  # fmt: skip
+    if stats is not None:
+        stats["embedded"] = sum(e - s for s, e in done)
+    with open(work / ".merge.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if store.is_prepared(target):
+            return target
+        try:
+            chunk_spans(work, len(tokens))
+        except FileNotFoundError as e:
+            log.info("shard %d/%d done; waiting for the others to finish (%s)", shard_id, num_shards, e)
+            return None
+        store.write_prepared(target, work, len(tokens), stamp, dtype)
+    shutil.rmtree(work, ignore_errors=True)
+    return target
 
 
-def _load_inputs(args: argparse.Namespace) -> tuple[Any, torch.nn.Module, str]:
-    """(doc token view, encoder, corpus fingerprint) from the CLI arguments."""
-    from transformers import AutoTokenizer
-
+def prepare(cfg: DictConfig) -> Path | None:
+    """Convert, embed this process's shard, merge when complete; returns the prepared directory or None."""
     from rag_lightning.data.corpus import Corpus
-    from rag_lightning.models.encoders import Encoder, minilm_dir
+    from rag_lightning.preflight import preflight
+    from rag_lightning.retrieval.index import resolve_device
 
-    name = minilm_dir() if args.encoder == "minilm" else args.encoder
-    encoder = Encoder.from_pretrained(name, pooling=args.pooling)
-    gen_tok = AutoTokenizer.from_pretrained(args.gen_tokenizer) if args.gen_tokenizer else None
-    corpus = Corpus.from_file(
-        args.corpus,
-        args.format,
-        cache_dir=args.cache_dir,
-        gen_tokenizer=gen_tok,
-        doc_tokenizer=encoder.tokenizer,
-        max_passage_tokens=args.max_passage_tokens,
-    )
-    return corpus.doc_token_view(), encoder, corpus.fingerprint
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", help="passages file (jsonl / tsv / arrow / squad json)")
-    p.add_argument("--format", default="auto")
-    p.add_argument("--cache-dir", default=".cache/corpus")
-    p.add_argument("--encoder", default="minilm", help="'minilm', a local model dir, or 'tiny:bert'")
-    p.add_argument("--pooling", default=None, choices=[None, "cls", "mean", "pooler"])
-    p.add_argument("--gen-tokenizer", default=None, help="also tokenize for the generator (shares the cache)")
-    p.add_argument("--max-passage-tokens", type=int, default=256)
-    p.add_argument("--out", required=True, help="chunk directory; the index goes to OUT/index")
-    p.add_argument("--chunk-size", type=int, default=100_000)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--shard-id", type=int, default=0)
-    p.add_argument("--merge", action="store_true", help="only merge existing chunks and build the index")
-    p.add_argument("--factory", default="Flat", help='faiss factory string, e.g. "HNSW32,Flat"')
-    p.add_argument("--store-dtype", default="float32", choices=["float32", "float16"])
-    p.add_argument("--device", default=None, help="embedding device (default: cuda if available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="embedding autocast; auto = bf16 on CUDA and on CPUs with native bf16")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if not 0 <= args.shard_id < args.num_shards:
-        p.error(f"--shard-id must be in [0, {args.num_shards})")
-    tokens, encoder, fingerprint = None, None, ""
-    if not args.merge:
-        if not args.corpus:
-            p.error("--corpus is required unless --merge")
-        tokens, encoder, fingerprint = _load_inputs(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    run(
-        tokens,
-        encoder,
-        args.out,
-        chunk_size=args.chunk_size,
-        num_shards=args.num_shards,
-        shard_id=args.shard_id,
-        merge_only=args.merge,
-        factory=args.factory,
-        fingerprint=fingerprint,
-        meta={"encoder": args.encoder, "corpus": args.corpus},
-        index_kwargs={"store_dtype": args.store_dtype},
-        batch_size=args.batch_size,
+    preflight(cfg)
+    shard, world = shard_of(cfg)
+    t0 = time.perf_counter()
+    datamodule = hydra.utils.instantiate(cfg.data)
+    datamodule.prepare_corpus()  # local rank 0 converts (resumable, in processes); the others wait
+    corpus = Corpus.from_file(**datamodule._corpus_kwargs())
+    t_corpus = time.perf_counter() - t0
+    retriever = hydra.utils.instantiate(cfg.retriever)
+    if not retriever.index_root:
+        raise ValueError("index.root is not set: where should the prepared index go?")
+    device = resolve_device(cfg.get("device") or "auto")
+    retriever.doc_encoder.to(device)
+    stamp = retriever.index_stamp(corpus)
+    target = retriever.prepared_path(corpus, stamp)
+    tok = retriever.doc_encoder.tokenizer
+    stats: dict[str, int] = {}
+    t0 = time.perf_counter()
+    out = embed_and_merge(
+        retriever.doc_encoder,
+        corpus.doc_token_view(),
+        target,
+        stamp,
+        dtype=stamp["dtype"],
+        chunk_size=int(cfg.chunk_size),
+        num_shards=world,
+        shard_id=shard,
+        batch_size=retriever.embed_batch_size,
         device=device,
-        amp_dtype=args.precision,
-        progress=not args.no_progress,
-        pad_id=getattr(getattr(encoder, "tokenizer", None), "pad_token_id", None) or 0,
+        amp_dtype=retriever.embed_precision,
+        pad_id=tok.pad_token_id or 0,
+        progress=shard == 0,
+        stats=stats,
     )
+    secs = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    log.info("shard %d/%d: corpus ready in %.1fs (%d passages); embedded %d passages in %.1fs (%.0f passages/s); "
+             "peak RSS %d MB", shard, world, t_corpus, len(corpus), stats.get("embedded", 0), secs,
+             stats.get("embedded", 0) / max(secs, 1e-9), rss)  # fmt: skip
+    if out is not None:
+        log.info("index: prepared %s (%d passages, %s)", out, len(corpus), store.stamp_text(stamp))
+    return out
+
+
+@hydra.main(config_path="../conf", config_name="build_index", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    prepare(cfg)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,13 @@ overrides need not be repeated. Your overrides still win: a group choice (``data
 composed node, a dotted override (``model.decoding.num_beams=4``) is applied on top. ``use_run_config=false``
 turns this off.
 
-The weights are loaded with ``torch.load(weights_only=True)`` and a strict ``load_state_dict``; the index
-is built from the corpus with the loaded document encoder (``RagModule.on_predict_start``). Each question
+The run's trainer settings (devices, precision, strategy) and paths are reused too. Under DDP every rank
+predicts its share of the questions; the rows are gathered in dataset order and rank 0 writes each file once.
+
+The weights are loaded with ``torch.load(weights_only=True)`` and a strict ``load_state_dict``. The index is
+the one whose stamp matches the loaded document encoder (``Retriever.ensure_index`` on predict start): the
+prepared one under ``index.root``, or the last refresh's saved index recorded in the checkpoint's
+``RefreshIndex`` state; only when neither matches is the corpus embedded with the checkpoint's weights. Each question
 retrieves max(n_docs, max(eval_ks)) passages (eval_ks clamped to the corpus size): the first n_docs feed
 the generator, recall@k is computed over the first k. Outputs in the Hydra output dir, written atomically:
 ``predictions.jsonl`` (one line per question) and ``metrics.json`` (means over questions, and count).
@@ -38,7 +43,7 @@ from rag_lightning.preflight import preflight
 from rag_lightning.train import instantiate_list
 
 log = logging.getLogger("evaluate")
-RUN_KEYS = ("data", "retriever", "index", "model", "optimizer", "scheduler")
+RUN_KEYS = ("data", "retriever", "index", "model", "optimizer", "scheduler", "trainer", "paths")
 
 
 def find_run_config(ckpt_path: str | os.PathLike) -> Path | None:
@@ -79,6 +84,9 @@ def load_weights(model: torch.nn.Module, ckpt_path: str) -> dict[str, Any]:
             f"{ckpt_path} does not fit the configured model; pass the retriever / model overrides it was "
             f"trained with (or keep its run dir's .hydra/config.yaml next to it)\n{e}"
         ) from e
+    for key, state in ckpt.get("callbacks", {}).items():  # where the run's last refresh saved its index
+        if key.startswith("RefreshIndex") and state.get("index_path"):
+            model.retriever.known_indexes.append(state["index_path"])
     hp = ckpt.get("hyper_parameters", {})
     for key in ("variant", "decoding"):
         if key in hp and hp[key] != model.hparams.get(key):
@@ -144,12 +152,12 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
     batches = trainer.predict(model, dataloaders=loaders)
     if len(sets) == 1:
         batches = [batches]  # one loader: a flat list of batch outputs
-    rows = [
-        {"set": name, **row}
-        for (name, _), per_set in zip(sets, batches)
-        for batch in per_set
-        for row in batch
-    ]
+    per_set = [[row for batch in b for row in batch] for b in batches]  # this rank's rows, per set
+    if trainer.world_size > 1:
+        per_set = gather_rows(per_set, trainer.world_size)
+    if not trainer.is_global_zero:
+        return {}
+    rows = [{"set": name, **row} for (name, _), set_rows in zip(sets, per_set) for row in set_rows]
     result = {**summarize(rows, eval_ks, n_passages), "split": cfg.split, "ckpt_path": str(cfg.ckpt_path)}
     if len(sets) > 1:
         result["per_set"] = {
@@ -161,6 +169,20 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
     write_atomic(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
     print_table(result, eval_ks, out_dir)
     return result
+
+
+def gather_rows(per_set: list[list[dict]], world: int) -> list[list[dict]]:
+    """All ranks' rows in dataset order: predict's unrepeated distributed sampler gives rank r the questions
+    r, r + world, r + 2 world, ... of each set, so question i is row i // world of rank i % world."""
+    import torch.distributed as dist
+
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, per_set)
+    out = []
+    for s in range(len(per_set)):
+        ranks = [everyone[r][s] for r in range(world)]
+        out.append([ranks[i % world][i // world] for i in range(sum(map(len, ranks)))])
+    return out
 
 
 def print_table(result: dict[str, Any], eval_ks: list[int], out_dir: Path) -> None:

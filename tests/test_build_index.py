@@ -1,15 +1,16 @@
-"""scripts/build_index.py core: chunked embedding resumes after an interruption, shards, merge == one shot."""
+"""scripts/build_index.py core: chunked embedding resumes after an interruption, shards merge once, stamps."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from rag_lightning.retrieval import DenseIndex, embed_passages, merge_chunks
+from rag_lightning.retrieval import ShardedIndex, embed_passages, merge_chunks, store
 
 _spec = importlib.util.spec_from_file_location(
     "build_index", Path(__file__).parents[1] / "scripts" / "build_index.py"
@@ -43,43 +44,55 @@ def _rows(n: int = 47) -> list[list[int]]:
     ]
 
 
-KW = dict(chunk_size=10, batch_size=4, progress=False, index_kwargs={"device": "cpu"})
+KW = dict(chunk_size=10, batch_size=4, progress=False)
+STAMP = {"corpus": "c", "doc_encoder": "w", "factory": "Flat", "dtype": "float32", "embed": "float32"}
 
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path) -> None:
-    rows = _rows()
+    rows, target = _rows(), tmp_path / "idx"
+    work = tmp_path / ".work-idx"
     with pytest.raises(KeyboardInterrupt):  # dies inside the 3rd chunk (10 rows = 3 batches per chunk)
-        build_index.run(rows, CountingEncoder(fail_after=7), tmp_path, **KW)
-    assert sorted(p.name for p in tmp_path.glob("emb_*.npy")) == ["emb_0_10.npy", "emb_10_20.npy"]
-    assert not list(tmp_path.glob(".emb_*"))  # no partial chunk file left behind
+        build_index.embed_and_merge(CountingEncoder(fail_after=7), rows, target, STAMP, **KW)
+    assert sorted(p.name for p in work.glob("emb_*.npy")) == ["emb_0_10.npy", "emb_10_20.npy"]
+    assert not list(work.glob(".emb_*")) and not target.exists()  # no partial chunk or index left behind
     enc = CountingEncoder()
-    index = build_index.run(rows, enc, tmp_path, fingerprint="", **KW)
+    assert build_index.embed_and_merge(enc, rows, target, STAMP, **KW) == target
     assert enc.rows == 47 - 20  # only the missing chunks were embedded
-    one_shot = DenseIndex(device="cpu")
-    one_shot.build(embed_passages(CountingEncoder(), rows, progress=False))
-    q = torch.randn(5, 8)
-    assert torch.equal(index.search(q, 6)[1], one_shot.search(q, 6)[1])
-    loaded = DenseIndex.load(tmp_path / "index")
-    torch.testing.assert_close(loaded.vectors(torch.arange(47)), one_shot.vectors(torch.arange(47)))
+    assert not work.exists() and store.read_stamp(target) == {**STAMP, "passages": 47}
+    ref = embed_passages(CountingEncoder(), rows, progress=False)
+    torch.testing.assert_close(torch.from_numpy(np.array(store.open_vectors(target))), ref)
     enc2 = CountingEncoder()
-    build_index.run(rows, enc2, tmp_path, **KW)  # everything present: nothing recomputed
+    build_index.embed_and_merge(enc2, rows, target, STAMP, **KW)  # prepared: nothing recomputed
     assert enc2.rows == 0
 
 
-def test_shards_then_merge_equals_one_shot(tmp_path) -> None:
-    rows = _rows()
-    for shard in range(3):
-        assert build_index.run(rows, CountingEncoder(), tmp_path, num_shards=3, shard_id=shard, **KW) is None
-    merged = build_index.run(None, None, tmp_path, merge_only=True, **KW)
+def test_shards_then_the_last_one_merges(tmp_path) -> None:
+    rows, target = _rows(), tmp_path / "idx"
+    outs = [
+        build_index.embed_and_merge(CountingEncoder(), rows, target, STAMP, num_shards=3, shard_id=i, **KW)
+        for i in (2, 0, 1)
+    ]
+    assert outs == [None, None, target]  # whoever completes the set merges, once
     ref = embed_passages(CountingEncoder(), rows, progress=False)
-    torch.testing.assert_close(merged.vectors(torch.arange(47)), ref)
-    assert merged.meta["ntotal"] == 47
+    index = ShardedIndex.from_embeddings(store.open_vectors(target), device="cpu")
+    torch.testing.assert_close(index.vectors(torch.arange(47)), ref)
 
 
 def test_merge_reports_missing_chunks_and_plan_mismatch(tmp_path) -> None:
-    rows = _rows()
-    build_index.run(rows, CountingEncoder(), tmp_path, num_shards=2, shard_id=0, **KW)
+    rows, target = _rows(), tmp_path / "idx"
+    build_index.embed_and_merge(CountingEncoder(), rows, target, STAMP, num_shards=2, shard_id=0, **KW)
     with pytest.raises(FileNotFoundError, match=r"\(10, 20\)"):
-        merge_chunks(tmp_path)
+        merge_chunks(tmp_path / ".work-idx")
     with pytest.raises(ValueError, match="different plan"):
-        build_index.run(rows, CountingEncoder(), tmp_path, chunk_size=7, batch_size=4, progress=False)
+        build_index.embed_and_merge(CountingEncoder(), rows, target, STAMP, chunk_size=7, batch_size=4)
+
+
+def test_shard_of_config_and_torchrun_env(monkeypatch) -> None:
+    from omegaconf import OmegaConf
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert build_index.shard_of(OmegaConf.create({"shard": None, "num_shards": None})) == (3, 8)
+    assert build_index.shard_of(OmegaConf.create({"shard": 1, "num_shards": 2})) == (1, 2)
+    with pytest.raises(ValueError, match="shard=2"):
+        build_index.shard_of(OmegaConf.create({"shard": 2, "num_shards": 2}))

@@ -40,7 +40,7 @@ def test_flat_matches_brute_force(backend: str) -> None:
     assert torch.equal(ids, ref_i)
     torch.testing.assert_close(scores.double(), ref_s, rtol=1e-5, atol=1e-5)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
-    assert idx.ntotal == 500 and idx.dim == 16 and idx.version == 1
+    assert idx.ntotal == 500 and idx.dim == 16 and idx.version == 0  # the retriever owns versions
 
 
 def test_torch_equals_faiss_and_accepts_any_query_tensor() -> None:
@@ -90,7 +90,7 @@ def test_vectors() -> None:
     ids = torch.tensor([[3, 0], [49, -1]])
     v = idx.vectors(ids)
     assert v.shape == (2, 2, 6) and v.dtype == torch.float32
-    torch.testing.assert_close(v[0, 0], x[3].half().float())
+    torch.testing.assert_close(v[0, 0], x[3].half().float())  # faiss SQfp16 stores half precision
     assert (v[1, 1] == 0).all()
     s, i, vv = idx.search_with_vectors(q, 4)
     torch.testing.assert_close(vv, idx.vectors(i))
@@ -156,12 +156,14 @@ def test_load_errors_name_the_path(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
         DenseIndex.load(tmp_path / "nowhere")
     x, _ = _data()
-    idx = DenseIndex(device="cpu")
+    idx = DenseIndex(backend="torch", device="cpu")  # the torch backend saves its matrix as vectors.npy
     idx.build(x)
     idx.save(tmp_path / "idx")
     (tmp_path / "idx" / "vectors.npy").unlink()
     with pytest.raises(IndexFileError, match=r"idx.*vectors\.npy"):
         DenseIndex.load(tmp_path / "idx")
+    idx = DenseIndex(device="cpu")
+    idx.build(x)
     idx.save(tmp_path / "idx")
     (tmp_path / "idx" / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexFileError, match="index.faiss"):
@@ -220,3 +222,50 @@ def test_faiss_gpu_large_k_searches_a_cpu_copy(monkeypatch) -> None:
     idx.use_faiss_gpu = True
     idx.search(x[:2], 60)
     assert len(clones) == 2
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW8,Flat", "IVF8,PQ4"])
+def test_no_second_copy_vectors_from_index_or_memory_mapped_file(tmp_path, factory: str) -> None:
+    x, q = _data(n=300, d=16)
+    np.save(tmp_path / "v.npy", x.numpy())
+    mm = np.load(tmp_path / "v.npy", mmap_mode="r")
+    idx = DenseIndex(factory=factory, device="cpu")
+    idx.build(x, vectors=mm if "PQ" in factory else None)
+    assert not hasattr(idx, "_vecs")  # the exact matrix is not kept next to the index
+    ids = torch.tensor([[5, 299], [0, -1]])
+    v = idx.vectors(ids)
+    torch.testing.assert_close(v[:, :1], x[ids[:, :1]])
+    assert (v[1, 1] == 0).all()
+    idx.save(tmp_path / "idx")
+    back = DenseIndex.load(tmp_path / "idx", device="cpu")
+    torch.testing.assert_close(back.vectors(ids[:1]), x[ids[:1]])
+    if "PQ" in factory:  # the exact source went with it, memory-mapped
+        assert isinstance(back._exact, np.memmap)
+
+
+def test_bare_cuda_means_this_ranks_gpu_and_auto_store_dtype(monkeypatch) -> None:
+    from rag_lightning.retrieval.index import resolve_device, resolve_store_dtype
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 3)  # never every rank on cuda:0
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_store_dtype(torch.device("cuda", 3)) == "float16"
+    assert resolve_store_dtype(torch.device("cpu")) == "float32"
+    idx = DenseIndex(device="cpu", store_dtype="float16")  # exact fp16 on CPU: faiss SQfp16, half the memory
+    x, q = _data(n=200, d=16)
+    idx.build(x)
+    assert idx._cpu_factory() == "SQfp16"
+    torch.testing.assert_close(idx.vectors(torch.arange(3)), x[:3].half().float())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_index_on_local_rank_device_in_fp16(monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count() - 1))
+    x, q = _data(n=1000, d=32)
+    idx = DenseIndex(backend="torch", device="cuda")
+    idx.build(x)
+    assert idx.device.index == torch.cuda.device_count() - 1 and idx.store_dtype == "float16"
+    assert idx._dev_vecs.dtype == torch.float16 and idx._dev_vecs.device == idx.device
+    scores, ids = idx.search(q.cuda(), 5)
+    assert scores.dtype == torch.float32 and ids.device.type == "cpu"

@@ -59,12 +59,15 @@ def test_train_steps_checkpoint_and_resume_refresh_state(tmp_path, caplog):
     assert (Path(cfg.paths.output_dir) / "index" / "meta.json").exists()
 
     # validate-before-fit builds an index from the un-restored weights; the resumed fit must not keep it
-    cfg2 = run_cfg(
-        tmp_path, [*common, "trainer.max_steps=6", f"ckpt_path={ckpt}", "validate_before_fit=true"]
+    cfg2 = run_cfg(  # resumed into a new output dir: the index is found from the checkpoint, not re-embedded
+        tmp_path / "resumed",
+        [*common, "trainer.max_steps=6", f"ckpt_path={ckpt}", "validate_before_fit=true"],
     )
-    with caplog.at_level("INFO", logger="rag_lightning.callbacks.refresh"):
+    with caplog.at_level("INFO", logger="rag_lightning.models.retriever"):
         train(cfg2)
-    assert "resumed index v2" in caplog.text
+    assert (
+        f"index: loaded {Path(cfg.paths.output_dir) / 'index'} (233 passages" in caplog.text
+    )  # v2, not rebuilt
     state = torch.load(Path(cfg2.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
     (refresh,) = [v for k, v in state["callbacks"].items() if k.startswith("RefreshIndex")]
     assert state["global_step"] == 6
@@ -76,18 +79,18 @@ class _Boom(RuntimeError):
 
 
 def test_failed_refresh_keeps_old_index_and_training_goes_on(tmp_path, monkeypatch):
-    from rag_lightning.module import RagModule
+    from rag_lightning.models.retriever import Retriever
 
     calls = {"n": 0}
-    real = RagModule.rebuild_index
+    real = Retriever._embed_shard
 
-    def flaky(self, progress=True):
+    def flaky(self, *args):
         calls["n"] += 1
         if calls["n"] == 2:  # the first refresh during training fails (the 1st call is the initial build)
             raise _Boom("injected: out of memory")
-        return real(self, progress)
+        return real(self, *args)
 
-    monkeypatch.setattr(RagModule, "rebuild_index", flaky)
+    monkeypatch.setattr(Retriever, "_embed_shard", flaky)
     cfg = run_cfg(tmp_path, ["retriever.train_doc_encoder=true", "callbacks.refresh_index.every_n_steps=2",
                              "trainer.max_steps=4", "test=false", "trainer.limit_val_batches=1",
                              "trainer.val_check_interval=4"])  # fmt: skip

@@ -2,21 +2,27 @@
 
 Schedule on the global optimizer step: `every_n_steps=N`, or piecewise `"0-1000:500,1000-10000:2000"`
 (every 500 steps in [0, 1000), then every 2000 in [1000, 10000); an open end `"10000-:5000"` is allowed).
-The new index is built aside and swapped in only when complete; a failed refresh (exception, OOM) is logged
-with its cause and training goes on with the old index until the next scheduled refresh. With a frozen
+The callback only decides when, saves and restores; the retriever builds, swaps and versions
+(`Retriever.refresh_index`). A failed refresh (exception, OOM, non-finite embeddings, on any rank) is logged
+with its cause and every rank goes on with the old index until the next scheduled refresh. With a frozen
 document encoder the embeddings cannot change, so the callback says so once and does nothing.
+
+What it needs from the LightningModule: ``pl_module.corpus`` and ``pl_module.retriever``, a
+:class:`~rag_lightning.models.retriever.Retriever` (``ensure_index``, ``load_index``, ``refresh_index``,
+``save_index``, ``index_version``, ``index_source``, ``doc_encoder_changes``). Its checkpoint state records
+the index version and where that index was saved (``index_path``, ``index_stamp``), so a resumed run, in any
+output directory, loads that index instead of re-embedding.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from rag_lightning.retrieval.sharded import ShardedIndex
+from rag_lightning.models.retriever import IndexRefreshError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +69,8 @@ class RefreshIndex(Callback):
         self.last_attempt_step = -1
         self.failures = 0
         self.corpus_fingerprint: str | None = None
+        self.index_path: str | None = None  # where the index of `version` was saved (or prepared)
+        self.index_stamp: dict | None = None
         self._restored = False
         self._said_frozen = False
 
@@ -73,20 +81,27 @@ class RefreshIndex(Callback):
 
     # ---------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        retriever = pl_module.retriever
+        retriever, corpus = pl_module.retriever, pl_module.corpus
+        progress = self.progress and trainer.is_global_zero
         if self._restored and retriever.doc_encoder_changes:
-            # resuming: an index built before the weights were restored (e.g. by validate-before-fit) is stale;
-            # use the saved one if its stamp matches the checkpoint, else rebuild from the restored encoder
-            retriever.index = self._load_saved(pl_module)
-            if retriever.index is None:
-                pl_module.rebuild_index(progress=self.progress and trainer.is_global_zero)
-            else:
-                log.info("resumed index v%d from %s", self.version, self.save_dir)
-            retriever.index.version = self.version
-        pl_module.ensure_index()
-        if self.at_fit_start and not self._restored:
-            self.refresh(trainer, pl_module)
-        self.corpus_fingerprint = getattr(pl_module.corpus, "fingerprint", None)
+            # resuming: the index of the checkpoint's version, wherever it was saved; an index made before the
+            # weights were restored (e.g. by validate-before-fit) is stale. Same state, same choice on all ranks.
+            loaded = self.index_path is not None and retriever.load_index(
+                self.index_path, version=self.version, stamp=self.index_stamp
+            )
+            if not loaded:
+                log.warning("RefreshIndex: no saved index v%d at %s: re-embedding with the restored encoder",
+                            self.version, self.index_path)  # fmt: skip
+                retriever.refresh_index(corpus, progress=progress, version=self.version)
+                self._save(retriever)
+        else:
+            retriever.ensure_index(corpus, progress=progress)
+            if self.at_fit_start and not self._restored:
+                self.refresh(trainer, pl_module)
+            elif retriever.doc_encoder_changes and retriever.index_source.get("path") is None:
+                self._save(retriever)  # v0, so that a resume finds it
+        self._record(retriever)
+        self.corpus_fingerprint = getattr(corpus, "fingerprint", None)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
@@ -98,7 +113,8 @@ class RefreshIndex(Callback):
         """Rebuild now. Returns False (and keeps the old index) if the document encoder is frozen or it fails."""
         step = trainer.global_step
         self.last_attempt_step = step
-        if not pl_module.retriever.doc_encoder_changes:
+        retriever = pl_module.retriever
+        if not retriever.doc_encoder_changes:
             if not self._said_frozen:
                 log.info(
                     "RefreshIndex: the document encoder is frozen, its embeddings cannot change: no refresh"
@@ -106,19 +122,19 @@ class RefreshIndex(Callback):
                 self._said_frozen = True
             return False
         try:
-            stats = pl_module.rebuild_index(progress=self.progress and trainer.is_global_zero)
-        except Exception as e:  # noqa: BLE001 - any failure keeps the old index; the cause is logged
+            stats = retriever.refresh_index(
+                pl_module.corpus, progress=self.progress and trainer.is_global_zero
+            )
+        except IndexRefreshError as e:  # raised on every rank alike: all keep the old index
             self.failures += 1
-            log.exception("index refresh at step %d failed (%s: %s); training goes on with index v%d",
-                          step, type(e).__name__, e, self.version)  # fmt: skip
+            log.error("index refresh at step %d failed (%s); training goes on with index v%d",
+                      step, e, retriever.index_version)  # fmt: skip
             pl_module.log("index/failures", float(self.failures), rank_zero_only=True)
             return False
-        self.version = pl_module.retriever.index.version
         self.last_refresh_step = step
-        index = pl_module.retriever.index
-        index.meta.update(step=step, version=self.version)
-        if self.save_dir and (trainer.is_global_zero or pl_module.retriever.index_mode == "sharded"):
-            index.save(self.save_dir)  # atomic; sharded: each rank writes its own shard
+        retriever.index.meta["step"] = step
+        self._save(retriever)
+        self._record(retriever)
         pl_module.log_dict(
             {
                 "index/version": float(self.version),
@@ -129,21 +145,14 @@ class RefreshIndex(Callback):
         )
         return True
 
-    def _load_saved(self, pl_module: L.LightningModule) -> ShardedIndex | None:
-        if not self.save_dir or not os.path.isdir(self.save_dir):
-            return None
-        try:
-            index = pl_module.retriever.load_index(self.save_dir)
-        except Exception as e:  # noqa: BLE001
-            log.warning("saved index at %s unusable (%s): rebuilding", self.save_dir, e)
-            return None
-        fp = getattr(pl_module.corpus, "fingerprint", None)
-        if index.meta.get("version") != self.version or index.meta.get("corpus") != fp:
-            log.warning("saved index at %s is v%s for corpus %s, the checkpoint wants v%d for %s: rebuilding",
-                        self.save_dir, index.meta.get("version"), index.meta.get("corpus"), self.version, fp)  # fmt: skip
-            return None
-        index.version = self.version
-        return index
+    def _save(self, retriever) -> None:
+        if self.save_dir:
+            retriever.save_index(self.save_dir)  # atomic; sharded: each rank writes its own shard
+
+    def _record(self, retriever) -> None:
+        self.version = retriever.index_version
+        self.index_path = retriever.index_source.get("path")
+        self.index_stamp = retriever.index_source.get("stamp")
 
     # ---------------------------------------------------------------- checkpoint state
     def state_dict(self) -> dict[str, Any]:
@@ -153,6 +162,8 @@ class RefreshIndex(Callback):
             "last_attempt_step": self.last_attempt_step,
             "failures": self.failures,
             "corpus_fingerprint": self.corpus_fingerprint,
+            "index_path": self.index_path,
+            "index_stamp": self.index_stamp,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -161,4 +172,5 @@ class RefreshIndex(Callback):
         self.last_attempt_step = state["last_attempt_step"]
         self.failures = state.get("failures", 0)
         self.corpus_fingerprint = state.get("corpus_fingerprint")
+        self.index_path, self.index_stamp = state.get("index_path"), state.get("index_stamp")
         self._restored = True

@@ -13,13 +13,14 @@ empty, as DPR does); both truncated to ``max_passage_tokens``.
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import shutil
 import sys
-import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -259,7 +260,12 @@ class Corpus:
         title_sep: str = " / ",
         num_proc: int | None = None,
     ) -> Path:
-        """Convert the source once; return ``cache_dir/<fingerprint>`` (existing cache is reused)."""
+        """Convert the source once; return ``cache_dir/<fingerprint>`` (existing cache is reused).
+
+        Resumable: the work directory ``cache_dir/.work-<fingerprint>`` survives a crash; the raw Arrow copy and
+        each of the ``num_proc`` tokenized shards (``Dataset.map`` cache files) are reused when rerun.
+        Concurrent calls for one fingerprint (several nodes on a shared disk) convert once: the others wait on a
+        lock (``flock``, released when its holder dies) and then find the cache."""
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"corpus not found: {path}")
@@ -273,13 +279,24 @@ class Corpus:
         target = Path(cache_dir) / fp
         if (target / "corpus_meta.json").exists():
             return target
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{fp}-", dir=cache_dir))
-        try:
-            log.info("converting corpus %s (%s) -> %s", path, fmt, target)
-            n = _write_raw(_SOURCES[fmt](path, fields), tmp / "raw.arrow")
-            raw = datasets.Dataset.from_file(str(tmp / "raw.arrow"))
-            _check_unique(raw.data.table, str(path))
+        work = Path(cache_dir) / f".work-{fp}"
+        work.mkdir(parents=True, exist_ok=True)
+        with open(work / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process converting the same source: wait for it
+            if (target / "corpus_meta.json").exists():
+                return target
+            log.info("converting corpus %s (%s) -> %s (%s processes)", path, fmt, target, num_proc or 1)
+            raw_path = work / "raw.arrow"
+            try:
+                if not raw_path.exists():
+                    _write_raw(_SOURCES[fmt](path, fields), work / "raw.arrow.partial")
+                    os.replace(work / "raw.arrow.partial", raw_path)
+                raw = datasets.Dataset.from_file(str(raw_path))
+                _check_unique(raw.data.table, str(path))
+            except DataError:  # bad input: nothing worth resuming
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            n = len(raw)
             feats = raw.features.copy()
             for col, tok in (("gen_ids", gen_tokenizer), ("doc_ids", doc_tokenizer)):
                 if tok is not None:
@@ -289,10 +306,12 @@ class Corpus:
                 batched=True,
                 features=feats,
                 num_proc=num_proc,
-                cache_file_name=str(tmp / "tok.arrow"),
+                cache_file_name=str(work / "tok.arrow"),  # per-shard files, reused when rerun
+                load_from_cache_file=True,
                 desc="tokenizing passages",
             )
-            ds.save_to_disk(str(tmp / "out"))
+            shutil.rmtree(work / "out", ignore_errors=True)
+            ds.save_to_disk(str(work / "out"))
             meta = {
                 "fingerprint": fp,
                 "source": str(path.resolve()),
@@ -303,16 +322,30 @@ class Corpus:
                 "max_passage_tokens": max_passage_tokens,
                 "title_sep": title_sep,
             }
-            (tmp / "out" / "corpus_meta.json").write_text(json.dumps(meta, indent=1))
+            (work / "out" / "corpus_meta.json").write_text(json.dumps(meta, indent=1))
             del ds, raw
-            try:
-                os.rename(tmp / "out", target)
-            except OSError:
-                if not (target / "corpus_meta.json").exists():  # lost a race only if the winner finished
-                    raise
+            os.rename(work / "out", target)
             log.info("corpus %s: %d passages cached at %s", path, n, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+        return target
+
+    @staticmethod
+    def wait_for(
+        path: str | os.PathLike, fmt: str = "auto", *, cache_dir: str | os.PathLike, **kwargs: Any
+    ) -> Path:
+        """Block until another process (local rank 0) has converted this corpus; no timeout, a log line every
+        5 minutes. Same arguments as :meth:`prepare`."""
+        fields = {"id": "id", "title": "title", "text": "text", **(kwargs.get("fields") or {})}
+        fmt = detect_corpus_format(path) if fmt in ("auto", None) else fmt
+        fp = corpus_fingerprint(
+            path, kwargs.get("gen_tokenizer"), kwargs.get("doc_tokenizer"), kwargs.get("max_passage_tokens", 256),
+            fmt=fmt, fields=fields, sep=kwargs.get("title_sep", " / "),
+        )  # fmt: skip
+        target, t0 = Path(cache_dir) / fp, time.monotonic()
+        while not (target / "corpus_meta.json").exists():
+            if int(time.monotonic() - t0) % 300 < 5:
+                log.info("waiting for local rank 0 to convert %s -> %s", path, target)
+            time.sleep(5)
         return target
 
     @classmethod
@@ -331,10 +364,16 @@ class Corpus:
     def __len__(self) -> int:
         return self._table.num_rows
 
-    def _col(self, name: str, ids: Sequence[int]) -> list:
+    def _col(self, name: str, ids: Sequence[int], missing: Any = "") -> list:
+        """Column values for row ids; id -1 (no passage: fewer hits than k) gives ``missing``."""
         if name not in self._table.column_names:
             raise KeyError(f"corpus has no column {name!r} (was its tokenizer given at conversion?)")
-        return self._table.column(name).take(pa.array(ids, type=pa.int64())).to_pylist()
+        idx = pa.array(ids, type=pa.int64())
+        neg = pc.less(idx, 0)
+        if not pc.any(neg).as_py():
+            return self._table.column(name).take(idx).to_pylist()
+        vals = self._table.column(name).take(pc.if_else(neg, pa.scalar(None, pa.int64()), idx)).to_pylist()
+        return [missing if v is None else v for v in vals]
 
     def titles(self, ids: Sequence[int]) -> list[str]:
         return self._col("title", ids)
@@ -348,7 +387,7 @@ class Corpus:
 
     def gen_tokens(self, ids: Sequence[int]) -> list[list[int]]:
         """Generator tokens of ``title + title_sep + text``, no special tokens, truncated."""
-        return self._col("gen_ids", ids)
+        return self._col("gen_ids", ids, missing=[])
 
     def gen_token_rows(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Generator tokens of rows ``ids`` (N,) (tensor / array) as one right-padded (N, L) int64 tensor (pad 0)
@@ -383,7 +422,7 @@ class Corpus:
 
     def doc_tokens(self, ids: Sequence[int]) -> list[list[int]]:
         """Doc-encoder tokens of the pair (title, text) with special tokens, truncated."""
-        return self._col("doc_ids", ids)
+        return self._col("doc_ids", ids, missing=[])
 
     def doc_token_view(self) -> DocTokenView:
         """``len()`` + ``view[list_of_ids] -> list[list[int]]`` for ``embed_passages``."""

@@ -121,13 +121,24 @@ class QADataModule(L.LightningDataModule):
             "num_proc": self.corpus_num_proc,
         }
 
-    def prepare_data(self) -> None:
-        """Read and check the question sets (seconds), then convert the corpus to its Arrow cache (hours for
-        psgs_w100, once per fingerprint)."""
-        self.validate_sets()
-        if self.corpus_spec is not None:
-            self._load_tokenizers()
+    def prepare_corpus(self) -> None:
+        """Convert the corpus to its Arrow cache (once per fingerprint), outside any distributed barrier:
+        local rank 0 (env ``LOCAL_RANK``) converts, the other local ranks wait for the finished cache with no
+        timeout. ``train.py`` and ``scripts/build_index.py`` call it before the trainer starts."""
+        if self.corpus_spec is None:
+            return
+        self._load_tokenizers()
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
             Corpus.prepare(**self._corpus_kwargs())
+        else:
+            Corpus.wait_for(**self._corpus_kwargs())
+
+    def prepare_data(self) -> None:
+        """Lightning's hook (local rank 0, before a barrier with the process group's timeout): read and check
+        the question sets (seconds), then the corpus: a no-op when ``prepare_corpus`` ran before, as in
+        train.py; otherwise it converts here (hours for psgs_w100, once per fingerprint)."""
+        self.validate_sets()
+        self.prepare_corpus()
 
     def setup(self, stage: str | None = None) -> None:
         self.validate_sets()

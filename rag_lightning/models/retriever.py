@@ -1,25 +1,46 @@
 """Dense retriever: query encoder, document encoder and the index over the corpus they define.
 
 Retrieval is a non-differentiable top-K search with the detached query; the retrieval scores that the
-generation loss sees are then recomputed with gradient, `scores[b, k] = q_b . d_{b,k}`, so the loss trains the
-query encoder (and, with `train_doc_encoder`, the document encoder, by re-encoding the K passages).
+generation loss sees are then recomputed with gradient, `scores[b, k] = q_b . d_{b,k}` (float32, outside any
+autocast), so the loss trains the query encoder (and, with `train_doc_encoder`, the document encoder, by
+re-encoding the K passages). Passage id -1 (fewer than K hits) scores -inf.
+
+The retriever owns the index lifecycle, and is the only place the index version is written:
+`ensure_index` (load the prepared index whose stamp matches, else build), `load_index`, `refresh_index`
+(re-embed, build aside, swap on every rank or on none), `save_index`. Every decision is the same on all DDP
+ranks: the candidate path is rank 0's, and a load or refresh that fails on any rank fails on all of them
+(an all-reduce after the local work, which every rank reaches), so the old index stays everywhere.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from rag_lightning.models.encoders import Encoder
-from rag_lightning.retrieval.embed import RowSlice, embed_passages, pad_batch
-from rag_lightning.retrieval.index import DenseIndex
-from rag_lightning.retrieval.sharded import ShardedIndex, rank_world, shard_range
+from rag_lightning.retrieval import store
+from rag_lightning.retrieval.embed import RowSlice, amp_dtype_for, embed_passages, pad_batch
+from rag_lightning.retrieval.index import DenseIndex, resolve_device, resolve_store_dtype
+from rag_lightning.retrieval.sharded import (
+    ShardedIndex,
+    all_ranks_ok,
+    broadcast_from_zero,
+    rank_world,
+    shard_range,
+)
 
 log = logging.getLogger(__name__)
+
+
+class IndexRefreshError(RuntimeError):
+    """A refresh failed on at least one rank; every rank keeps its old index."""
 
 
 class Retriever(nn.Module):
@@ -37,7 +58,8 @@ class Retriever(nn.Module):
         """`doc_encoder=None` uses a copy of the query encoder (DPR-style two towers from one checkpoint).
 
         embed_precision: autocast dtype for re-embedding the corpus, "auto" (bf16 on CUDA and on CPUs with
-        native bf16, else fp32), "bf16", "fp16" or "fp32"; stored vectors are float32 either way.
+        native bf16, else fp32), "bf16", "fp16" or "fp32"; vectors are stored in ``index.store_dtype``.
+        index: DenseIndex kwargs plus ``mode`` (auto | sharded | replicated) and ``root`` (prepared indexes).
         """
         super().__init__()
         self.query_encoder = query_encoder
@@ -45,14 +67,21 @@ class Retriever(nn.Module):
         self.n_docs = n_docs
         self.train_doc_encoder = train_doc_encoder
         self.index_kwargs = dict(index or {})
-        self.index_mode = self.index_kwargs.pop("mode", "replicated")  # replicated | sharded (under DDP)
+        # sharded | replicated | auto (sharded when the world size is above 1)
+        self.mode = self.index_kwargs.pop("mode", "auto")
+        self.index_root = self.index_kwargs.pop("root", None)  # prepared indexes: <root>/<stamp hash>
         self.embed_batch_size = embed_batch_size
         self.embed_precision = embed_precision
         self.query_encoder.requires_grad_(train_query_encoder)
         self.doc_encoder.requires_grad_(train_doc_encoder)
         if not train_doc_encoder:
             self.doc_encoder.eval()
-        self.index: ShardedIndex | None = None  # not a parameter: rebuilt or reloaded, never in state_dict
+        self.index: ShardedIndex | None = None  # not a parameter: built or loaded, never in state_dict
+        self.index_version = 0
+        self.index_source: dict[str, Any] = {}  # {"path": where it was loaded from / saved to, "stamp": ...}
+        self.known_indexes: list[
+            str
+        ] = []  # more places a matching index may be (e.g. a checkpoint's refresh)
 
     def train(self, mode: bool = True) -> Retriever:
         super().train(mode)
@@ -65,53 +94,181 @@ class Retriever(nn.Module):
         """Whether re-embedding the corpus can give anything new."""
         return self.train_doc_encoder
 
-    def build_index(self, corpus, progress: bool = True, stats: dict | None = None) -> ShardedIndex:
-        """Embed the passages with the current document encoder and build a new index (not swapped in).
+    @property
+    def index_mode(self) -> str:
+        """The resolved mode: "auto" is sharded under DDP (world size > 1), replicated otherwise."""
+        if self.mode == "auto":
+            return "sharded" if rank_world()[1] > 1 else "replicated"
+        return self.mode
 
-        Replicated: every rank embeds and indexes the whole corpus. Sharded (Atlas-style, exact): rank r embeds
-        and indexes rows `shard_range(N, r, world)` only, and search merges the top-k of all shards.
-        """
-        device = next(self.doc_encoder.parameters()).device
+    # ---------------------------------------------------------------- stamps
+    def _doc_device(self) -> torch.device:
+        return next(self.doc_encoder.parameters()).device
+
+    def index_stamp(self, corpus) -> dict[str, Any]:
+        """What the vectors depend on: corpus, document-encoder weights, factory, dtypes."""
+        amp = amp_dtype_for(self._doc_device(), self.embed_precision)
+        device = resolve_device(self.index_kwargs.get("device", "auto"))
+        store_dtype = resolve_store_dtype(device, self.index_kwargs.get("store_dtype", "auto"))
+        return {
+            "corpus": getattr(corpus, "fingerprint", None),
+            "doc_encoder": store.weights_fingerprint(self.doc_encoder),
+            "factory": self.index_kwargs.get("factory", "Flat"),
+            "dtype": store_dtype,
+            "embed": str(amp or torch.float32).removeprefix("torch."),
+        }
+
+    def prepared_path(self, corpus, stamp: dict[str, Any] | None = None) -> Path | None:
+        """Where scripts/build_index.py puts the index of this corpus and document encoder."""
+        if not self.index_root:
+            return None
+        return store.prepared_path(self.index_root, stamp or self.index_stamp(corpus))
+
+    # ---------------------------------------------------------------- lifecycle
+    def _install(self, index: ShardedIndex, version: int, source: dict[str, Any]) -> None:
+        """Swap ``index`` in at ``version``: the one place the version is written."""
+        index.version = version
+        index.meta.update(version=version, stamp=source.get("stamp"), passages=source.get("passages"))
+        self.index, self.index_version, self.index_source = index, version, dict(source)
+
+    def ensure_index(self, corpus, progress: bool = True, match_weights: bool = False) -> None:
+        """Have an index: keep the current one (unless ``match_weights`` and the document encoder's weights
+        changed since it was made), else load a prepared / known one whose stamp matches, else build one."""
+        if self.index is not None and not match_weights:
+            return
+        stamp = self.index_stamp(corpus)
+        if self.index is not None and self.index_source.get("stamp") == stamp:
+            return
+        path = None
+        if rank_world()[0] == 0:
+            candidates = [self.prepared_path(corpus, stamp), *map(Path, self.known_indexes)]
+            path = next((str(p) for p in candidates if p is not None and _stamp_of(p) == stamp), None)
+        path = broadcast_from_zero(path)
+        if path is not None and self.load_index(path, version=0, stamp=stamp):
+            return
+        self.refresh_index(corpus, progress=progress, version=0)
+
+    def load_index(self, path: str | os.PathLike, version: int = 0, stamp: dict | None = None) -> bool:
+        """Load a prepared directory (memory-mapped vectors, this rank's rows) or one saved by
+        ``save_index``; with ``stamp``, only if it matches. All ranks or none: False keeps the old index."""
+        t0, index, err = time.perf_counter(), None, None
+        try:
+            found = _stamp_of(path)
+            if stamp is not None and found != stamp:
+                raise store.IndexStampError(f"{path} has stamp {found}, wanted {stamp}")
+            if store.is_prepared(path):
+                vectors = store.open_vectors(path)  # (N, d) memory-mapped
+                index = ShardedIndex.from_embeddings(vectors, self.index_mode, **self.index_kwargs)
+                n = len(vectors)
+            else:
+                kw = {
+                    k: v for k, v in self.index_kwargs.items() if k in ("device", "num_threads", "chunk_rows")
+                }
+                index = ShardedIndex.load(path, self.index_mode, **kw)
+                n = index.meta.get("passages")
+        except Exception as e:  # noqa: BLE001 - any rank's failure is every rank's: decided below
+            err = e
+        if not all_ranks_ok(err is None):
+            log.warning("index: could not load %s on every rank (here: %s)", path, err or "ok")
+            return False
+        self._install(index, version, {"path": str(path), "stamp": found, "passages": n})
+        log.info("index: loaded %s (%s passages, %s) in %.1fs", path, n, store.stamp_text(found),
+                 time.perf_counter() - t0)  # fmt: skip
+        return True
+
+    def refresh_index(self, corpus, progress: bool = True, version: int | None = None) -> dict[str, float]:
+        """Re-embed the corpus with the current document encoder, build the new index aside and swap it in
+        on every rank at ``version`` (default: current + 1), or on none: a failure on any rank (exception,
+        out of memory, non-finite embeddings) raises IndexRefreshError on every rank, the old index stays."""
+        stats: dict[str, Any] = {}
+        t0, new, err = time.perf_counter(), None, None
+        try:
+            stamp = self.index_stamp(corpus)
+            new = self._embed_shard(corpus, progress, stats)
+        except Exception as e:  # noqa: BLE001 - decided below, on every rank alike
+            err = e
+            log.exception("index build failed on rank %d", rank_world()[0])
+        if not all_ranks_ok(err is None):
+            raise IndexRefreshError(
+                f"index build failed on at least one rank (here: {err or 'ok'}); "
+                f"keeping index v{self.index_version}"
+            ) from err
+        version = (self.index_version + 1 if self.index is not None else 0) if version is None else version
+        self._install(new, version, {"path": None, "stamp": stamp, "passages": len(corpus)})
+        stats["seconds"] = time.perf_counter() - t0
+        log.info("index: built v%d (%d passages, %s) in %.1fs", version, len(corpus),
+                 store.stamp_text(stamp), stats["seconds"])  # fmt: skip
+        return stats
+
+    def save_index(self, path: str | os.PathLike) -> None:
+        """Atomic save (sharded: every rank writes its own shard dir; replicated: rank 0 writes)."""
+        if self.index_mode == "sharded" or rank_world()[0] == 0:
+            self.index.save(path)
+        self.index_source["path"] = str(path)
+
+    def _embed_shard(self, corpus, progress: bool, stats: dict) -> ShardedIndex:
+        """Embed this rank's rows (all of them when replicated) and index them; not swapped in.
+
+        Sharded (Atlas-style, exact): rank r embeds and indexes rows `shard_range(N, r, world)` only, and search
+        merges the top-k of all shards. Raises on non-finite embeddings."""
         rank, world = rank_world()
-        start, end = (
-            shard_range(len(corpus), rank, world) if self.index_mode == "sharded" else (0, len(corpus))
-        )
+        mode = self.index_mode
+        start, end = shard_range(len(corpus), rank, world) if mode == "sharded" else (0, len(corpus))
         view = corpus.doc_token_view()
         emb = embed_passages(
             self.doc_encoder,
             view if (start, end) == (0, len(corpus)) else RowSlice(view, start, end),
             batch_size=self.embed_batch_size,
-            device=device,
+            device=self._doc_device(),
             pad_id=self.doc_encoder.tokenizer.pad_token_id or 0,
             progress=progress,
             stats=stats,
             amp_dtype=self.embed_precision,
-        )  # (N, d)
+        )  # (end - start, d)
+        bad = (~torch.isfinite(emb)).any(dim=1)  # (n,)
+        if bad.any():
+            rows = (bad.nonzero().flatten()[:5] + start).tolist()
+            raise FloatingPointError(f"{int(bad.sum())} non-finite passage embeddings (rows {rows}, ...)")
         local = DenseIndex(dim=emb.shape[1], **self.index_kwargs)
-        local.build(emb)  # (end - start, d)
-        index = ShardedIndex(local, start, self.index_mode)
-        index.meta["corpus"] = getattr(corpus, "fingerprint", None)
-        return index
-
-    def load_index(self, path: str) -> ShardedIndex:
-        return ShardedIndex.load(path, self.index_mode)
+        local.build(emb)
+        return ShardedIndex(local, start, mode)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, corpus=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k for a batch of questions -> (doc_scores (B, k) with grad, ids (B, k) global passage ids)."""
         if self.index is None:
-            raise RuntimeError("the retriever has no index yet: build_index() first")
+            raise RuntimeError("the retriever has no index yet: ensure_index(corpus) first")
         q = self.query_encoder(input_ids, attention_mask)  # (B, d)
         _, ids, vecs = self.index.search_with_vectors(q.detach(), k)  # (B, k), (B, k, d)
         ids = ids.to(q.device)
-        if self.train_doc_encoder and self.training:
+        if self.train_doc_encoder and (self.training or self.index.local.lossy):
             tokens = corpus.doc_tokens(ids.flatten().tolist())
             d = self._encode_docs(tokens, q.device).view(*ids.shape, -1)  # (B, k, d), with grad
         else:
-            d = vecs.to(device=q.device, dtype=q.dtype)
-        return torch.einsum("bd,bkd->bk", q, d), ids
+            d = vecs.to(q.device)
+        with torch.autocast(q.device.type, enabled=False):  # bf16 would round DPR scores ~80 to steps of 0.5
+            scores = torch.einsum("bd,bkd->bk", q.float(), d.float())  # (B, k) float32
+        return scores.masked_fill(ids < 0, float("-inf")), ids
 
     def _encode_docs(self, tokens: list[list[int]], device: torch.device) -> torch.Tensor:
         ids, mask = pad_batch(tokens, self.doc_encoder.tokenizer.pad_token_id or 0)  # (B*k, L)
         return self.doc_encoder(ids.to(device), mask.to(device))  # (B*k, d)
+
+
+def _stamp_of(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The stamp of a prepared directory, or of an index saved by ``save_index`` (None if neither)."""
+    stamp = store.read_stamp(path)
+    if stamp is not None:
+        return {k: v for k, v in stamp.items() if k != "passages"}
+    shard = next(iter(sorted(Path(path).glob("shard-*-of-*"))), Path(path))
+    try:
+        return _meta(shard).get("stamp")
+    except (OSError, ValueError):
+        return None
+
+
+def _meta(path: Path) -> dict[str, Any]:
+    import json
+
+    return json.loads((path / "meta.json").read_text())["meta"]

@@ -3,6 +3,8 @@
 ``embed_passages`` computes ``E[i] = encoder(tokens[i])`` (N, d) float32 on CPU, in the original row order.
 Rows are embedded in windows of ``sort_window`` batches; inside a window rows are sorted by token length so
 each batch pads to a near-uniform length (global sort when N fits in one window), then scattered back.
+A background thread reads, pads and pins the batches ahead of the encoder; host-to-device copies are
+non-blocking, and device-to-host copies are synchronized once per 16 batches, so the GPU does not wait.
 
 ``embed_chunks`` / ``merge_chunks`` split the corpus into fixed chunks saved as ``emb_{start}_{end}.npy``
 (written atomically), so an interrupted or sharded run (``num_shards`` processes) only redoes missing chunks.
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import re
+import threading
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -101,30 +105,29 @@ def embed_passages(
     encoder.eval().to(device)
     out: torch.Tensor | None = None
     n_tok = n_pad = 0
-    window = batch_size * sort_window
+    on_cuda = device.type == "cuda"
+    batches = _prefetch(_padded_batches(tokens, n, batch_size, sort_window, pad_id, on_cuda), depth=4)
     try:
         with (
             torch.inference_mode(),
             autocast,
             tqdm(total=n, desc=desc, unit="psg", disable=not progress) as bar,
         ):
-            for w0 in range(0, n, window):
-                ids = list(range(w0, min(n, w0 + window)))
-                rows = _fetch(tokens, ids)
-                order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # ascending length
-                for b0 in range(0, len(order), batch_size):
-                    sel = order[b0 : b0 + batch_size]
-                    input_ids, mask = pad_batch([rows[i] for i in sel], pad_id)  # (B, L)
-                    n_tok, n_pad = n_tok + int(mask.sum()), n_pad + mask.numel()
-                    if device.type == "cuda":
-                        input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
-                    emb = encoder(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
-                    if out is None:
-                        with torch.inference_mode(False):  # a normal tensor, usable with autograd later
-                            out = torch.empty((n, emb.shape[-1]), dtype=torch.float32)  # (N, d)
-                    out[torch.as_tensor(sel) + w0] = emb.float().cpu()  # scatter back to original rows
-                    bar.update(len(sel))
+            pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, (b, d) on CPU, maybe in flight)
+            for rows, input_ids, mask in batches:  # padded and pinned by a background thread
+                n_tok, n_pad = n_tok + int(mask.sum()), n_pad + mask.numel()
+                emb = encoder(input_ids.to(device, non_blocking=True), mask.to(device, non_blocking=True))
+                if out is None:
+                    with torch.inference_mode(False):  # a normal tensor, usable with autograd later
+                        out = torch.empty((n, emb.shape[-1]), dtype=torch.float32)  # (N, d)
+                pending.append((rows, emb.float().to("cpu", non_blocking=on_cuda)))  # no sync per batch
+                if len(pending) >= 16:
+                    _scatter(out, pending, device)
+                bar.update(len(rows))
+            if pending:
+                _scatter(out, pending, device)
     finally:
+        batches.close()
         encoder.train(was_training).to(home)
     if out is None:
         out = torch.empty((0, getattr(encoder, "dim", 0)), dtype=torch.float32)
@@ -133,6 +136,68 @@ def embed_passages(
         stats.update(seconds=secs, passages_per_s=n / max(secs, 1e-9), tokens=n_tok, padded_tokens=n_pad)
         stats["dtype"] = str(amp or torch.float32).removeprefix("torch.")
     return out
+
+
+def _padded_batches(tokens: Any, n: int, batch_size: int, sort_window: int, pad_id: int, pin: bool):
+    """(original rows (b,), input_ids (b, L), mask (b, L)) per batch: windows of ``sort_window`` batches read
+    at once, sorted by length inside the window so each batch pads to a near-uniform length."""
+    window = batch_size * sort_window
+    for w0 in range(0, n, window):
+        rows = _fetch(tokens, list(range(w0, min(n, w0 + window))))
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))  # ascending length
+        for b0 in range(0, len(order), batch_size):
+            sel = order[b0 : b0 + batch_size]
+            input_ids, mask = pad_batch([rows[i] for i in sel], pad_id)  # (b, L)
+            if pin:
+                input_ids, mask = input_ids.pin_memory(), mask.pin_memory()
+            yield torch.as_tensor(sel) + w0, input_ids, mask
+
+
+class _prefetch:
+    """Iterate ``it`` in a background thread, ``depth`` items ahead (Arrow reads, padding and pinning overlap
+    the encoder); an exception in the thread is raised in the consumer; ``close()`` stops the thread."""
+
+    _END = object()
+
+    def __init__(self, it, depth: int = 4) -> None:
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(it,), daemon=True)
+        self.thread.start()
+
+    def _run(self, it) -> None:
+        try:
+            for item in it:
+                while not self.stop.is_set():
+                    try:
+                        self.q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stop.is_set():
+                    return
+            self.q.put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            self.q.put(e)
+
+    def __iter__(self):
+        while (item := self.q.get()) is not self._END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def _scatter(out: torch.Tensor, pending: list, device: torch.device) -> None:
+    """Write finished batches back to their original rows (one sync for the whole list)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    for rows, emb in pending:
+        out[rows] = emb
+    pending.clear()
 
 
 # --------------------------------------------------------------------------- resumable chunked embedding
@@ -189,24 +254,30 @@ def embed_chunks(
     return done
 
 
-def merge_chunks(out_dir: str | os.PathLike, n: int | None = None) -> torch.Tensor:
-    """Concatenate all chunk files of ``out_dir`` into (N, d) float32; raises naming missing ranges."""
+def chunk_spans(out_dir: str | os.PathLike, n: int) -> list[tuple[int, int]]:
+    """Sorted (start, end) of the chunk files in ``out_dir``; raises naming the row ranges not covered."""
     out = Path(out_dir)
-    if n is None:
-        n = json.loads((out / "plan.json").read_text())["n"]
     spans = sorted((int(m[1]), int(m[2])) for f in out.iterdir() if (m := _CHUNK_RE.match(f.name)))
-    pos, missing, parts = 0, [], []
+    pos, missing = 0, []
     for s, e in spans:
         if s < pos:
             raise ValueError(f"overlapping chunk files in {out}: emb_{s}_{e}.npy")
         if s > pos:
             missing.append((pos, s))
-        parts.append(np.load(chunk_path(out, s, e)))
         pos = e
     if pos < n:
         missing.append((pos, n))
     if missing:
         raise FileNotFoundError(f"{out} lacks embeddings for row ranges {missing}; rerun the embed step")
+    return spans
+
+
+def merge_chunks(out_dir: str | os.PathLike, n: int | None = None) -> torch.Tensor:
+    """Concatenate all chunk files of ``out_dir`` into (N, d) float32; raises naming missing ranges."""
+    out = Path(out_dir)
+    if n is None:
+        n = json.loads((out / "plan.json").read_text())["n"]
+    parts = [np.load(chunk_path(out, s, e)) for s, e in chunk_spans(out, n)]
     return torch.from_numpy(np.concatenate(parts, axis=0)) if parts else torch.empty((0, 0))
 
 

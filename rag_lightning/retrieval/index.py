@@ -22,7 +22,6 @@ import torch
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-_FILES = ("index.faiss", "vectors.npy", "meta.json")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FAISS_GPU_MAX_K = 2048  # faiss GPU top-k selection limit; larger k is searched on a CPU copy
 
@@ -56,17 +55,45 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """ "auto" -> this process's GPU if CUDA is available, else cpu; a bare "cuda" -> ``cuda:LOCAL_RANK``
+    (the DDP launcher's local rank, else the current device), so ranks never share ``cuda:0`` by accident."""
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        local = os.environ.get("LOCAL_RANK")
+        device = torch.device("cuda", int(local) if local is not None else torch.cuda.current_device())
+    return device
+
+
+def resolve_store_dtype(device: torch.device, store_dtype: str = "auto") -> str:
+    """ "auto" -> float16 on a GPU (half the memory; scores are still accumulated in float32), else float32."""
+    if store_dtype == "auto":
+        return "float16" if device.type == "cuda" else "float32"
+    if store_dtype not in _DTYPES:
+        raise ValueError(f"store_dtype must be auto or one of {list(_DTYPES)}, got {store_dtype!r}")
+    return store_dtype
+
+
 class DenseIndex:
     """Inner-product index over N passage embeddings of dimension d.
 
     backend: "faiss" (CPU, or GPU via ``index_cpu_to_gpu`` when faiss has GPU support and device is cuda),
         "torch" (exact ``q @ X.T`` + top-k, chunked over rows, on CUDA when available), or "auto" = faiss,
         except on a cuda device with a CPU-only faiss and an exact "Flat" factory, where it is torch.
+    device: "auto" = this process's GPU (``cuda:LOCAL_RANK``) when CUDA is available, else cpu; "cuda" without
+        an index also means ``cuda:LOCAL_RANK``, so every DDP rank's index lives on its own GPU.
     factory: any faiss factory string ("Flat", "HNSW32,Flat", "IVF256,PQ16", ...), built with
         ``METRIC_INNER_PRODUCT`` and trained on (a sample of at most ``train_size``) rows when needed.
+    store_dtype: "float32", "float16", or "auto" (float16 on a GPU, float32 on CPU). An exact Flat index in
+        float16 is faiss ``SQfp16`` on CPU, ``useFloat16`` on faiss-gpu, a half tensor for the torch backend.
     num_threads: faiss OpenMP threads (process-wide setting), default ``default_num_threads()``.
-    The exact vectors are kept on CPU in ``store_dtype`` for ``vectors(ids)`` (a second copy next to a Flat
-    faiss index: N*d*4 bytes more). ``version`` is bumped on every ``build``; callers may also set it.
+
+    No second copy of the vectors is kept: ``vectors(ids)`` reads them from the index itself (Flat / SQ /
+    HNSW-Flat storage, the torch backend's matrix), or, for a compressed index (PQ), from an exact source given
+    with ``build(..., vectors=)`` (a memory-mapped ``.npy``); without one, PQ reconstructions are returned
+    (lossy; a warning says so). ``version`` is metadata; the retriever that owns the index sets it.
     """
 
     def __init__(
@@ -77,7 +104,7 @@ class DenseIndex:
         device: str = "auto",
         nprobe: int = 16,
         ef_search: int = 128,
-        store_dtype: str = "float32",
+        store_dtype: str = "auto",
         train_size: int = 262_144,
         chunk_rows: int = 65_536,
         num_threads: int | None = None,
@@ -85,12 +112,9 @@ class DenseIndex:
     ) -> None:
         if backend not in ("auto", "faiss", "torch"):
             raise ValueError(f"backend must be auto|faiss|torch, got {backend!r}")
-        if store_dtype not in _DTYPES:
-            raise ValueError(f"store_dtype must be one of {list(_DTYPES)}, got {store_dtype!r}")
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         on_cuda = self.device.type == "cuda"
+        store_dtype = resolve_store_dtype(self.device, store_dtype)
         if backend == "auto":
             backend = "torch" if on_cuda and factory == "Flat" and not _faiss_gpu_available() else "faiss"
         if backend == "torch" and factory != "Flat":
@@ -101,54 +125,77 @@ class DenseIndex:
         self.store_dtype, self.train_size, self.chunk_rows = store_dtype, train_size, chunk_rows
         self.version = 0
         self.meta: dict = dict(meta or {})
+        self._ntotal = 0
         self._index: faiss.Index | None = None  # faiss index (CPU or GPU)
         self._cpu_copy: faiss.Index | None = None  # CPU clone of a GPU index, made on a k > 2048 search
-        self._vecs: torch.Tensor | None = None  # (N, d) exact vectors, CPU, store dtype
-        self._dev_vecs: torch.Tensor | None = None  # (N, d) torch-backend copy on self.device
+        self._dev_vecs: torch.Tensor | None = None  # (N, d) torch backend's matrix on self.device
+        self._exact: np.ndarray | None = None  # (N, d) exact vectors (memory-mapped file), for lossy indexes
+        self._lossy = False  # vectors() would return PQ reconstructions
         faiss.omp_set_num_threads(num_threads or default_num_threads())
 
     # ------------------------------------------------------------------ build
     @property
     def ntotal(self) -> int:
-        return 0 if self._vecs is None else int(self._vecs.shape[0])
+        return self._ntotal
 
-    def build(self, emb: torch.Tensor | np.ndarray) -> None:
-        """Index ``emb`` (N, d); row i gets id i. Replaces any previous content and bumps ``version``."""
-        if isinstance(emb, np.ndarray) and not emb.flags.writeable:  # e.g. a read-only memory-mapped slice
-            emb = np.array(emb, dtype=np.float32)  # copied into memory
-        x = torch.as_tensor(emb).detach().to("cpu", torch.float32).contiguous()  # (N, d)
+    @property
+    def lossy(self) -> bool:
+        """Whether ``vectors()`` returns compressed (PQ) reconstructions rather than the exact vectors."""
+        return self._lossy
+
+    def build(self, emb: torch.Tensor | np.ndarray, vectors: np.ndarray | None = None) -> None:
+        """Index ``emb`` (N, d); row i gets id i. Replaces any previous content.
+
+        vectors: an exact (N, d) source for ``vectors(ids)`` (e.g. ``np.load(f, mmap_mode="r")[a:b]``),
+        needed only by compressed factories (PQ); ``emb`` itself is not kept."""
+        x = emb if isinstance(emb, np.ndarray) else torch.as_tensor(emb).detach()  # (N, d); read in chunks
         if x.ndim != 2:
             raise ValueError(f"embeddings must be (N, d), got shape {tuple(x.shape)}")
         if self.dim is not None and x.shape[1] != self.dim:
             raise ValueError(f"embeddings have dim {x.shape[1]}, index dim is {self.dim}")
-        self.dim = int(x.shape[1])
-        self._vecs = x.to(_DTYPES[self.store_dtype])
-        self._index, self._dev_vecs = None, None
+        if vectors is not None and tuple(vectors.shape) != tuple(x.shape):
+            raise ValueError(f"vectors source has shape {tuple(vectors.shape)}, embeddings {tuple(x.shape)}")
+        self.dim, self._ntotal = int(x.shape[1]), int(x.shape[0])
+        self._index, self._dev_vecs, self._exact = None, None, vectors
         if self.backend == "faiss":
-            self._set_faiss(self._build_faiss(x.numpy()))
-        else:
-            self._dev_vecs = self._vecs.to(self.device)
-        self.version += 1
+            self._set_faiss(self._build_faiss(x))
+            return
+        self._dev_vecs = torch.empty(
+            (self._ntotal, self.dim), dtype=_DTYPES[self.store_dtype], device=self.device
+        )
+        for s in range(0, self._ntotal, self.chunk_rows):  # host memory: one chunk at a time
+            self._dev_vecs[s : s + self.chunk_rows] = _rows_f32(x, s, s + self.chunk_rows).to(self.device)
 
-    def _build_faiss(self, x: np.ndarray) -> faiss.Index:
-        """CPU faiss index from ``x`` (N, d) float32, trained on a seeded sample when untrained."""
-        index = faiss.index_factory(self.dim, self.factory, faiss.METRIC_INNER_PRODUCT)
+    def _cpu_factory(self) -> str:
+        """The factory built on CPU: an fp16 exact index is faiss's scalar quantizer (half the memory)."""
+        fp16_cpu = self.store_dtype == "float16" and not self.use_faiss_gpu
+        return "SQfp16" if self.factory == "Flat" and fp16_cpu else self.factory
+
+    def _build_faiss(self, x: np.ndarray | torch.Tensor) -> faiss.Index:
+        """CPU faiss index from ``x`` (N, d) (a tensor, an array or a memory map), trained on a seeded sample
+        when untrained, added in chunks of ``chunk_rows`` (host memory: the index plus one chunk)."""
+        index = faiss.index_factory(self.dim, self._cpu_factory(), faiss.METRIC_INNER_PRODUCT)
+        n = len(x)
         if not index.is_trained:
-            sample = x
-            if len(x) > self.train_size:
-                rows = np.random.default_rng(0).choice(len(x), self.train_size, replace=False)
-                sample = x[np.sort(rows)]
-            index.train(sample)
-        index.add(x)
+            rows = np.arange(n)
+            if n > self.train_size:
+                rows = np.sort(np.random.default_rng(0).choice(n, self.train_size, replace=False))
+            sample = x[torch.from_numpy(rows)] if isinstance(x, torch.Tensor) else x[rows]
+            index.train(np.ascontiguousarray(torch.as_tensor(np.asarray(sample)).float().numpy()))
+        for s in range(0, n, self.chunk_rows):
+            index.add(_rows_f32(x, s, s + self.chunk_rows).numpy())
         return index
 
     def _set_faiss(self, cpu_index: faiss.Index) -> None:
         """Install a CPU faiss index, moved to the GPU when configured (HNSW etc. stay on CPU)."""
         index = cpu_index
+        self._ntotal = int(cpu_index.ntotal)
         if self.use_faiss_gpu:
             try:
                 self._gpu_res = faiss.StandardGpuResources()
-                index = faiss.index_cpu_to_gpu(self._gpu_res, self.device.index or 0, cpu_index)
+                opts = faiss.GpuClonerOptions()
+                opts.useFloat16 = self.store_dtype == "float16"
+                index = faiss.index_cpu_to_gpu(self._gpu_res, self.device.index or 0, cpu_index, opts)
             except RuntimeError as err:  # e.g. HNSW has no GPU implementation
                 log.warning("faiss GPU does not support %r (%s); searching on CPU", self.factory, err)
                 self.use_faiss_gpu = False
@@ -157,10 +204,17 @@ class DenseIndex:
             with contextlib.suppress(RuntimeError):  # parameter does not apply to this index type
                 space.set_index_parameter(index, name, value)
         self._index, self._cpu_copy = index, None
+        if self._exact is None and not self.use_faiss_gpu:
+            with contextlib.suppress(RuntimeError):  # IVF: reconstruct() needs the id -> list map
+                faiss.extract_index_ivf(cpu_index).make_direct_map()
+        self._lossy = self._exact is None and "PQ" in self.factory.upper()
+        if self._lossy:
+            log.warning("index %r keeps no exact vectors: vectors() returns PQ reconstructions (build it "
+                        "with scripts/build_index.py to read exact ones from its vectors file)", self.factory)  # fmt: skip
 
     # ----------------------------------------------------------------- search
     def _check_built(self) -> None:
-        if self._vecs is None:
+        if self._index is None and self._dev_vecs is None:
             raise RuntimeError("DenseIndex is empty: call build() or DenseIndex.load() first")
 
     @torch.no_grad()  # not inference_mode: results may be used in autograd-recorded ops later
@@ -201,10 +255,19 @@ class DenseIndex:
         return best_s.cpu(), best_i.masked_fill(best_s == float("-inf"), -1).cpu()
 
     def vectors(self, ids: torch.Tensor) -> torch.Tensor:
-        """Exact stored embeddings for ``ids`` (...) -> (..., d) float32 CPU; id -1 gives a zero row."""
+        """Stored embeddings for ``ids`` (...) -> (..., d) float32 CPU; id -1 gives a zero row."""
         self._check_built()
         ids = torch.as_tensor(ids, dtype=torch.long).cpu()
-        out = self._vecs[ids.clamp(min=0)].float()  # (..., d)
+        flat = ids.reshape(-1).clamp(min=0)  # (M,)
+        if self._dev_vecs is not None:
+            out = self._dev_vecs[flat.to(self._dev_vecs.device)].float().cpu()  # (M, d)
+        elif self._exact is not None:
+            uniq, inv = flat.unique(return_inverse=True)  # sorted reads from the memory-mapped file
+            out = torch.from_numpy(np.asarray(self._exact[uniq.numpy()], dtype=np.float32))[inv]
+        else:
+            index = self._cpu_copy or self._index
+            out = torch.from_numpy(index.reconstruct_batch(flat.numpy()))  # (M, d)
+        out = out.view(*ids.shape, self.dim)
         return out.masked_fill((ids < 0).unsqueeze(-1), 0.0)
 
     def search_with_vectors(self, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -231,9 +294,10 @@ class DenseIndex:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write index.faiss, vectors.npy, meta.json to a temporary sibling dir, fsync, then swap it in:
-        rename old -> ``<name>.old``, rename new -> ``<name>``, delete old (``load`` recovers from a crash
-        between the two renames). A failure before the swap leaves the previous index untouched."""
+        """Write index.faiss, meta.json and (torch backend, or an exact source of a lossy index) vectors.npy
+        to a temporary sibling dir, fsync, then swap it in: rename old -> ``<name>.old``, rename new ->
+        ``<name>``, delete old (``load`` recovers from a crash between the two renames). A failure before the
+        swap leaves the previous index untouched."""
         self._check_built()
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -243,10 +307,13 @@ class DenseIndex:
         try:
             index = self._cpu_index() if self.backend == "faiss" else faiss.IndexFlatIP(self.dim)
             faiss.write_index(index, str(tmp / "index.faiss"))  # torch backend: empty placeholder
-            np.save(tmp / "vectors.npy", self._vecs.numpy())
+            files = ["index.faiss", "meta.json"]
+            if self._dev_vecs is not None or self._exact is not None:
+                write_npy_rows(tmp / "vectors.npy", self, self.chunk_rows)
+                files.append("vectors.npy")
             with open(tmp / "meta.json", "w") as f:
                 json.dump(self._meta_record(), f, indent=1, default=str)
-            for name in _FILES:
+            for name in files:
                 _fsync(tmp / name)
             _fsync(tmp)
             if old.exists():
@@ -265,8 +332,9 @@ class DenseIndex:
         cls, path: str | os.PathLike, backend: str | None = None, device: str = "auto", **kwargs
     ) -> DenseIndex:
         """Load a directory written by ``save``. ``backend`` defaults to the saved one; a Flat index saved
-        from one backend can be loaded into the other. Raises FileNotFoundError / IndexFileError naming the
-        path when the directory or a file is missing, unreadable or inconsistent."""
+        from one backend can be loaded into the other. ``vectors.npy`` is memory-mapped, not read into RAM.
+        Raises FileNotFoundError / IndexFileError naming the path when the directory or a file is missing,
+        unreadable or inconsistent."""
         path = Path(path)
         old = path.parent / f"{path.name}.old"
         if not path.exists() and old.exists():  # crash between the two renames of save()
@@ -274,17 +342,24 @@ class DenseIndex:
             os.rename(old, path)
         if not path.is_dir():
             raise FileNotFoundError(f"index directory not found: {path}")
-        for name in _FILES:
+        for name in ("index.faiss", "meta.json"):
             if not (path / name).is_file():
                 raise IndexFileError(f"index directory {path} is missing {name}")
         try:
             rec = json.loads((path / "meta.json").read_text())
-            vecs = np.load(path / "vectors.npy")
         except (OSError, ValueError) as err:
             raise IndexFileError(f"corrupt index file in {path}: {err}") from err
         shape = (rec.get("ntotal"), rec.get("dim"))
-        if vecs.ndim != 2 or vecs.shape != shape:
-            raise IndexFileError(f"{path / 'vectors.npy'} has shape {vecs.shape}, meta.json says {shape}")
+        vecs = None
+        if (path / "vectors.npy").is_file():
+            try:
+                vecs = np.load(path / "vectors.npy", mmap_mode="r")
+            except (OSError, ValueError) as err:
+                raise IndexFileError(f"corrupt index file {path / 'vectors.npy'}: {err}") from err
+            if vecs.ndim != 2 or vecs.shape != shape:
+                raise IndexFileError(f"{path / 'vectors.npy'} has shape {vecs.shape}, meta.json says {shape}")
+        elif rec["backend"] == "torch":
+            raise IndexFileError(f"index directory {path} is missing vectors.npy")
         self = cls(
             dim=rec["dim"],
             factory=rec["factory"],
@@ -292,25 +367,27 @@ class DenseIndex:
             device=device,
             nprobe=rec["nprobe"],
             ef_search=rec["ef_search"],
-            store_dtype=str(vecs.dtype),
+            store_dtype=kwargs.pop("store_dtype", rec["store_dtype"]),
             meta=rec["meta"],
             **kwargs,
         )
-        self.version, self._vecs = int(rec["version"]), torch.from_numpy(vecs)
-        if self.backend == "torch":
-            self._dev_vecs = self._vecs.to(self.device)
-        elif rec["backend"] == "torch":  # no faiss index was saved: rebuild it
-            self._set_faiss(self._build_faiss(self._vecs.float().numpy()))
-        else:
-            try:
-                index = faiss.read_index(str(path / "index.faiss"))
-            except RuntimeError as err:
-                raise IndexFileError(f"corrupt faiss index {path / 'index.faiss'}: {err}") from err
-            if index.ntotal != shape[0] or index.d != shape[1]:
-                raise IndexFileError(
-                    f"{path / 'index.faiss'} holds {index.ntotal}x{index.d}, expected {shape}"
-                )
-            self._set_faiss(index)
+        if rec["backend"] == "torch":  # no faiss index was saved: built from the vectors
+            self.build(vecs)
+            self.version = int(rec["version"])
+            return self
+        try:
+            index = faiss.read_index(str(path / "index.faiss"))
+        except RuntimeError as err:
+            raise IndexFileError(f"corrupt faiss index {path / 'index.faiss'}: {err}") from err
+        if index.ntotal != shape[0] or index.d != shape[1]:
+            raise IndexFileError(f"{path / 'index.faiss'} holds {index.ntotal}x{index.d}, expected {shape}")
+        self.version = int(rec["version"])
+        if self.backend == "torch":  # a Flat faiss index loaded into the torch backend
+            self.build(vecs if vecs is not None else index.reconstruct_n(0, index.ntotal))
+            self.version = int(rec["version"])
+            return self
+        self._exact = vecs
+        self._set_faiss(index)
         return self
 
     def __repr__(self) -> str:
@@ -318,3 +395,22 @@ class DenseIndex:
             f"DenseIndex(factory={self.factory!r}, backend={self.backend!r}, device={self.device}, "
             f"ntotal={self.ntotal}, dim={self.dim}, version={self.version})"
         )
+
+
+def _rows_f32(x: np.ndarray | torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of ``x`` as a contiguous float32 CPU tensor (a copy of that chunk only)."""
+    part = x[start:end]
+    if isinstance(part, np.ndarray):
+        return torch.from_numpy(np.array(part, dtype=np.float32))
+    return part.detach().to("cpu", torch.float32).contiguous()
+
+
+def write_npy_rows(path: str | os.PathLike, index: DenseIndex, chunk_rows: int = 65_536) -> None:
+    """Write ``index.vectors(0..N-1)`` to an ``.npy`` in row chunks (memory: one chunk), store dtype."""
+    dtype = np.float16 if index.store_dtype == "float16" else np.float32
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(index.ntotal, index.dim))
+    for s in range(0, index.ntotal, chunk_rows):
+        e = min(index.ntotal, s + chunk_rows)
+        out[s:e] = index.vectors(torch.arange(s, e)).numpy()
+    out.flush()
+    del out

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,6 +38,31 @@ def rank_world(group=None) -> tuple[int, int]:
     return 0, 1
 
 
+def _device(group=None) -> torch.device:
+    """Where collectives' tensors live: this rank's GPU for nccl, CPU for gloo."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_ranks_ok(ok: bool, group=None) -> bool:
+    """True on every rank iff ``ok`` on every rank (a MIN all-reduce; every rank must call it)."""
+    if rank_world(group)[1] == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def broadcast_from_zero(obj: Any, group=None) -> Any:
+    """Rank 0's ``obj`` on every rank (every rank must call it): one decision, taken once."""
+    if rank_world(group)[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group, device=_device(group))
+    return box[0]
+
+
 class ShardedIndex:
     """Global-id search over a local ``DenseIndex`` holding global rows [start, start + local.ntotal)."""
 
@@ -56,7 +82,9 @@ class ShardedIndex:
         rank, world = rank_world(group)
         start, end = shard_range(len(emb), rank, world) if mode == "sharded" else (0, len(emb))
         local = DenseIndex(**index_kwargs)
-        local.build(emb[start:end])
+        part = emb[start:end]  # (n, d)
+        exact = part if isinstance(part, np.ndarray) and not part.flags.writeable else None  # memory-mapped
+        local.build(part, vectors=exact)
         return cls(local, start, mode, group)
 
     @property
@@ -124,12 +152,7 @@ class ShardedIndex:
         rank, world = rank_world(self.group)
         if self.mode == "replicated" or world == 1:
             return self._local(q, k, with_vectors)
-        dev = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend(self.group) == "nccl"
-            else None
-        )
-        dev = dev or torch.device("cpu")
+        dev = _device(self.group)
         q = torch.as_tensor(q).detach().to(dev, torch.float32)  # (B, d)
         b, d = q.shape[0], self.dim
         # 1) batch sizes, then padded queries from every rank

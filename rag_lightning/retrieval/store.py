@@ -1,0 +1,96 @@
+"""Prepared indexes: a corpus's embeddings saved once under a stamp, at a path derived from the stamp.
+
+stamp = {corpus fingerprint, document-encoder weights fingerprint, factory, vector dtype, embedding precision}
+path  = ``<root>/<sha256(stamp)[:16]>`` (``root`` is ``index.root``, by default ``${paths.cache_dir}/indexes``),
+holding ``vectors.npy`` (N, d) in the store dtype and ``stamp.json``. ``scripts/build_index.py`` writes it;
+training, resuming and evaluation compute the stamp of their own corpus and document encoder and load the
+directory it names, memory-mapped (each rank reads only its own rows), so nothing is re-embedded by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rag_lightning.retrieval.embed import chunk_spans
+
+STAMP_FILE, VECTORS_FILE = "stamp.json", "vectors.npy"
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """sha256 (16 hex) over the names, dtypes, shapes and bytes of ``module.state_dict()``."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def stamp_key(stamp: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stamp_text(stamp: dict[str, Any] | None) -> str:
+    """One line for logs: ``corpus=... doc_encoder=... factory=Flat dtype=float32 embed=fp32``."""
+    return " ".join(f"{k}={v}" for k, v in (stamp or {}).items() if k != "passages")
+
+
+def prepared_path(root: str | os.PathLike, stamp: dict[str, Any]) -> Path:
+    return Path(root) / stamp_key(stamp)
+
+
+def read_stamp(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The stamp of a complete prepared directory, or None (absent, incomplete or unreadable)."""
+    f = Path(path) / STAMP_FILE
+    try:
+        return json.loads(f.read_text()) if (Path(path) / VECTORS_FILE).is_file() else None
+    except (OSError, ValueError):
+        return None
+
+
+def is_prepared(path: str | os.PathLike) -> bool:
+    return read_stamp(path) is not None
+
+
+def open_vectors(path: str | os.PathLike) -> np.ndarray:
+    """(N, d) vectors of a prepared directory, memory-mapped read-only."""
+    return np.load(Path(path) / VECTORS_FILE, mmap_mode="r")
+
+
+def write_prepared(
+    target: str | os.PathLike, chunks_dir: str | os.PathLike, n: int, stamp: dict[str, Any], dtype: str
+) -> Path:
+    """Stream the chunk files ``emb_{s}_{e}.npy`` of ``chunks_dir`` (covering rows 0..n) into
+    ``target/vectors.npy`` in ``dtype`` (memory: one chunk), write ``stamp.json``; atomic (tmp dir, rename)."""
+    target = Path(target)
+    spans = chunk_spans(chunks_dir, n)  # raises naming missing row ranges
+    first = np.load(Path(chunks_dir) / f"emb_{spans[0][0]}_{spans[0][1]}.npy", mmap_mode="r")
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        out = np.lib.format.open_memmap(tmp / VECTORS_FILE, mode="w+", dtype=dtype, shape=(n, first.shape[1]))
+        for s, e in spans:
+            out[s:e] = np.load(Path(chunks_dir) / f"emb_{s}_{e}.npy")
+        out.flush()
+        del out
+        (tmp / STAMP_FILE).write_text(json.dumps({**stamp, "passages": n}, indent=1))
+        if target.exists():  # a stale or partial directory under the same stamp
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+class IndexStampError(RuntimeError):
+    """An index directory was made from another corpus, document encoder, factory or dtype."""
