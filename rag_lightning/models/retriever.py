@@ -1,14 +1,17 @@
 """Dense retriever: query encoder, document encoder and the index over the corpus they define.
 
 Retrieval is a non-differentiable top-K search with the detached query; the retrieval scores that the
-generation loss sees are then recomputed with gradient, `scores[b, k] = q_b . d_{b,k}`, so the loss trains the
-query encoder (and, with `train_doc_encoder`, the document encoder, by re-encoding the K passages).
+generation loss sees are then recomputed with gradient, `scores[b, k] = q_b . d_{b,k} / temperature`, so the
+loss trains the query encoder (and, with `train_doc_encoder`, the document encoder, by re-encoding the K
+passages). `similarity: cosine` makes both encoders return unit vectors (the index then searches cosine by
+inner product); the temperature is fixed, or learned as CLIP does (a log-scale parameter, clamped).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any
 
 import torch
@@ -20,6 +23,8 @@ from rag_lightning.retrieval.index import DenseIndex
 from rag_lightning.retrieval.sharded import ShardedIndex, rank_world, shard_range
 
 log = logging.getLogger(__name__)
+SIMILARITIES = ("dot", "cosine")
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: a learned temperature never goes below 0.01
 
 
 class Retriever(nn.Module):
@@ -33,13 +38,23 @@ class Retriever(nn.Module):
         index: dict[str, Any] | None = None,
         embed_batch_size: int = 128,
         embed_precision: str = "auto",
+        similarity: str = "dot",
+        temperature: float = 1.0,
+        learn_temperature: bool = False,
     ):
         """`doc_encoder=None` uses a copy of the query encoder (DPR-style two towers from one checkpoint).
 
         embed_precision: autocast dtype for re-embedding the corpus, "auto" (bf16 on CUDA and on CPUs with
         native bf16, else fp32), "bf16", "fp16" or "fp32"; stored vectors are float32 either way.
+        similarity: "dot" (raw inner product) or "cosine" (both towers L2-normalize their vectors).
+        temperature: p(z|x) = softmax(similarity / temperature); `learn_temperature` makes log(1/temperature)
+        a trained parameter (clamped to 1/temperature <= 100).
         """
         super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"retriever.similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if not temperature > 0:
+            raise ValueError(f"retriever.temperature must be > 0, got {temperature}")
         self.query_encoder = query_encoder
         self.doc_encoder = doc_encoder if doc_encoder is not None else copy.deepcopy(query_encoder)
         self.n_docs = n_docs
@@ -48,6 +63,13 @@ class Retriever(nn.Module):
         self.index_mode = self.index_kwargs.pop("mode", "replicated")  # replicated | sharded (under DDP)
         self.embed_batch_size = embed_batch_size
         self.embed_precision = embed_precision
+        self.similarity = similarity
+        self.query_encoder.normalize = self.doc_encoder.normalize = similarity == "cosine"
+        scale = torch.tensor(-math.log(temperature), dtype=torch.float32)  # log(1 / temperature)
+        if learn_temperature:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale, persistent=False)
         self.query_encoder.requires_grad_(train_query_encoder)
         self.doc_encoder.requires_grad_(train_doc_encoder)
         if not train_doc_encoder:
@@ -91,6 +113,7 @@ class Retriever(nn.Module):
         local.build(emb)  # (end - start, d)
         index = ShardedIndex(local, start, self.index_mode)
         index.meta["corpus"] = getattr(corpus, "fingerprint", None)
+        index.meta["similarity"] = self.similarity
         return index
 
     def load_index(self, path: str) -> ShardedIndex:
@@ -110,7 +133,13 @@ class Retriever(nn.Module):
             d = self._encode_docs(tokens, q.device).view(*ids.shape, -1)  # (B, k, d), with grad
         else:
             d = vecs.to(device=q.device, dtype=q.dtype)
-        return torch.einsum("bd,bkd->bk", q, d), ids
+        return self.score(q, d), ids
+
+    def score(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """q (B, d), d (B, k, d) -> float32 scores (B, k) = q . d / temperature (also under autocast)."""
+        with torch.autocast(q.device.type, enabled=False):
+            scale = self.logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
+            return torch.einsum("bd,bkd->bk", q.float(), d.float()) * scale
 
     def _encode_docs(self, tokens: list[list[int]], device: torch.device) -> torch.Tensor:
         ids, mask = pad_batch(tokens, self.doc_encoder.tokenizer.pad_token_id or 0)  # (B*k, L)
