@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rag_lightning.models import marginalize as M
+from rag_lightning.models import token_logprob as TL
 from rag_lightning.models.marginalize import rag_sequence_nll, rag_token_nll
 
 
@@ -141,12 +141,12 @@ def test_k1_is_token_cross_entropy():
 
 
 def test_chunked_logsumexp(monkeypatch):
-    monkeypatch.setattr(M, "_CHUNK_ELEMS", 10)  # force several chunks
+    monkeypatch.setattr(TL, "CHUNK_ELEMS", 10)  # force several chunks
     logits, scores, labels = _inputs(seed=9)
     logits.requires_grad_(True)
     got = rag_token_nll(logits, scores, labels, reduction="sum")
     (g,) = torch.autograd.grad(got, logits)
-    monkeypatch.setattr(M, "_CHUNK_ELEMS", 1 << 24)
+    monkeypatch.setattr(TL, "CHUNK_ELEMS", 1 << 24)
     ref = rag_token_nll(logits, scores, labels, reduction="sum")
     (gref,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(got, ref)
