@@ -120,9 +120,10 @@ class Retriever(nn.Module):
         return ShardedIndex.load(path, self.index_mode)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, corpus=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k for a batch of questions -> (doc_scores (B, k) with grad, ids (B, k) global passage ids)."""
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, corpus=None, return_vectors=False
+    ) -> tuple[torch.Tensor, ...]:
+        """Top-k for a batch of questions -> (doc_scores (B, k) with grad, ids (B, k) global passage ids), and
+        with `return_vectors` also the query vectors (B, d) and passage vectors (B, k, d) that scored them."""
         if self.index is None:
             raise RuntimeError("the retriever has no index yet: build_index() first")
         q = self.query_encoder(input_ids, attention_mask)  # (B, d)
@@ -133,13 +134,21 @@ class Retriever(nn.Module):
             d = self._encode_docs(tokens, q.device).view(*ids.shape, -1)  # (B, k, d), with grad
         else:
             d = vecs.to(device=q.device, dtype=q.dtype)
-        return self.score(q, d), ids
+        scores = self.score(q, d)  # (B, k)
+        return (scores, ids, q, d) if return_vectors else (scores, ids)
 
     def score(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        """q (B, d), d (B, k, d) -> float32 scores (B, k) = q . d / temperature (also under autocast)."""
+        """float32 q . d / temperature (also under autocast): q (B, d) with d (B, k, d) -> (B, k), each
+        question against its own passages, or with d (N, d) -> (B, N), every question against all N."""
         with torch.autocast(q.device.type, enabled=False):
             scale = self.logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
-            return torch.einsum("bd,bkd->bk", q.float(), d.float()) * scale
+            eq = "bd,bkd->bk" if d.dim() == 3 else "bd,nd->bn"
+            return torch.einsum(eq, q.float(), d.float()) * scale
+
+    def encode_passages(self, rows: list[int], corpus, device: torch.device) -> torch.Tensor:
+        """Document vectors (len(rows), d) of corpus rows, with gradient only if the document encoder trains."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_doc_encoder):
+            return self._encode_docs(corpus.doc_tokens(rows), device)
 
     def _encode_docs(self, tokens: list[list[int]], device: torch.device) -> torch.Tensor:
         ids, mask = pad_batch(tokens, self.doc_encoder.tokenizer.pad_token_id or 0)  # (B*k, L)
