@@ -137,7 +137,7 @@ def test_config_errors(tmp_path):
 @pytest.mark.parametrize(
     "overrides",
     [
-        ["model.retriever_loss=emdr2", "model.objective_args={emdr2:{temperature:0.5}}"],
+        ["model.retriever_loss=emdr2", "model.objective_args.emdr2.temperature=0.5"],
         ["model.retriever_loss=pdist", "retriever.similarity=cosine", "retriever.temperature=0.05"],
         ["model.retriever_loss=lsr", "model.generator_loss=none"],
         ["model.retriever_loss={emdr2:1.0,contrastive:0.1}", "retriever.learn_temperature=true"],
@@ -174,3 +174,24 @@ def test_collapse_is_visible_in_validation_logs(tmp_path):
 def _q(model, texts):
     t = model.retriever.query_encoder.tokenizer(texts, return_tensors="pt")
     return t["input_ids"], t["attention_mask"]
+
+
+def test_eval_retrieval_script_agrees_with_the_module(setup):
+    """scripts/eval_retrieval.py's recall@k and entropy equal what validation logs for the same retriever."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_retrieval.py"
+    spec = importlib.util.spec_from_file_location("rag_eval_retrieval", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    _, dm, model, _ = setup
+    model.eval()
+    items = dm.train_items
+    got = mod.eval_set(model.retriever, dm.corpus, dm._loader(items, train=False), [1, 2], 2)
+    outs = [model.evaluate(b) for b in dm._loader(items, train=False)]
+    for key in ("recall@1", "recall@2", "p_entropy"):
+        want = torch.cat([o[key].float() for o in outs]).mean().item()
+        assert abs(got[key] - want) < 1e-5, key
+    assert got["top1_distinct"] == len({i for o in outs for i in o["ids"][:, 0].tolist()})
+    assert got["n"] == len(items) and 0 <= got["gold@1"] <= got["gold@2"] <= 1
