@@ -4,10 +4,11 @@ No math lives here: the losses are `models.marginalize` and `models.objectives`,
 metrics `metrics`. One training step (B questions, K passages each):
     doc_scores, ids = retriever(question)                  # (B, K) with grad, (B, K) passage ids
     src = template(question, passage[ids])                 # (B*K, S) token ids, question first
-    lp = answer_logprobs(generator(src, labels))           # log p(y_t|x,z_k,y<t) (B, K, T); seq_lp (B, K)
-    loss = rag_{token|sequence} marginal(lp, doc_scores)   # generator_loss; trains the retriever only
-           + sum_name w_name * objective_name(lp.seq_lp, doc_scores)   # if `marginal` is in retriever_loss
-The generator pass is made once; every retriever objective reads the same per-passage log-likelihoods.
+    lp = answer_logprobs(src, labels)                      # tok_lp (B, K, T), seq_lp (B, K): one generator pass;
+                                                           #   fused output layer + log-probs (no (B*K, T, V) logits)
+    loss = rag_loss(lp, doc_scores, generator_loss)        # RAG-Token / RAG-Sequence marginal: trains the generator
+           + sum_name w_name * objective_name(lp.seq_lp, doc_scores)   # retriever objectives, same pass
+The marginal's gradient reaches the retriever only with `marginal` in `retriever_loss` (the RAG paper's setup).
 """
 
 from __future__ import annotations
@@ -24,9 +25,15 @@ from torchmetrics import MeanMetric
 from rag_lightning import metrics
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.generator import Generator
-from rag_lightning.models.marginalize import AnswerLogProbs, answer_logprobs, rag_loss
+from rag_lightning.models.marginalize import (
+    AnswerLogProbs,
+    answer_logprobs,
+    answer_logprobs_fused,
+    rag_loss,
+)
 from rag_lightning.models.objectives import OBJECTIVES, contrastive_loss, entropy, scale_grad
 from rag_lightning.models.retriever import Retriever
+from rag_lightning.retrieval.embed import pad_batch
 
 log = logging.getLogger(__name__)
 VARIANTS = ("token", "sequence")
@@ -50,6 +57,7 @@ class RagModule(L.LightningModule):
         decoding: dict[str, Any] | None = None,
         eval_ks: tuple[int, ...] = (1, 5, 20),
         n_samples: int = 16,
+        fused_loss: bool = True,
     ):
         """variant: token | sequence, the marginal used for decoding and (by default) the generator loss.
         generator_loss: token | sequence | none (a frozen generator); null = `variant`.
@@ -142,20 +150,45 @@ class RagModule(L.LightningModule):
         return self.retriever(batch["q_input_ids"], batch["q_attention_mask"], k, corpus=self.corpus)
 
     def sources(self, batch: dict[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K) passage ids -> generator inputs (B*K, S) on this device."""
-        passages = self.corpus.gen_tokens(ids.flatten().tolist())
-        src, mask = self.generator.build_sources(batch["g_question"], passages, ids.shape[1])
-        return src.to(self.device), mask.to(self.device)
+        """(B, K) passage ids -> generator inputs (B*K, S) on this device, assembled with tensor ops."""
+        g = self.generator
+        passages, p_len = self.corpus.gen_token_rows(ids.detach().flatten())  # (B*K, L), (B*K,) on the CPU
+        q, q_mask = pad_batch(batch["g_question"], g.pad_token_id)  # (B, Lq)
+        src, mask = g.assemble_sources(q, q_mask.sum(1), passages, p_len, ids.shape[1])
+        return src.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+
+    def token_logprobs(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor | None = None,
+    ) -> AnswerLogProbs:
+        """Per-passage answer log-probs for generator inputs (B*K, S) and labels (B, T), one generator pass.
+
+        With ``model.fused_loss`` and a generator that exposes its output layer (``Generator.output_layer()``),
+        the decoder's final states go straight into the fused output-layer + log-prob kernel and the
+        (B*K, T, V) logits never exist; otherwise the log-probs come from ``generator(src, mask, labels)``.
+        ``positions``: ``batch["label_positions"]`` (non-padding targets, from the collator)."""
+        k = src.shape[0] // labels.shape[0]
+        rep = labels.repeat_interleave(k, 0)  # (B*K, T)
+        smooth = self.hparams.label_smoothing > 0
+        head = self.generator.output_layer() if self.hparams.fused_loss else None
+        if head is not None:
+            hidden = self.generator.hidden_states(src, mask, rep)  # (B*K, T, H)
+            return answer_logprobs_fused(hidden, *head, labels, k, smooth=smooth, positions=positions)
+        logits = self.generator(src, mask, rep)  # (B*K, T, V)
+        return answer_logprobs(logits, labels, k, smooth=smooth, positions=positions)
 
     def answer_logprobs(self, batch: dict[str, Any], ids: torch.Tensor) -> AnswerLogProbs:
-        """One generator pass over the (question, passage) pairs: per-passage answer log-likelihoods."""
-        k = ids.shape[1]
+        """The generator's answer log-likelihoods under each retrieved passage, differentiable:
+        ``.tok_lp`` (B, K, T) = log p(y_t | x, z_k, y_<t) (0 at padding), ``.seq_lp`` (B, K) = their sum,
+        ``.smooth_lp`` (label smoothing). Retriever objectives (EMDR2, perplexity distillation, LSR) use
+        ``seq_lp`` from the same pass as the loss: ``rag_loss(lp, doc_scores, variant)``. A frozen generator
+        (``generator_loss=none``) runs without gradient."""
         src, mask = self.sources(batch, ids)
-        labels = batch["labels"]  # (B, T)
-        grad = torch.is_grad_enabled() and self.generator_loss != "none"
-        with torch.set_grad_enabled(grad):
-            logits = self.generator(src, mask, labels.repeat_interleave(k, 0))  # (B*K, T, V)
-            return answer_logprobs(logits, labels, k, smooth=self.hparams.label_smoothing > 0)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.generator_loss != "none"):
+            return self.token_logprobs(src, mask, batch["labels"], batch.get("label_positions"))
 
     def marginal_nll(self, lp: AnswerLogProbs, doc_scores: torch.Tensor, variant: str | None = None):
         """Per-question NLL (B,), summed over target tokens, marginalized over the K passages."""

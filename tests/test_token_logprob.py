@@ -41,11 +41,15 @@ def test_token_logprobs_match_log_softmax():
     assert torch.autograd.gradcheck(lambda a: token_logprobs(a, y, mean=True), (x,))
     rows = torch.tensor([7, 0, 3])  # a subset: unscored rows get zero gradient
     assert torch.autograd.gradcheck(lambda a: token_logprobs(a, y[:3], True, rows), (x,))
+    with torch.no_grad():
+        x[5] = 1e30  # huge logits in an unscored row: still exactly zero gradient there, no nan
+    (grad,) = torch.autograd.grad(token_logprobs(x, y[:3], True, rows)[0].sum(), x)
+    assert torch.isfinite(grad).all() and (grad[[1, 2, 4, 5, 6, 8]] == 0).all()
 
 
 @pytest.mark.parametrize("bias", [True, False])
 def test_linear_kernel_gradcheck(bias, monkeypatch):
-    monkeypatch.setattr(TL, "CHUNK_ELEMS", 20)  # several chunks of 2 rows
+    monkeypatch.setattr(TL, "FUSED_CHUNK_ELEMS", 20)  # several chunks of 2 rows
     g = torch.Generator().manual_seed(1)
     h = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(9, 4, generator=g, dtype=torch.float64, requires_grad=True)
@@ -69,6 +73,7 @@ def test_linear_kernel_gradcheck(bias, monkeypatch):
 def test_fused_equals_logits_path(variant, eps, chunk, monkeypatch):
     """Value and gradients (hidden, W, bias, doc scores) of the fused loss = the logits path, float64, 1e-5."""
     monkeypatch.setattr(TL, "CHUNK_ELEMS", chunk)
+    monkeypatch.setattr(TL, "FUSED_CHUNK_ELEMS", chunk)
     hidden, weight, bias, scores, labels = _case(seed=2)
     leaves = [x.clone().requires_grad_(True) for x in (hidden, weight, bias, scores)]
     ref_fn = {"token": rag_token_nll, "sequence": rag_sequence_nll}[variant]

@@ -25,6 +25,8 @@ class QACollator:
     Keys: ``q_input_ids`` (B, Lq) / ``q_attention_mask`` (B, Lq) (query tokenizer, with specials);
     ``g_question`` list[list[int]] (generator tokenizer, no specials, truncated to max_question_length);
     ``labels`` (B, T) int64 (generator ``text_target`` of the target answer, padding = -100);
+    ``label_positions`` (P,) int64 flat indices into (B, T) of the non-padding labels (computed here, on the
+    CPU, so the loss selects them on the device without waiting for it);
     ``questions`` list[str]; ``answers`` list[list[str]]; ``regex`` bool (any item's set is regex);
     plus ``ids`` list[str|None], ``gold_ids`` list[list[str]], ``set_names`` list[str].
     The target answer is the first gold answer, or a random one when ``answer="random"``.
@@ -70,6 +72,7 @@ class QACollator:
             "q_attention_mask": q["attention_mask"],  # (B, Lq)
             "g_question": g["input_ids"],
             "labels": labels,
+            "label_positions": (labels != -100).flatten().nonzero().squeeze(1),  # (P,)
             "questions": questions,
             "answers": [list(e.answers) for e in exs],
             "regex": any(it.regex for it in items),

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from rag_lightning.data.readers import DataError, squad_paragraphs
 
@@ -235,6 +237,7 @@ class Corpus:
         self.path = None if path is None else Path(path)
         self._table: pa.Table = dataset.data.table
         self._id_map: dict[str, int] | None = None
+        self._gen_chunks: tuple[Any, list[tuple[Any, Any]]] | None = None  # gen_token_rows' Arrow views
 
     # -- building / loading
     @staticmethod
@@ -340,6 +343,37 @@ class Corpus:
     def gen_tokens(self, ids: Sequence[int]) -> list[list[int]]:
         """Generator tokens of ``title + title_sep + text``, no special tokens, truncated."""
         return self._col("gen_ids", ids)
+
+    def gen_token_rows(self, ids: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generator tokens of rows ``ids`` (N,) (tensor / array) as one right-padded (N, L) int64 tensor (pad 0)
+        and lengths (N,): gathered from the Arrow offsets / values with numpy, no Python lists."""
+        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64).reshape(-1)
+        if self._gen_chunks is None:
+            if "gen_ids" not in self._table.column_names:
+                raise KeyError("corpus has no column 'gen_ids' (was its tokenizer given at conversion?)")
+            chunks = self._table.column("gen_ids").chunks
+            starts = np.cumsum([0] + [len(c) for c in chunks])  # first row of each chunk
+            arrays = [(c.offsets.to_numpy(), c.values.to_numpy()) for c in chunks]  # zero-copy views
+            self._gen_chunks = (starts, arrays)
+        starts, arrays = self._gen_chunks
+        if len(ids) and (ids.min() < 0 or ids.max() >= starts[-1]):
+            raise IndexError(f"passage ids out of range [0, {starts[-1]}): {ids.min()}..{ids.max()}")
+        which = np.searchsorted(starts, ids, side="right") - 1  # chunk of each id
+        begin, lengths = np.empty(len(ids), np.int64), np.empty(len(ids), np.int64)
+        for c in np.unique(which):
+            sel = which == c
+            off = arrays[c][0]
+            local = ids[sel] - starts[c]
+            begin[sel], lengths[sel] = off[local], off[local + 1] - off[local]
+        width = max(1, int(lengths.max(initial=0)))
+        cols = np.arange(width)
+        valid = cols < lengths[:, None]  # (N, L)
+        out = np.zeros((len(ids), width), np.int64)
+        for c in np.unique(which):
+            sel = which == c
+            idx = np.where(valid[sel], begin[sel, None] + cols, 0)
+            out[sel] = np.where(valid[sel], arrays[c][1][idx], 0)
+        return torch.from_numpy(out), torch.from_numpy(lengths)
 
     def doc_tokens(self, ids: Sequence[int]) -> list[list[int]]:
         """Doc-encoder tokens of the pair (title, text) with special tokens, truncated."""

@@ -63,6 +63,7 @@ class Generator(nn.Module):
         )
         if self.decoder_start_token_id is None:
             raise ValueError("generator config has no decoder_start_token_id")
+        self._head = _head_kind(model)
 
     @classmethod
     def from_pretrained(
@@ -81,6 +82,8 @@ class Generator(nn.Module):
             from rag_lightning.models.tiny import tiny_generator
 
             model, tok = tiny_generator()
+            if gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return cls(model, tok, max_source_length)
         require_model(name_or_path, "model.generator.name_or_path")
         config = AutoConfig.from_pretrained(name_or_path)
@@ -103,8 +106,8 @@ class Generator(nn.Module):
             model = EncoderDecoderModel.from_pretrained(name_or_path)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
-        if gradient_checkpointing:
-            model.gradient_checkpointing_enable()
+        if gradient_checkpointing:  # activations recomputed in backward, layer by layer
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(model, tok, max_source_length)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -117,18 +120,81 @@ class Generator(nn.Module):
         """questions: B id lists (no specials); passages: B*K id lists -> src ids, mask (B*K, S)."""
         if len(passages) != len(questions) * n_docs:
             raise ValueError(f"expected {len(questions)} x {n_docs} passages, got {len(passages)}")
-        n_special = len(self.prefix) + len(self.middle) + len(self.suffix)
-        budget = self.max_source_length - n_special
-        rows = []
-        for i, p in enumerate(passages):
-            q = list(questions[i // n_docs])[:budget]
-            rows.append(self.prefix + q + self.middle + list(p)[: budget - len(q)] + self.suffix)
-        return pad_batch(rows, self.pad_token_id)  # (B*K, S)
+        q, qm = pad_batch([list(x) for x in questions], self.pad_token_id)
+        p, pm = pad_batch([list(x) for x in passages], self.pad_token_id)
+        return self.assemble_sources(q, qm.sum(1), p, pm.sum(1), n_docs)
+
+    def assemble_sources(
+        self, q: torch.Tensor, q_len: torch.Tensor, p: torch.Tensor, p_len: torch.Tensor, n_docs: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorized template: q (B, Lq) / q_len (B,), p (B*K, Lp) / p_len (B*K,) right-padded token ids ->
+        src ids, mask (B*K, S), S = the longest assembled row; passages truncated so S <= max_source_length."""
+        r = p.shape[0]
+        if r != q.shape[0] * n_docs:
+            raise ValueError(f"expected {q.shape[0]} x {n_docs} passages, got {r}")
+        budget = self.max_source_length - len(self.prefix) - len(self.middle) - len(self.suffix)
+        ql = q_len.clamp(max=budget).repeat_interleave(n_docs)  # (R,)
+        pl = torch.minimum(p_len, budget - ql)  # (R,)
+        qr = q.repeat_interleave(n_docs, 0)  # (R, Lq)
+        pieces = [(self.prefix, None), (qr, ql), (self.middle, None), (p, pl), (self.suffix, None)]
+        toks, keep = [], []
+        for x, n in pieces:
+            if n is None:  # constant special ids
+                x = torch.tensor(x, dtype=torch.long).expand(r, len(x))
+                keep.append(torch.ones(x.shape, dtype=torch.bool))
+            else:
+                keep.append(torch.arange(x.shape[1]) < n[:, None])
+            toks.append(x.long())
+        toks, keep = torch.cat(toks, 1), torch.cat(keep, 1)  # (R, W)
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # kept entries first, in order
+        order = order[:, : max(1, int(keep.sum(1).max()))]  # (R, S)
+        kept = keep.gather(1, order)
+        return toks.gather(1, order).masked_fill_(~kept, self.pad_token_id), kept.long()
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B*K, T, V) for labels (B*K, T) (-100 = padding)."""
         dec = shift_right(labels, self.decoder_start_token_id, self.pad_token_id)
         return self.model(input_ids=src, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits
+
+    # The fused loss (models.marginalize.answer_logprobs_fused) needs the two halves of `forward`:
+    # forward(src, mask, labels) == hidden_states(src, mask, labels) @ W.T + bias, (W, bias) = output_layer().
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight (V, H), bias (V,) or None) of the LM head; None for an architecture without a split
+        (then RagModule scores from the logits of `forward`)."""
+        m = self.model
+        if self._head == "bart":
+            return m.get_output_embeddings().weight, m.final_logits_bias.view(-1)
+        if self._head == "t5":
+            return m.get_output_embeddings().weight, None
+        if self._head == "bert2bert":
+            head = m.decoder.cls.predictions.decoder
+            return head.weight, head.bias
+        return None
+
+    def hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Final decoder states (B*K, T, H) as the LM head sees them (after T5's d_model**-0.5 rescaling, after
+        BERT's prediction-head transform), for labels (B*K, T) (-100 = padding)."""
+        dec = shift_right(labels, self.decoder_start_token_id, self.pad_token_id)
+        m = self.model
+        if self._head == "bart":
+            return m.base_model(input_ids=src, attention_mask=mask, decoder_input_ids=dec, use_cache=False)[0]
+        if self._head == "t5":
+            enc = m.get_encoder()(input_ids=src, attention_mask=mask)[0]
+            h = m.get_decoder()(
+                input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask, use_cache=False
+            )[0]
+            return h * (m.model_dim**-0.5) if m.config.scale_decoder_outputs else h
+        if self._head == "bert2bert":
+            enc = m.encoder(input_ids=src, attention_mask=mask)[0]
+            if hasattr(m, "enc_to_dec_proj"):
+                enc = m.enc_to_dec_proj(enc)
+            h = m.decoder.bert(
+                input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask, use_cache=False
+            )[0]
+            return m.decoder.cls.predictions.transform(h)
+        raise NotImplementedError(
+            f"{type(m).__name__}: no hidden-states / output-layer split (output_layer() is None)"
+        )
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
@@ -138,6 +204,19 @@ class Generator(nn.Module):
     def _wordpiece(self) -> bool:
         model = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
         return type(model).__name__ == "WordPiece"
+
+
+def _head_kind(model: nn.Module) -> str | None:
+    """Which hidden-states / output-layer split `Generator.hidden_states` knows for this model, if any."""
+    if isinstance(model, EncoderDecoderModel):
+        dec = model.decoder
+        ok = hasattr(dec, "bert") and hasattr(dec, "cls") and hasattr(dec.cls, "predictions")
+        return "bert2bert" if ok else None
+    if hasattr(model, "final_logits_bias") and model.base_model is not model:  # BART, mBART, Pegasus, Marian
+        return "bart"
+    if model.config.model_type in ("t5", "mt5") and hasattr(model.config, "scale_decoder_outputs"):
+        return "t5"
+    return None
 
 
 _NUM_PUNCT = re.compile(r"(?<=\d) ?([.,:]) ?(?=\d)")  # 0. 2 -> 0.2, 1, 000 -> 1,000, 10 : 30 -> 10:30

@@ -28,15 +28,17 @@ from torch import Tensor
 
 __all__ = ["linear_token_logprobs", "token_logprobs"]
 
-CHUNK_ELEMS = 1 << 21  # elements of one float32 chunk of logits (8 MiB); rows per chunk = CHUNK_ELEMS // V
+CHUNK_ELEMS = 1 << 20  # elements of one float32 chunk of logits (4 MiB); rows per chunk = CHUNK_ELEMS // V
+# the fused kernel streams W (V, H) once per chunk and per matmul: larger chunks (32 MiB of logits)
+FUSED_CHUNK_ELEMS = 1 << 23
 
 
 def stat_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _rows(v: int) -> int:
-    return max(1, CHUNK_ELEMS // max(v, 1))
+def _rows(v: int, elems: int | None = None) -> int:
+    return max(1, (elems or CHUNK_ELEMS) // max(v, 1))
 
 
 def _stats(x: Tensor, y: Tensor, mean: bool) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -76,14 +78,20 @@ class _TokenLogProb(torch.autograd.Function):
     def backward(ctx, g: Tensor, gm: Tensor):
         x, rows, y, lse = ctx.saved_tensors
         mean = gm is not None and gm.numel() > 0
-        # the one (M, V) buffer; rows that are not scored (padding) get zero gradient
-        grad = torch.empty_like(x) if ctx.all_rows else torch.zeros_like(x)
+        m, dt = x.shape[0], lse.dtype
+        if not ctx.all_rows:  # spread over all M rows: unscored rows get g = 0 and lse = +inf, so p = 0
+            lse = lse.new_full((m,), float("inf")).index_copy_(0, rows, lse)
+            g = g.new_zeros(m).index_copy_(0, rows, g)
+            gm = gm.new_zeros(m).index_copy_(0, rows, gm) if mean else gm
+            y = y.new_zeros(m).index_copy_(0, rows, y)
+        grad = torch.empty_like(x)  # the one (M, V) buffer, written chunk by chunk in place
         step = _rows(x.shape[1])
-        for i in range(0, rows.shape[0], step):
+        for i in range(0, m, step):
             s = slice(i, i + step)
-            xc = x.index_select(0, rows[s]).to(lse.dtype)  # a fresh (n, V) chunk, overwritten in place
-            gc = _grad_logits_(xc, lse[s], y[s], g[s].to(lse.dtype), gm[s].to(lse.dtype) if mean else None)
-            grad.index_copy_(0, rows[s], gc.to(grad.dtype))
+            xc = grad[s].copy_(x[s]) if x.dtype == dt else x[s].to(dt)  # in the buffer when dtypes agree
+            gc = _grad_logits_(xc, lse[s], y[s], g[s].to(dt), gm[s].to(dt) if mean else None)
+            if gc.data_ptr() != grad[s].data_ptr():
+                grad[s] = gc
         return grad, None, None, None
 
 
@@ -117,7 +125,7 @@ class _LinearTokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, mean: bool, mm: torch.dtype):
         n, v = h.shape[0], w.shape[0]
-        dt, step = stat_dtype(h), _rows(v)
+        dt, step = stat_dtype(h), _rows(v, FUSED_CHUNK_ELEMS)
         hm, wm = h.to(mm), w.to(mm)
         lse, tok = h.new_empty(n, dtype=dt), h.new_empty(n, dtype=dt)
         mlp = h.new_empty(n, dtype=dt) if mean else None
@@ -136,7 +144,7 @@ class _LinearTokenLogProb(torch.autograd.Function):
     def backward(ctx, g: Tensor, gm: Tensor):
         h, w, b, y, lse = ctx.saved_tensors
         mean = gm is not None and gm.numel() > 0
-        mm, dt, step = ctx.mm, lse.dtype, _rows(w.shape[0])
+        mm, dt, step = ctx.mm, lse.dtype, _rows(w.shape[0], FUSED_CHUNK_ELEMS)
         hm, wm = h.to(mm), w.to(mm)
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(h) if need_h else None

@@ -1,0 +1,298 @@
+#!/usr/bin/env python
+"""Training-step benchmark: our RagModule step vs transformers' RagTokenForGeneration / RagSequenceForGeneration.
+
+    python scripts/benchmark.py train-step [--json PATH] [--device cpu|cuda] [--d-model 256] [--layers 2]
+    python scripts/benchmark.py train-step --loss-only      (the loss alone vs transformers' get_nll)
+
+One random BART-style generator (seeded: identical weights on both sides; vocab 50,265, d_model ``--d-model``,
+``--layers`` + ``--layers`` layers), B questions x K passages of random token ids (source ``--source`` tokens,
+all real), targets of ``--target`` positions (``--answer-len LO HI``: answer lengths drawn in [LO, HI], the
+rest padding; default all T-1 positions, the worst case for us since padding is where the fused loss skips
+work), random doc scores as a leaf with grad. Both sides get the same assembled inputs:
+
+* ours: ``RagModule.token_logprobs(src, mask, labels)`` (fused output layer + log-probs unless
+  ``--no-fused``) then ``rag_loss(...).mean()``; backward.
+* theirs: ``RagTokenForGeneration`` / ``RagSequenceForGeneration`` (built around the same generator object,
+  a tiny question encoder that is never run) called with ``context_input_ids``, ``context_attention_mask``,
+  ``doc_scores`` and ``labels`` = [start, answer] (its ``get_nll`` shifts them left); ``loss.mean()``; backward.
+
+Both score the same positions (transformers' last target position is always padding after its shift, ours is
+masked), so the losses agree to float32 rounding. Time: median of ``--repeats`` forward + backward passes after
+one warm-up. Memory, each measurement in a fresh process: CPU = peak RSS over the RSS once model and inputs
+exist (``/proc/self/clear_refs`` resets the peak), GPU = ``torch.cuda.max_memory_allocated`` over the same
+baseline. Label smoothing is off: transformers smooths differently (sum over V scaled by eps / V).
+``--loss-only`` times the loss alone on random logits (B*K, T, V) against ``get_nll``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+VOCAB = 50265
+START, EOS, PAD = 101, 102, 0  # the tiny WordPiece tokenizer's [CLS] / [SEP] / [PAD]
+
+
+# ----------------------------------------------------------------------------- inputs and models
+def make_inputs(a: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    b, k, t = a.batch, a.docs, a.target
+    lo, hi = a.answer_len or (t - 1, t - 1)
+    if not 1 <= lo <= hi <= t - 1:
+        raise ValueError(f"--answer-len must satisfy 1 <= LO <= HI <= target-1 = {t - 1}")
+    n = torch.randint(lo, hi + 1, (b,), generator=g)  # answer lengths (B,)
+    y = torch.randint(1000, 30000, (b, t), generator=g)  # answer tokens, never a special id
+    keep = torch.arange(t) < n[:, None]
+    labels = y.masked_fill(~keep, -100)  # ours (B, T): y_1..y_n, padding
+    hf = torch.full((b, t), PAD)  # theirs: decoder input = labels = [start, y_1..y_n, pad...]
+    hf[:, 0] = START
+    hf[:, 1:] = y[:, : t - 1].masked_fill(~keep[:, : t - 1], PAD)
+    src = torch.randint(1000, 30000, (b * k, a.source), generator=g)
+    src[:, 0], src[:, -1] = START, EOS
+    return {
+        "src": src.to(device),
+        "mask": torch.ones_like(src).to(device),
+        "labels": labels.to(device),
+        "positions": (labels != -100).flatten().nonzero().squeeze(1).to(device),
+        "hf_labels": hf.to(device),
+        "doc_scores": torch.randn(b, k, generator=g).to(device),
+        "logits": None,
+    }
+
+
+def make_generator(a: argparse.Namespace):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from rag_lightning.models.generator import Generator
+    from rag_lightning.models.tiny import tiny_tokenizer
+
+    d = a.d_model
+    cfg = BartConfig(
+        vocab_size=VOCAB, d_model=d, encoder_layers=a.layers, decoder_layers=a.layers,
+        encoder_attention_heads=max(1, d // 64), decoder_attention_heads=max(1, d // 64),
+        encoder_ffn_dim=4 * d, decoder_ffn_dim=4 * d, max_position_embeddings=max(1024, a.source + 2),
+        pad_token_id=PAD, bos_token_id=START, eos_token_id=EOS, decoder_start_token_id=START,
+        forced_eos_token_id=None, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = BartForConditionalGeneration(cfg)
+    torch.nn.init.normal_(model.final_logits_bias, std=0.1)  # so a missing bias would show in the losses
+    return Generator(model, tiny_tokenizer(), max_source_length=a.source)
+
+
+def make_theirs(variant: str, generator_model):
+    from transformers import BertConfig, BertModel, RagConfig, RagSequenceForGeneration, RagTokenForGeneration
+
+    qcfg = BertConfig(
+        vocab_size=64, hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8
+    )
+    cfg = RagConfig.from_question_encoder_generator_configs(qcfg, generator_model.config, n_docs=5)
+    cfg.reduce_loss, cfg.label_smoothing = False, 0.0
+    cls = RagTokenForGeneration if variant == "token" else RagSequenceForGeneration
+    return cls(config=cfg, question_encoder=BertModel(qcfg), generator=generator_model)
+
+
+# ----------------------------------------------------------------------------- one measurement (worker)
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker(a: argparse.Namespace) -> dict[str, Any]:
+    """One (side, variant) measurement in this process: times, peak extra memory, loss."""
+    from rag_lightning.models.marginalize import rag_loss, rag_sequence_nll, rag_token_nll
+
+    device = torch.device(a.device)
+    torch.manual_seed(0)
+    x = make_inputs(a, device)
+    k = a.docs
+    scores = x["doc_scores"].requires_grad_(True)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+    if a.loss_only:
+        g = torch.Generator().manual_seed(1)
+        logits = (torch.randn(a.batch * k, a.target, VOCAB, generator=g) * 2).to(device).requires_grad_(True)
+        if a.side == "ours":
+            fn = rag_token_nll if a.variant == "token" else rag_sequence_nll
+
+            def step():
+                return fn(logits, scores, x["labels"]).mean()
+        else:
+            from transformers.models.rag import modeling_rag as hf
+
+            cls = hf.RagTokenForGeneration if a.variant == "token" else hf.RagSequenceForGeneration
+            ns = SimpleNamespace(config=SimpleNamespace(n_docs=k, bos_token_id=None))
+            ns.config.generator = SimpleNamespace(pad_token_id=PAD, bos_token_id=START)
+            ns.marginalize = lambda *args, **kw: hf.RagTokenForGeneration.marginalize(ns, *args, **kw)
+
+            def step():
+                return cls.get_nll(ns, logits, scores, x["hf_labels"], n_docs=k).mean()
+
+        params = [logits, scores]
+    else:
+        from rag_lightning.module import RagModule
+
+        gen = make_generator(a).to(device)
+        if a.side == "ours":
+            module = RagModule(None, gen, variant=a.variant, fused_loss=not a.no_fused).to(device)
+
+            def step():
+                with amp:
+                    lp = module.token_logprobs(x["src"], x["mask"], x["labels"], x["positions"])
+                    return rag_loss(lp, scores, a.variant).mean()
+        else:
+            rag = make_theirs(a.variant, gen.model).to(device)
+            rag.train()
+
+            def step():
+                with amp:
+                    out = rag(
+                        context_input_ids=x["src"], context_attention_mask=x["mask"], doc_scores=scores,
+                        labels=x["hf_labels"], n_docs=k, use_cache=False,
+                    )  # fmt: skip
+                    return out.loss.float().mean()
+
+        gen.train()
+        params = [scores, *gen.parameters()]
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        base = _rss_kb("VmRSS:") * 1024
+    times, loss = [], None
+    for _ in range(a.repeats + 1):
+        for p in params:
+            p.grad = None
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = step()
+        loss.backward()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else _rss_kb("VmHWM:") * 1024
+    return {"seconds": statistics.median(times[1:]), "peak_bytes": peak - base, "loss": float(loss)}
+
+
+# ----------------------------------------------------------------------------- driver
+def _measure(a: argparse.Namespace, side: str, variant: str) -> dict[str, Any]:
+    args = [sys.executable, os.path.abspath(__file__), "--worker", side, "--variant", variant, *a.passthrough]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this checkout's rag_lightning first
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{side} {variant} measurement failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+    a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a.passthrough = _passthrough(a)
+    what = "loss alone (B*K, T, V) logits" if a.loss_only else "training step (generator + loss)"
+    print(
+        f"\n== train-step benchmark, {what}: BART d={a.d_model} {a.layers}+{a.layers} layers, vocab {VOCAB}, "
+        f"B={a.batch} K={a.docs} source {a.source} target {a.target}, {a.precision}, device {a.device}, "
+        f"threads {torch.get_num_threads()} =="
+    )
+    mem = "peak extra GPU memory" if a.device == "cuda" else "peak extra RSS"
+    print(f"{'':10s}{'ours s':>9s}{'theirs s':>10s}{'time':>8s}{'ours MB':>10s}{'theirs MB':>11s}{'memory':>8s}"
+          f"{'loss rel diff':>15s}   ({mem})")  # fmt: skip
+    result: dict[str, Any] = {}
+    for variant in a.variants:
+        ours, theirs = _measure(a, "ours", variant), _measure(a, "theirs", variant)
+        r = {
+            "time_ratio": ours["seconds"] / theirs["seconds"],
+            "peak_memory_ratio": ours["peak_bytes"] / max(theirs["peak_bytes"], 1),
+            "loss_rel_diff": abs(ours["loss"] - theirs["loss"]) / max(abs(theirs["loss"]), 1e-12),
+            "ours": ours,
+            "theirs": theirs,
+        }
+        result[variant] = r
+        print(
+            f"{variant:10s}{ours['seconds']:9.3f}{theirs['seconds']:10.3f}{r['time_ratio']:7.2f}x"
+            f"{ours['peak_bytes'] / 2**20:10.0f}{theirs['peak_bytes'] / 2**20:11.0f}{r['peak_memory_ratio']:7.2f}x"
+            f"{r['loss_rel_diff']:15.1e}"
+        )
+    result["settings"] = {
+        k: getattr(a, k)
+        for k in ("device", "precision", "d_model", "layers", "batch", "docs", "source", "target", "repeats")
+    } | {
+        "answer_len": a.answer_len or [a.target - 1, a.target - 1],
+        "vocab": VOCAB,
+        "fused": not a.no_fused,
+        "loss_only": a.loss_only,
+        "threads": torch.get_num_threads(),
+    }
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {a.json}")
+    return result
+
+
+_SHARED = ("device", "precision", "d_model", "layers", "batch", "docs", "source", "target", "repeats")
+
+
+def _passthrough(a: argparse.Namespace) -> list[str]:
+    out = []
+    for k in _SHARED:
+        out += [f"--{k.replace('_', '-')}", str(getattr(a, k))]
+    if a.answer_len:
+        out += ["--answer-len", *map(str, a.answer_len)]
+    return out + ["--no-fused"] * a.no_fused + ["--loss-only"] * a.loss_only
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", default=None, help="write the ratios here")
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when present)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, both sides")
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2, help="encoder layers = decoder layers")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--docs", type=int, default=5)
+    p.add_argument("--source", type=int, default=128)
+    p.add_argument("--target", type=int, default=25)
+    p.add_argument("--answer-len", type=int, nargs=2, default=None, metavar=("LO", "HI"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", nargs="+", default=["token", "sequence"], choices=["token", "sequence"])
+    p.add_argument("--no-fused", action="store_true", help="ours from the logits (model.fused_loss=false)")
+    p.add_argument("--loss-only", action="store_true", help="the loss alone on random logits vs get_nll")
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``train-step`` on scripts/benchmark.py's sub-parsers."""
+    p = sub.add_parser("train-step", help="RagModule training step vs transformers' RAG (time, memory, loss)")
+    add_args(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_args(p)
+    p.add_argument("--worker", choices=["ours", "theirs"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--variant", default="token", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.worker:
+        a.side = a.worker
+        print(json.dumps(worker(a)))
+    else:
+        run(a)
+
+
+if __name__ == "__main__":
+    main()

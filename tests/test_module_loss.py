@@ -1,0 +1,72 @@
+"""RagModule's training loss: the fused output-layer path equals the logits path (value and gradients)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rag_lightning.models.generator import Generator
+from rag_lightning.models.marginalize import label_positions, rag_loss
+from rag_lightning.module import RagModule
+
+
+def _batch(gen: Generator):
+    src, mask = gen.build_sources([[5, 6, 7], [9, 10]], [[7, 8, 9], [3], [4, 4, 12], [5, 6, 7, 8]], 2)
+    labels = torch.tensor([[5, 20, 102, -100], [8, 102, -100, -100]])
+    scores = torch.tensor([[0.3, -0.2], [1.0, 0.5]], requires_grad=True)
+    return src, mask, labels, scores
+
+
+def _loss_and_grads(variant, eps, fused, checkpointing=False):
+    gen = Generator.from_pretrained("tiny:bart", max_source_length=24, gradient_checkpointing=checkpointing)
+    torch.nn.init.normal_(gen.model.final_logits_bias)
+    module = RagModule(None, gen, variant=variant, label_smoothing=eps, fused_loss=fused)
+    src, mask, labels, scores = _batch(gen)
+    lp = module.token_logprobs(src, mask, labels, label_positions(labels))
+    loss = rag_loss(lp, scores, variant, eps).sum()
+    loss.backward()
+    grads = {n: p.grad for n, p in gen.named_parameters() if p.grad is not None}
+    return loss.detach(), lp.seq_lp.detach(), scores.grad, grads
+
+
+@pytest.mark.parametrize("variant", ["token", "sequence"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_module_loss_equals_logits_path(variant, eps):
+    loss, seq_lp, gs, grads = _loss_and_grads(variant, eps, fused=True)
+    ref_loss, ref_seq_lp, ref_gs, ref_grads = _loss_and_grads(variant, eps, fused=False)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seq_lp, ref_seq_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gs, ref_gs, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and "final_logits_bias" not in grads  # a buffer in BART
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_gradient_checkpointing_same_gradients():
+    loss, _, gs, grads = _loss_and_grads("token", 0.0, fused=True, checkpointing=True)
+    ref_loss, _, ref_gs, ref_grads = _loss_and_grads("token", 0.0, fused=True)
+    torch.testing.assert_close(loss, ref_loss)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_bf16_autocast_step_close_to_fp32(fused):
+    """trainer precision bf16-mixed: the step runs under CPU autocast; the loss stays float32 and close."""
+    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+    module = RagModule(None, gen, variant="token", fused_loss=fused)
+    src, mask, labels, scores = _batch(gen)
+    ref = rag_loss(module.token_logprobs(src, mask, labels), scores, "token").sum()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = rag_loss(module.token_logprobs(src, mask, labels), scores, "token").sum()
+    loss.backward()
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=0.02 * ref.abs().item(), rtol=0)
+    assert all(torch.isfinite(p.grad).all() for p in gen.parameters() if p.grad is not None)
+
+
+def test_cpu_precision_resolver():
+    from rag_lightning.resolvers import cpu_precision
+    from rag_lightning.retrieval.embed import cpu_has_bf16
+
+    assert cpu_precision() == ("bf16-mixed" if cpu_has_bf16() else "32-true")
