@@ -54,7 +54,7 @@ def test_gradients_go_where_each_objective_sends_them(setup, loss, gen):
     model.retriever_weights, model.generator_loss = {loss: 1.0}, gen
     model.generator.requires_grad_(gen != "none")
     calls = []
-    hook = model.generator.register_forward_hook(lambda *a: calls.append(1))
+    hook = model.generator.model.get_encoder().register_forward_hook(lambda *a: calls.append(1))
     try:
         qenc, generator = _step(model, batch)
     finally:
