@@ -1,5 +1,7 @@
 """End-to-end training with tiny models: both marginalizations, resume with the refresh state, failures."""
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +120,30 @@ def test_several_val_sets_feed_one_metric(tmp_path):
     cfg = run_cfg(tmp_path, ["debug=fdr", "data.val_sets=[demo_val,demo_test]", "test=false"])
     metric = train(cfg)  # optimized_metric val/em exists, not val/em/dataloader_idx_N
     assert metric is not None and 0.0 <= metric <= 1.0
+
+
+NO_VAL = ["trainer.max_steps=1", "trainer.val_check_interval=2", "test=false"]  # validation never runs
+
+
+def test_run_without_validation_warns_and_cleans_stale_partial_checkpoints(tmp_path, caplog):
+    ckpt_dir = tmp_path / "out" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    stale, other = ckpt_dir / ".tmp-abc123.ckpt", ckpt_dir / "notes.tmp"  # a write cut by kill -9; not ours
+    for f in (stale, other):
+        f.write_bytes(b"partial")
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+    cfg = run_cfg(tmp_path, NO_VAL)
+    with caplog.at_level("WARNING", logger="rag_lightning"):
+        assert train(cfg) is None  # trained and checkpointed; nothing to return, not a failure
+    assert "optimized_metric='val/em' was not logged" in caplog.text
+    assert not stale.exists() and other.exists()
+    assert (ckpt_dir / "last.ckpt").is_file()
+
+
+def test_run_without_validation_fails_inside_a_multirun(tmp_path):
+    cfg = run_cfg(tmp_path, [*NO_VAL, "hydra.mode=MULTIRUN"])  # as a sweep's job: a trial needs its value
+    try:
+        with pytest.raises(KeyError, match="optimized_metric='val/em' was not logged"):
+            train(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # later tests must not see a multirun

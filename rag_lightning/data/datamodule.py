@@ -16,23 +16,11 @@ from rag_lightning.data.collate import Item, QACollator
 from rag_lightning.data.corpus import Corpus
 from rag_lightning.data.readers import QASet, read_questions
 from rag_lightning.data.registry import _to_plain, resolve_corpus, resolve_set
+from rag_lightning.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 _SET_KEYS = ("path", "format", "fields", "regex", "name")
-
-
-def load_tokenizer(name_or_path: str) -> Any:
-    """AutoTokenizer for a Hub name / local dir; ``tiny:*`` gives the tiny test models' tokenizer."""
-    if name_or_path.startswith("tiny:"):
-        from rag_lightning.models.tiny import tiny_tokenizer
-
-        tok = tiny_tokenizer()
-        tok.name_or_path = name_or_path
-        return tok
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 class QADataModule(L.LightningDataModule):

@@ -6,20 +6,12 @@ download is ever needed. Seeded, so two builds are identical.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel, BertTokenizerFast
 
-from rag_lightning.models.encoders import minilm_dir
+from rag_lightning.tokenization import tiny_tokenizer  # noqa: F401  (re-exported: the tiny models' vocabulary)
 
 D = 32  # hidden size of every tiny model
-
-
-def tiny_tokenizer() -> BertTokenizerFast:
-    with open(os.path.join(minilm_dir(), "vocab.txt"), encoding="utf-8") as f:
-        vocab = {w.rstrip("\n"): i for i, w in enumerate(f)}
-    return BertTokenizerFast(vocab=vocab, do_lower_case=True)
 
 
 def tiny_encoder(seed: int = 0) -> tuple[BertModel, BertTokenizerFast]:
