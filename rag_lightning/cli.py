@@ -35,9 +35,14 @@ def train(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from rag_lightning.data.textio import DataError
     from rag_lightning.train import train as run
 
-    return run(cfg)
+    try:
+        return run(cfg)
+    except DataError as e:  # a bad question set or corpus row: file, line and field, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main() -> None:

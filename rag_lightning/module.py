@@ -23,6 +23,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from rag_lightning import metrics
+from rag_lightning.models.causal import CausalGenerator
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.generator import Generator
 from rag_lightning.models.marginalize import (
@@ -45,7 +46,7 @@ class RagModule(L.LightningModule):
     def __init__(
         self,
         retriever: Retriever,
-        generator: Generator,
+        generator: Generator | CausalGenerator,
         variant: str = "token",
         label_smoothing: float = 0.0,
         generator_loss: str | None = None,
@@ -98,7 +99,10 @@ class RagModule(L.LightningModule):
         names = ["loss", "em", "f1", "p_entropy"] + [f"recall@{k}" for k in eval_ks]
         self.eval_metrics = torch.nn.ModuleDict(
             {f"{s}_{n.replace('@', '_')}": MeanMetric() for s in ("val", "test") for n in names}
-        )
+        )  # pooled over every question of every val / test set
+        # per set: (stage, set name, metric) -> MeanMetric, made when a set is first seen (a plain dict: set
+        # names need not be valid module names, and the running means stay out of the state_dict)
+        self.set_metrics: dict[tuple[str, str, str], MeanMetric] = {}
         self.samples: list[dict[str, Any]] = []  # a few predictions of the last evaluation (W&B table)
         self.top1: dict[str, set[int]] = {}  # per eval set: the distinct top-1 passages (collapse guard)
         self.train()  # HF from_pretrained returns eval-mode models; Lightning keeps the mode it is given
@@ -275,6 +279,7 @@ class RagModule(L.LightningModule):
     def generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
         src, mask = self.sources(batch, ids)
         g, d = self.generator, self.decoding
+        model = g if g.kind == "causal" else g.model  # decoder-only: the generator runs its own prompt steps
         kw = dict(
             num_beams=d["num_beams"],
             max_length=d["max_length"],
@@ -283,9 +288,9 @@ class RagModule(L.LightningModule):
             pad_token_id=g.pad_token_id,
         )
         if self.hparams.variant == "token":
-            out = rag_token_generate(g.model, src, mask, doc_scores, **kw)
+            out = rag_token_generate(model, src, mask, doc_scores, **kw)
         else:
-            out = rag_sequence_generate(g.model, src, mask, doc_scores, mode=d["mode"], **kw)
+            out = rag_sequence_generate(model, src, mask, doc_scores, mode=d["mode"], **kw)
         return g.decode(out)
 
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -313,19 +318,32 @@ class RagModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.evaluate(batch)
+        names = batch.get("set_names") or [""] * len(batch["questions"])
         for name, values in out.items():
             key = f"{stage}_{name.replace('@', '_')}"
-            if key in self.eval_metrics:
-                self.eval_metrics[key].update(values.detach().float().to(self.device))  # logged at epoch end
-        for set_name, top in zip(batch.get("set_names") or [""] * len(out["ids"]), out["ids"][:, 0].tolist()):
+            if key not in self.eval_metrics:
+                continue
+            values = values.detach().float().to(self.device)  # (B,), logged at epoch end
+            self.eval_metrics[key].update(values)
+            for set_name in dict.fromkeys(names):
+                rows = torch.tensor([i for i, n in enumerate(names) if n == set_name], device=self.device)
+                self._set_metric(stage, set_name, name).update(values[rows])
+        for set_name, top in zip(names, out["ids"][:, 0].tolist()):
             self.top1.setdefault(set_name, set()).add(top)
         if len(self.samples) < self.hparams.n_samples:
             titles = [self.corpus.titles(row[:3]) for row in out["ids"].tolist()]
             for q, a, p, t in zip(batch["questions"], batch["answers"], out["predictions"], titles):
                 self.samples.append({"question": q, "answers": a, "prediction": p, "top_titles": t})
 
+    def _set_metric(self, stage: str, set_name: str, name: str) -> MeanMetric:
+        key = (stage, set_name, name)
+        if key not in self.set_metrics:
+            self.set_metrics[key] = MeanMetric().to(self.device)
+        return self.set_metrics[key]
+
     def _log_eval_metrics(self, stage: str) -> None:
-        """One value per metric over every question of every val / test set (several loaders feed one metric)."""
+        """``{stage}/{metric}`` pooled over every question of every val / test set (what checkpoint monitors
+        and sweeps read), and with several sets also ``{stage}/{set name}/{metric}`` for each set."""
         for key, metric in self.eval_metrics.items():
             prefix, name = key.split("_", 1)
             if prefix == stage and metric.update_count:
@@ -333,10 +351,18 @@ class RagModule(L.LightningModule):
                     f"{stage}/{name.replace('recall_', 'recall@')}", metric.compute(), prog_bar=name == "em"
                 )
                 metric.reset()
+        per_set = sorted(k for k in self.set_metrics if k[0] == stage)  # same order on every rank
+        several = len({set_name for _, set_name, _ in per_set}) > 1
+        for key in per_set:
+            metric = self.set_metrics[key]
+            if several and metric.update_count:
+                self.log(f"{stage}/{key[1]}/{key[2]}", metric.compute())
+            metric.reset()
         self._log_top1_distinct(stage)
 
     def _log_top1_distinct(self, stage: str) -> None:
-        """Number of distinct top-1 passages per eval set (1 = every question retrieves one passage)."""
+        """Distinct top-1 passages over the eval sets, and per set with several (1 = every question of the set
+        retrieves one passage: a collapsed retriever)."""
         top1 = self.top1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             gathered: list[Any] = [None] * torch.distributed.get_world_size()
@@ -349,7 +375,7 @@ class RagModule(L.LightningModule):
             self.log(f"{stage}/top1_distinct", float(len(set().union(*top1.values()))), rank_zero_only=True)
         if len(top1) > 1:
             for name, ids in sorted(top1.items()):
-                self.log(f"{stage}/top1_distinct/{name}", float(len(ids)), rank_zero_only=True)
+                self.log(f"{stage}/{name}/top1_distinct", float(len(ids)), rank_zero_only=True)
         self.top1 = {}
 
     def on_validation_epoch_end(self) -> None:
@@ -422,9 +448,9 @@ def _retriever_weights(spec: Any) -> dict[str, float]:
 
 
 def _first_hit(texts: list[str], answers: list[str], regex: bool) -> float:
-    """Rank of the first passage that contains a gold answer; inf if none (so recall@k = 0 for every k, also
-    for k beyond the retrieved list, e.g. eval_ks 100 on a smaller corpus)."""
-    return next((i for i, t in enumerate(texts) if metrics.has_answer(t, answers, regex=regex)), float("inf"))
+    """Rank of the first passage that has a gold answer by DPR's ``has_answer``; inf if none (so recall@k = 0
+    for every k, also for k beyond the retrieved list, e.g. eval_ks 100 on a smaller corpus)."""
+    return metrics.first_hit(texts, answers, regex=regex)
 
 
 def _plain(x: Any) -> Any:

@@ -46,6 +46,8 @@ def train(cfg: DictConfig) -> float | None:
 
     log.info("datamodule <%s>", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    if hasattr(datamodule, "validate_sets"):
+        datamodule.validate_sets()  # bad question files fail here, before the model and the corpus
     log.info("model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_list(cfg.get("callbacks"))

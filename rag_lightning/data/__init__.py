@@ -3,6 +3,7 @@
 from rag_lightning.data.collate import Item, QACollator
 from rag_lightning.data.corpus import Corpus, corpus_fingerprint
 from rag_lightning.data.readers import (
+    FORMATS,
     DataError,
     QAExample,
     QASet,
@@ -24,6 +25,7 @@ def __getattr__(name: str):  # lazy: importing lightning is slow and readers/cor
 
 __all__ = [
     "CORPORA",
+    "FORMATS",
     "SETS",
     "Corpus",
     "DataError",

