@@ -61,8 +61,12 @@ def compose(setting: str, tmp: str, extra: list[str]):
             "data.batch_size=8",
             "data.max_target_length=25",
         ]
+    from hydra.core.hydra_config import HydraConfig
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose("train", overrides=overrides + extra)
+        cfg = hydra_compose("train", overrides=overrides + extra, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # the configs read ${hydra:...} paths
+    return cfg
 
 
 def run(a: argparse.Namespace) -> None:

@@ -151,3 +151,12 @@ def test_chunked_logsumexp(monkeypatch):
     (gref,) = torch.autograd.grad(ref, logits)
     torch.testing.assert_close(got, ref)
     torch.testing.assert_close(g, gref)
+
+
+@pytest.mark.parametrize("kind", ["seq", "tok"])
+def test_gradcheck_without_padding(kind):
+    """Every row scored, K > 1: the kernel's rows come in (position, passage) order, not row order."""
+    logits, scores, labels = _inputs(b=2, k=3, t=4, v=5, seed=10, pad=False)
+    logits.requires_grad_(True)
+    fn = FNS[kind]
+    assert torch.autograd.gradcheck(lambda a: fn(a, scores, labels, epsilon=0.2), (logits,))

@@ -17,9 +17,11 @@ def _batch(gen: Generator):
     return src, mask, labels, scores
 
 
-def _loss_and_grads(variant, eps, fused, checkpointing=False):
-    gen = Generator.from_pretrained("tiny:bart", max_source_length=24, gradient_checkpointing=checkpointing)
-    torch.nn.init.normal_(gen.model.final_logits_bias)
+def _loss_and_grads(variant, eps, fused, checkpointing=False, name="tiny:bart"):
+    gen = Generator.from_pretrained(name, max_source_length=24, gradient_checkpointing=checkpointing)
+    if name == "tiny:bart":
+        torch.nn.init.normal_(gen.model.final_logits_bias)
+    assert gen.output_layer() is not None  # else fused=True would silently take the logits path
     module = RagModule(None, gen, variant=variant, label_smoothing=eps, fused_loss=fused)
     src, mask, labels, scores = _batch(gen)
     lp = module.token_logprobs(src, mask, labels, label_positions(labels))
@@ -40,6 +42,19 @@ def test_fused_module_loss_equals_logits_path(variant, eps):
     assert grads.keys() == ref_grads.keys() and "final_logits_bias" not in grads  # a buffer in BART
     for name, g in grads.items():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("name", ["tiny:gpt2", "tiny:llama"])
+@pytest.mark.parametrize("variant", ["token", "sequence"])
+def test_fused_module_loss_equals_logits_path_causal(name, variant):
+    loss, seq_lp, gs, grads = _loss_and_grads(variant, 0.1, fused=True, name=name)
+    ref_loss, ref_seq_lp, ref_gs, ref_grads = _loss_and_grads(variant, 0.1, fused=False, name=name)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seq_lp, ref_seq_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gs, ref_gs, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
 def test_gradient_checkpointing_same_gradients():

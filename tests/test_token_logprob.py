@@ -136,3 +136,28 @@ def test_fused_under_cpu_autocast():
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
     ref = rag_sequence_nll(F.linear(hidden, weight, bias), scores, labels).sum()
     torch.testing.assert_close(loss, ref, atol=0.05 * ref.abs().item(), rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["token", "sequence"])
+def test_fused_cuda_bf16_autocast(variant):
+    """On the GPU under bf16 autocast (trainer precision bf16-mixed): close to the float64 logits path, and
+    label positions given by the collator keep the loss free of host-device syncs."""
+    hidden, weight, bias, scores, labels = _case(seed=6, v=300, h=16)
+    dev = torch.device("cuda")
+    h = hidden.float().to(dev).requires_grad_(True)
+    w = weight.float().to(dev).requires_grad_(True)
+    pos = label_positions(labels).to(dev)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            lp = answer_logprobs_fused(h, w, bias.float().to(dev), labels.to(dev), 4, positions=pos)
+            loss = rag_loss(lp, scores.float().to(dev), variant).sum()
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ref_fn = {"token": rag_token_nll, "sequence": rag_sequence_nll}[variant]
+    ref = ref_fn(F.linear(hidden, weight, bias), scores, labels).sum()
+    torch.testing.assert_close(loss.double().cpu(), ref, atol=0.03 * ref.abs().item(), rtol=0)
+    assert torch.isfinite(w.grad).all() and w.grad.dtype == torch.float32

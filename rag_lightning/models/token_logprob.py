@@ -71,7 +71,6 @@ class _TokenLogProb(torch.autograd.Function):
             if mean:
                 mlp[s] = m
         ctx.save_for_backward(x, rows, y, lse)
-        ctx.all_rows = n == x.shape[0]
         return tok, mlp if mean else tok.new_zeros(0)
 
     @staticmethod
@@ -79,11 +78,11 @@ class _TokenLogProb(torch.autograd.Function):
         x, rows, y, lse = ctx.saved_tensors
         mean = gm is not None and gm.numel() > 0
         m, dt = x.shape[0], lse.dtype
-        if not ctx.all_rows:  # spread over all M rows: unscored rows get g = 0 and lse = +inf, so p = 0
-            lse = lse.new_full((m,), float("inf")).index_copy_(0, rows, lse)
-            g = g.new_zeros(m).index_copy_(0, rows, g)
-            gm = gm.new_zeros(m).index_copy_(0, rows, gm) if mean else gm
-            y = y.new_zeros(m).index_copy_(0, rows, y)
+        # in row order over all M rows: unscored rows get g = 0 and lse = +inf, so p = 0 and their gradient is 0
+        lse = lse.new_full((m,), float("inf")).index_copy_(0, rows, lse)
+        g = g.new_zeros(m).index_copy_(0, rows, g)
+        gm = gm.new_zeros(m).index_copy_(0, rows, gm) if mean else gm
+        y = y.new_zeros(m).index_copy_(0, rows, y)
         grad = torch.empty_like(x)  # the one (M, V) buffer, written chunk by chunk in place
         step = _rows(x.shape[1])
         for i in range(0, m, step):
@@ -100,8 +99,8 @@ def token_logprobs(
 ) -> tuple[Tensor, Tensor | None]:
     """logits (M, V), targets (N,) int -> tok_lp (N,), mean_lp (N,) or None; float32 (float64 for float64).
 
-    ``rows`` (N,) int: the rows of ``logits`` that are scored (default all, N = M); the others (padding) are
-    never read and get zero gradient.
+    ``rows`` (N,) int, distinct, any order: the rows of ``logits`` that are scored (default all, N = M); the
+    others (padding) are not scored and get exactly zero gradient.
     """
     if rows is None:
         rows = torch.arange(logits.shape[0], device=logits.device)
