@@ -1,12 +1,14 @@
 """RagModule: wires retriever, generator and the marginal likelihood into a LightningModule.
 
-No math lives here: the loss is `models.marginalize`, decoding `models.decode`, metrics `metrics`.
-One training step (B questions, K passages each):
+No math lives here: the losses are `models.marginalize` and `models.objectives`, decoding `models.decode`,
+metrics `metrics`. One training step (B questions, K passages each):
     doc_scores, ids = retriever(question)                  # (B, K) with grad, (B, K) passage ids
     src = template(question, passage[ids])                 # (B*K, S) token ids, question first
     lp = answer_logprobs(src, labels)                      # tok_lp (B, K, T), seq_lp (B, K): one generator pass;
                                                            #   fused output layer + log-probs (no (B*K, T, V) logits)
-    loss = rag_loss(lp, doc_scores, variant).mean()        # RAG-Token / RAG-Sequence marginal
+    loss = rag_loss(lp, doc_scores, generator_loss)        # RAG-Token / RAG-Sequence marginal: trains the generator
+           + sum_name w_name * objective_name(lp.seq_lp, doc_scores)   # retriever objectives, same pass
+The marginal's gradient reaches the retriever only with `marginal` in `retriever_loss` (the RAG paper's setup).
 """
 
 from __future__ import annotations
@@ -28,14 +30,15 @@ from rag_lightning.models.marginalize import (
     answer_logprobs,
     answer_logprobs_fused,
     rag_loss,
-    rag_sequence_nll,
-    rag_token_nll,
 )
+from rag_lightning.models.objectives import OBJECTIVES, contrastive_loss, entropy, scale_grad
 from rag_lightning.models.retriever import Retriever
 from rag_lightning.retrieval.embed import pad_batch
 
 log = logging.getLogger(__name__)
-LOSSES = {"token": rag_token_nll, "sequence": rag_sequence_nll}
+VARIANTS = ("token", "sequence")
+GENERATOR_LOSSES = (*VARIANTS, "none")
+RETRIEVER_LOSSES = ("marginal", *OBJECTIVES, "contrastive")
 
 
 class RagModule(L.LightningModule):
@@ -45,6 +48,9 @@ class RagModule(L.LightningModule):
         generator: Generator | CausalGenerator,
         variant: str = "token",
         label_smoothing: float = 0.0,
+        generator_loss: str | None = None,
+        retriever_loss: str | dict[str, float] = "marginal",
+        objective_args: dict[str, dict[str, Any]] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         retriever_lr: float | None = None,
@@ -53,20 +59,43 @@ class RagModule(L.LightningModule):
         n_samples: int = 16,
         fused_loss: bool = True,
     ):
+        """variant: token | sequence, the marginal used for decoding and (by default) the generator loss.
+        generator_loss: token | sequence | none (a frozen generator); null = `variant`.
+        retriever_loss: what trains the retriever, a name (`marginal | emdr2 | pdist | lsr | contrastive`) or
+        weights `{emdr2: 1.0, contrastive: 0.1}`; `marginal` sends the generator loss's gradient into the
+        retrieval scores (the RAG paper), the others are `models.objectives` on the same generator pass.
+        objective_args: keyword arguments per objective, e.g. `{pdist: {temperature: 0.1}}`."""
         super().__init__()
         # plain containers in hparams, so checkpoints load with torch.load(weights_only=True)
         decoding = _plain(decoding or {})
         eval_ks = tuple(int(k) for k in eval_ks)
-        if variant not in LOSSES:
-            raise ValueError(f"model.variant must be one of {sorted(LOSSES)}, got {variant!r}")
+        if variant not in VARIANTS:
+            raise ValueError(f"model.variant must be one of {VARIANTS}, got {variant!r}")
+        generator_loss = variant if generator_loss is None else generator_loss
+        if generator_loss not in GENERATOR_LOSSES:
+            raise ValueError(
+                f"model.generator_loss must be one of {GENERATOR_LOSSES}, got {generator_loss!r}"
+            )
+        retriever_loss = _retriever_weights(retriever_loss)
+        objective_args = _plain(objective_args or {})
+        for name in objective_args:
+            if name not in RETRIEVER_LOSSES or name == "marginal":
+                raise ValueError(f"model.objective_args: unknown objective {name!r}")
         # modules and optimizer factories stay out of the checkpoint's hparams (the Hydra config records them)
         self.save_hyperparameters(logger=False, ignore=["retriever", "generator", "optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.retriever = retriever
         self.generator = generator
+        self.generator_loss, self.retriever_weights, self.objective_args = (
+            generator_loss,
+            retriever_loss,
+            objective_args,
+        )
+        if generator_loss == "none":
+            self.generator.requires_grad_(False)  # frozen (REPLUG LSR): scores the answer, never trains
         self.corpus = None  # set in setup() from the datamodule, or by hand
         self.decoding = {"num_beams": 1, "max_length": 20, "mode": "fast", **decoding}
-        names = ["loss", "em", "f1"] + [f"recall@{k}" for k in eval_ks]
+        names = ["loss", "em", "f1", "p_entropy"] + [f"recall@{k}" for k in eval_ks]
         self.eval_metrics = torch.nn.ModuleDict(
             {f"{s}_{n.replace('@', '_')}": MeanMetric() for s in ("val", "test") for n in names}
         )  # pooled over every question of every val / test set
@@ -74,9 +103,16 @@ class RagModule(L.LightningModule):
         # names need not be valid module names, and the running means stay out of the state_dict)
         self.set_metrics: dict[tuple[str, str, str], MeanMetric] = {}
         self.samples: list[dict[str, Any]] = []  # a few predictions of the last evaluation (W&B table)
+        self.top1: dict[str, set[int]] = {}  # per eval set: the distinct top-1 passages (collapse guard)
         self.train()  # HF from_pretrained returns eval-mode models; Lightning keeps the mode it is given
 
-    # ---------------------------------------------------------------- index lifecycle (the retriever's)
+    def train(self, mode: bool = True) -> RagModule:
+        super().train(mode)
+        if self.generator_loss == "none":
+            self.generator.eval()  # frozen: no dropout, so the target distribution is the model's own
+        return self
+
+        # ---------------------------------------------------------------- index lifecycle (the retriever's)
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.corpus is None and dm is not None:
@@ -140,23 +176,91 @@ class RagModule(L.LightningModule):
         """The generator's answer log-likelihoods under each retrieved passage, differentiable:
         ``.tok_lp`` (B, K, T) = log p(y_t | x, z_k, y_<t) (0 at padding), ``.seq_lp`` (B, K) = their sum,
         ``.smooth_lp`` (label smoothing). Retriever objectives (EMDR2, perplexity distillation, LSR) use
-        ``seq_lp`` from the same pass as the loss: ``rag_loss(lp, doc_scores, variant)``."""
+        ``seq_lp`` from the same pass as the loss: ``rag_loss(lp, doc_scores, variant)``. A frozen generator
+        (``generator_loss=none``) runs without gradient."""
         src, mask = self.sources(batch, ids)
-        return self.token_logprobs(src, mask, batch["labels"], batch.get("label_positions"))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.generator_loss != "none"):
+            return self.token_logprobs(src, mask, batch["labels"], batch.get("label_positions"))
+
+    def marginal_nll(self, lp: AnswerLogProbs, doc_scores: torch.Tensor, variant: str | None = None):
+        """Per-question NLL (B,), summed over target tokens, marginalized over the K passages."""
+        variant = variant or self.hparams.variant
+        return rag_loss(lp, doc_scores, variant, epsilon=self.hparams.label_smoothing)
 
     def nll(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Per-question NLL (B,), summed over target tokens, marginalized over the K passages."""
-        lp = self.answer_logprobs(batch, ids)
-        return rag_loss(lp, doc_scores, self.hparams.variant, self.hparams.label_smoothing)
+        return self.marginal_nll(self.answer_logprobs(batch, ids), doc_scores)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        doc_scores, ids = self.retrieve(batch, self.retriever.n_docs)
-        loss = self.nll(batch, doc_scores, ids).mean()
+        doc_scores, ids, q, d = self.retriever(
+            batch["q_input_ids"], batch["q_attention_mask"], self.retriever.n_docs, self.corpus, True
+        )
+        lp = self.answer_logprobs(batch, ids)
+        loss, parts = self.training_loss(batch, lp, doc_scores, ids, q, d)
         bs = len(batch["questions"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, batch_size=bs)
         p = doc_scores.detach().float().softmax(-1)  # (B, K)
         self.log("train/p_top1", p[:, 0].mean(), batch_size=bs)
+        self.log("train/p_entropy", entropy(doc_scores.detach()).mean(), batch_size=bs)
         return loss
+
+    def training_loss(
+        self,
+        batch: dict[str, Any],
+        lp: AnswerLogProbs,
+        doc_scores: torch.Tensor,
+        ids: torch.Tensor,
+        q: torch.Tensor,
+        d: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Generator loss + weighted retriever objectives -> (loss, {term name: detached mean}).
+
+        The marginal trains the generator (unless it is frozen) and, with weight w = retriever_loss["marginal"],
+        the retriever: its gradient into the scores is scaled by w (0: the scores are detached)."""
+        w = self.retriever_weights
+        variant = self.hparams.variant if self.generator_loss == "none" else self.generator_loss
+        nll = self.marginal_nll(lp, scale_grad(doc_scores, w.get("marginal", 0.0)), variant).mean()
+        parts = {"nll": nll.detach()}
+        terms = [nll] if nll.requires_grad else []
+        for name, weight in w.items():
+            if name in OBJECTIVES:
+                term = OBJECTIVES[name](lp.seq_lp, doc_scores, **self.objective_args.get(name, {})).mean()
+            elif name == "contrastive":
+                term = self.contrastive(batch, ids, q, d)
+            else:
+                continue
+            parts[f"loss_{name}"] = term.detach()
+            terms.append(weight * term)
+        if not terms:
+            raise RuntimeError("nothing to train: model.generator_loss=none and no retriever_loss term")
+        return torch.stack(terms).sum(), parts
+
+    def contrastive(self, batch: dict[str, Any], ids: torch.Tensor, q: torch.Tensor, d: torch.Tensor):
+        """DPR's loss with in-batch negatives: every question against every passage retrieved for the batch
+        plus the batch's gold passages (`gold_ids`, encoded when not retrieved); mean over questions with a
+        gold passage in the corpus (0 when none has)."""
+        flat = ids.flatten().tolist()  # (B*K,)
+        gold = [{r for g in gl if (r := self._row(g)) is not None} for gl in batch["gold_ids"]]
+        first = {r: i for i, r in reversed(list(enumerate(flat)))}  # one column per distinct passage
+        extra = sorted(set().union(*gold) - first.keys())
+        cand = [flat[i] for i in sorted(first.values())] + extra  # (N,) passage rows
+        vecs = d.reshape(len(flat), -1)[sorted(first.values())]  # (N - len(extra), dim)
+        if extra:
+            vecs = torch.cat([vecs, self.retriever.encode_passages(extra, self.corpus, q.device).to(vecs)])
+        scores = self.retriever.score(q, vecs)  # (B, N)
+        mask = torch.tensor([[c in g for c in cand] for g in gold], device=scores.device)  # (B, N)
+        has = mask.any(-1)
+        if not has.any():
+            return scores.sum() * 0.0
+        loss = contrastive_loss(scores, mask, **self.objective_args.get("contrastive", {}))  # (B,)
+        return loss.sum() / has.sum()
+
+    def _row(self, ext_id: str) -> int | None:
+        try:
+            return self.corpus.id_to_row(ext_id)
+        except KeyError:
+            return None
 
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -183,6 +287,7 @@ class RagModule(L.LightningModule):
         doc_scores, ids = self.retrieve(batch, kmax)  # (B, kmax) sorted by score
         k = min(self.retriever.n_docs, kmax)
         nll = self.nll(batch, doc_scores[:, :k], ids[:, :k])  # (B,)
+        p_entropy = entropy(doc_scores[:, :k])  # (B,) of p(z|x) over the K passages the generator reads
         preds = self.generate(batch, doc_scores[:, :k], ids[:, :k])
         regex = bool(batch.get("regex", False))
         answers = batch["answers"]
@@ -191,6 +296,7 @@ class RagModule(L.LightningModule):
             "loss": nll,
             "em": torch.tensor([metrics.exact_match(p, a, regex=regex) for p, a in zip(preds, answers)]),
             "f1": torch.tensor([metrics.f1(p, a, regex=regex) for p, a in zip(preds, answers)]),
+            "p_entropy": p_entropy,
         }
         first_hit = torch.tensor([_first_hit(t, a, regex) for t, a in zip(texts, answers)])  # (B,)
         for kk in self.hparams.eval_ks:
@@ -210,6 +316,8 @@ class RagModule(L.LightningModule):
             for set_name in dict.fromkeys(names):
                 rows = torch.tensor([i for i, n in enumerate(names) if n == set_name], device=self.device)
                 self._set_metric(stage, set_name, name).update(values[rows])
+        for set_name, top in zip(names, out["ids"][:, 0].tolist()):
+            self.top1.setdefault(set_name, set()).add(top)
         if len(self.samples) < self.hparams.n_samples:
             titles = [self.corpus.titles(row[:3]) for row in out["ids"].tolist()]
             for q, a, p, t in zip(batch["questions"], batch["answers"], out["predictions"], titles):
@@ -238,6 +346,25 @@ class RagModule(L.LightningModule):
             if several and metric.update_count:
                 self.log(f"{stage}/{key[1]}/{key[2]}", metric.compute())
             metric.reset()
+        self._log_top1_distinct(stage)
+
+    def _log_top1_distinct(self, stage: str) -> None:
+        """Distinct top-1 passages over the eval sets, and per set with several (1 = every question of the set
+        retrieves one passage: a collapsed retriever)."""
+        top1 = self.top1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, top1)
+            top1 = {}
+            for part in gathered:
+                for name, ids in part.items():
+                    top1.setdefault(name, set()).update(ids)
+        if top1:
+            self.log(f"{stage}/top1_distinct", float(len(set().union(*top1.values()))), rank_zero_only=True)
+        if len(top1) > 1:
+            for name, ids in sorted(top1.items()):
+                self.log(f"{stage}/{name}/top1_distinct", float(len(ids)), rank_zero_only=True)
+        self.top1 = {}
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")
@@ -246,10 +373,10 @@ class RagModule(L.LightningModule):
         self._log_eval_metrics("test")
 
     def on_validation_epoch_start(self) -> None:
-        self.samples = []
+        self.samples, self.top1 = [], {}
 
     def on_test_epoch_start(self) -> None:
-        self.samples = []
+        self.samples, self.top1 = [], {}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -283,7 +410,7 @@ class RagModule(L.LightningModule):
             raise ValueError("RagModule needs an optimizer (config group `optimizer`)")
         ret = [p for p in self.retriever.parameters() if p.requires_grad]
         gen = [p for p in self.generator.parameters() if p.requires_grad]
-        groups = [{"params": gen, "name": "generator"}]
+        groups = [{"params": gen, "name": "generator"}] if gen else []
         if ret:
             group = {"params": ret, "name": "retriever"}
             if self.hparams.retriever_lr is not None:
@@ -295,6 +422,17 @@ class RagModule(L.LightningModule):
         total = int(self.trainer.estimated_stepping_batches)
         sched = self.scheduler_factory(opt, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+def _retriever_weights(spec: Any) -> dict[str, float]:
+    """`"emdr2"` -> {"emdr2": 1.0}; `{emdr2: 1.0, contrastive: 0.1}` as given; names checked, weights >= 0."""
+    weights = {spec: 1.0} if isinstance(spec, str) else {str(k): float(v) for k, v in _plain(spec).items()}
+    for name, w in weights.items():
+        if name not in RETRIEVER_LOSSES:
+            raise ValueError(f"model.retriever_loss: unknown objective {name!r}; expected {RETRIEVER_LOSSES}")
+        if not w >= 0:
+            raise ValueError(f"model.retriever_loss: weight of {name} must be >= 0, got {w}")
+    return weights
 
 
 def _first_hit(texts: list[str], answers: list[str], regex: bool) -> float:

@@ -7,13 +7,14 @@ import os
 import lightning as L
 from omegaconf import DictConfig
 
-KEYS = ("loss", "em", "f1", "recall@1", "recall@5", "recall@20")
+KEYS = ("loss", "em", "f1", "recall@1", "recall@5", "recall@20", "p_entropy", "top1_distinct")
+PLAIN = {"loss": "{:6.3f}", "p_entropy": "{:6.3f}", "top1_distinct": "{:6.0f}"}  # the rest are percentages
 
 
 def _fmt(v: float | None, key: str) -> str:
     if v is None:
         return "   -  "
-    return f"{v:6.3f}" if key == "loss" else f"{100 * v:5.1f}%"
+    return PLAIN[key].format(v) if key in PLAIN else f"{100 * v:5.1f}%"
 
 
 def set_names(metrics: dict, stage: str) -> list[str]:

@@ -83,7 +83,7 @@ def run(a: argparse.Namespace) -> None:
         dm.setup("fit")
         module = hydra.utils.instantiate(cfg.model).to(device)
         module.corpus = dm.corpus
-        module.rebuild_index(progress=False)
+        module.retriever.ensure_index(module.corpus, progress=False)
         module.train()
         ret, gen, hp = module.retriever, module.generator, module.hparams
         k = ret.n_docs

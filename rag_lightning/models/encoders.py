@@ -1,7 +1,9 @@
 """Query / document encoders: any Hugging Face encoder, pooled to one vector per text.
 
 `Encoder.from_pretrained(name_or_path, pooling=...)` loads DPR encoders (pooler output), BERT-like models
-with CLS or mean pooling, or a tiny randomly initialized BERT for tests (`tiny:bert`).
+with CLS or mean pooling, or a tiny randomly initialized BERT for tests (`tiny:bert`). With `normalize`
+the vector is scaled to unit L2 norm (cosine similarity = inner product; the Retriever sets it for
+`similarity: cosine`, so the index holds normalized vectors too).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -33,7 +36,13 @@ def _default_pooling(config) -> str:
 class Encoder(nn.Module):
     """Text -> vector. `forward(input_ids (B, L), attention_mask (B, L)) -> (B, d)`."""
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, pooling: str = "cls"):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        pooling: str = "cls",
+        normalize: bool = False,
+    ):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -42,6 +51,7 @@ class Encoder(nn.Module):
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
+        self.normalize = normalize
         cfg = model.config
         self.dim = int(getattr(cfg, "projection_dim", 0) or cfg.hidden_size)
 
@@ -64,7 +74,12 @@ class Encoder(nn.Module):
         return cls(model, tok, pooling or _default_pooling(model.config))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask)
+        v = self.pool(
+            self.model(input_ids=input_ids, attention_mask=attention_mask), attention_mask
+        )  # (B, d)
+        return F.normalize(v.float(), dim=-1).to(v.dtype) if self.normalize else v
+
+    def pool(self, out, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "pooler":
             return out.pooler_output  # (B, d)
         h = out.last_hidden_state  # (B, L, d)

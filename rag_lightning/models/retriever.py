@@ -1,9 +1,11 @@
 """Dense retriever: query encoder, document encoder and the index over the corpus they define.
 
 Retrieval is a non-differentiable top-K search with the detached query; the retrieval scores that the
-generation loss sees are then recomputed with gradient, `scores[b, k] = q_b . d_{b,k}` (float32, outside any
-autocast), so the loss trains the query encoder (and, with `train_doc_encoder`, the document encoder, by
-re-encoding the K passages). Passage id -1 (fewer than K hits) scores -inf.
+generation loss sees are then recomputed with gradient, `scores[b, k] = q_b . d_{b,k} / temperature` (float32,
+outside any autocast), so the loss trains the query encoder (and, with `train_doc_encoder`, the document
+encoder, by re-encoding the K passages). Passage id -1 (fewer than K hits) scores -inf. `similarity: cosine`
+makes both encoders return unit vectors (the index then searches cosine by inner product); the temperature is
+fixed, or learned as CLIP does (a log-scale parameter, clamped).
 
 The retriever owns the index lifecycle, and is the only place the index version is written:
 `ensure_index` (load the prepared index whose stamp matches, else build), `load_index`, `refresh_index`
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -37,6 +40,8 @@ from rag_lightning.retrieval.sharded import (
 )
 
 log = logging.getLogger(__name__)
+SIMILARITIES = ("dot", "cosine")
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: a learned temperature never goes below 0.01
 
 
 class IndexRefreshError(RuntimeError):
@@ -54,14 +59,24 @@ class Retriever(nn.Module):
         index: dict[str, Any] | None = None,
         embed_batch_size: int = 128,
         embed_precision: str = "auto",
+        similarity: str = "dot",
+        temperature: float = 1.0,
+        learn_temperature: bool = False,
     ):
         """`doc_encoder=None` uses a copy of the query encoder (DPR-style two towers from one checkpoint).
 
         embed_precision: autocast dtype for re-embedding the corpus, "auto" (bf16 on CUDA and on CPUs with
         native bf16, else fp32), "bf16", "fp16" or "fp32"; vectors are stored in ``index.store_dtype``.
         index: DenseIndex kwargs plus ``mode`` (auto | sharded | replicated) and ``root`` (prepared indexes).
+        similarity: "dot" (raw inner product) or "cosine" (both towers L2-normalize their vectors).
+        temperature: p(z|x) = softmax(similarity / temperature); `learn_temperature` makes log(1/temperature)
+        a trained parameter (clamped to 1/temperature <= 100).
         """
         super().__init__()
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"retriever.similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if not temperature > 0:
+            raise ValueError(f"retriever.temperature must be > 0, got {temperature}")
         self.query_encoder = query_encoder
         self.doc_encoder = doc_encoder if doc_encoder is not None else copy.deepcopy(query_encoder)
         self.n_docs = n_docs
@@ -72,6 +87,13 @@ class Retriever(nn.Module):
         self.index_root = self.index_kwargs.pop("root", None)  # prepared indexes: <root>/<stamp hash>
         self.embed_batch_size = embed_batch_size
         self.embed_precision = embed_precision
+        self.similarity = similarity
+        self.query_encoder.normalize = self.doc_encoder.normalize = similarity == "cosine"
+        scale = torch.tensor(-math.log(temperature), dtype=torch.float32)  # log(1 / temperature)
+        if learn_temperature:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale, persistent=False)
         self.query_encoder.requires_grad_(train_query_encoder)
         self.doc_encoder.requires_grad_(train_doc_encoder)
         if not train_doc_encoder:
@@ -116,6 +138,7 @@ class Retriever(nn.Module):
             "factory": self.index_kwargs.get("factory", "Flat"),
             "dtype": store_dtype,
             "embed": str(amp or torch.float32).removeprefix("torch."),
+            "similarity": self.similarity,
         }
 
     def prepared_path(self, corpus, stamp: dict[str, Any] | None = None) -> Path | None:
@@ -234,9 +257,10 @@ class Retriever(nn.Module):
         return ShardedIndex(local, start, mode)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, corpus=None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k for a batch of questions -> (doc_scores (B, k) with grad, ids (B, k) global passage ids)."""
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, corpus=None, return_vectors=False
+    ) -> tuple[torch.Tensor, ...]:
+        """Top-k for a batch of questions -> (doc_scores (B, k) with grad, ids (B, k) global passage ids), and
+        with `return_vectors` also the query vectors (B, d) and passage vectors (B, k, d) that scored them."""
         if self.index is None:
             raise RuntimeError("the retriever has no index yet: ensure_index(corpus) first")
         q = self.query_encoder(input_ids, attention_mask)  # (B, d)
@@ -247,9 +271,22 @@ class Retriever(nn.Module):
             d = self._encode_docs(tokens, q.device).view(*ids.shape, -1)  # (B, k, d), with grad
         else:
             d = vecs.to(q.device)
-        with torch.autocast(q.device.type, enabled=False):  # bf16 would round DPR scores ~80 to steps of 0.5
-            scores = torch.einsum("bd,bkd->bk", q.float(), d.float())  # (B, k) float32
-        return scores.masked_fill(ids < 0, float("-inf")), ids
+        scores = self.score(q, d).masked_fill(ids < 0, float("-inf"))  # (B, k) float32
+        return (scores, ids, q, d) if return_vectors else (scores, ids)
+
+    def score(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """float32 q . d / temperature, outside any autocast (bf16 would round DPR scores ~80 to steps of 0.5):
+        q (B, d) with d (B, k, d) -> (B, k), each question against its own passages, or with d (N, d) -> (B, N),
+        every question against all N."""
+        with torch.autocast(q.device.type, enabled=False):
+            scale = self.logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
+            eq = "bd,bkd->bk" if d.dim() == 3 else "bd,nd->bn"
+            return torch.einsum(eq, q.float(), d.float()) * scale
+
+    def encode_passages(self, rows: list[int], corpus, device: torch.device) -> torch.Tensor:
+        """Document vectors (len(rows), d) of corpus rows, with gradient only if the document encoder trains."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_doc_encoder):
+            return self._encode_docs(corpus.doc_tokens(rows), device)
 
     def _encode_docs(self, tokens: list[list[int]], device: torch.device) -> torch.Tensor:
         ids, mask = pad_batch(tokens, self.doc_encoder.tokenizer.pad_token_id or 0)  # (B*k, L)

@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Retrieval alone (no generator): recall@k, gold-passage recall@k, entropy of p(z|x) and distinct top-1.
+
+    python scripts/eval_retrieval.py [+experiment=squad_open paths.data_dir=...] [retriever.similarity=cosine]
+        [+ckpt_path=<run>/checkpoints/last.ckpt] [+eval_ks=[1,5,20]]
+
+Composes the training config (conf/train.yaml, same overrides as train.py), builds the data module and the
+retriever only, embeds the corpus and searches every val and test question. With ``+ckpt_path`` the
+retriever's weights (``retriever.*`` of a RagModule checkpoint) are loaded first. recall@k: a gold answer
+occurs in one of the top-k passages (what training logs as val/recall@k); gold@k: one of the question's
+gold passages (``gold_ids``) is among the top-k. Prints one JSON line per question set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import hydra
+import torch
+from omegaconf import DictConfig
+
+from rag_lightning import metrics, resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
+from rag_lightning.models.objectives import entropy
+
+
+@torch.no_grad()
+def eval_set(retriever, corpus, loader, ks: list[int], n_docs: int) -> dict[str, float]:
+    kmax = min(max(ks), len(corpus))
+    hits = {f"recall@{k}": 0.0 for k in ks} | {f"gold@{k}": 0.0 for k in ks}
+    ent, top1, n = 0.0, set(), 0
+    for batch in loader:
+        scores, ids = retriever(
+            batch["q_input_ids"], batch["q_attention_mask"], kmax, corpus=corpus
+        )  # (B, kmax)
+        ent += entropy(scores[:, :n_docs]).sum().item()
+        top1.update(ids[:, 0].tolist())
+        for row, answers, gold in zip(ids.tolist(), batch["answers"], batch["gold_ids"]):
+            texts = corpus.texts(row)
+            first = next((i for i, t in enumerate(texts) if metrics.has_answer(t, answers)), math.inf)
+            gold_rows = {corpus.id_to_row(g) for g in gold}
+            first_gold = next((i for i, r in enumerate(row) if r in gold_rows), math.inf)
+            for k in ks:
+                hits[f"recall@{k}"] += first < k
+                hits[f"gold@{k}"] += first_gold < k
+        n += len(batch["questions"])
+    return {**{k: v / n for k, v in hits.items()}, "p_entropy": ent / n, "top1_distinct": len(top1), "n": n}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    torch.manual_seed(cfg.get("seed") or 0)
+    dm = hydra.utils.instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("validate")
+    retriever = hydra.utils.instantiate(cfg.retriever)
+    if cfg.get("ckpt_path"):
+        state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+        sub = {k[len("retriever.") :]: v for k, v in state.items() if k.startswith("retriever.")}
+        retriever.load_state_dict(sub, strict=False)
+    retriever.eval()
+    retriever.ensure_index(dm.corpus, progress=False)
+    ks = [int(k) for k in cfg.get("eval_ks", [1, 5, 20])]
+    for name, items in [*dm.val_sets, *dm.test_sets]:
+        res = eval_set(retriever, dm.corpus, dm._loader(items, train=False), ks, retriever.n_docs)
+        print(json.dumps({"set": name, "similarity": retriever.similarity, **res}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
