@@ -112,7 +112,7 @@ class RagModule(L.LightningModule):
             self.generator.eval()  # frozen: no dropout, so the target distribution is the model's own
         return self
 
-        # ---------------------------------------------------------------- index lifecycle (the retriever's)
+    # ---------------------------------------------------------------- index lifecycle (the retriever's)
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None)
         if self.corpus is None and dm is not None:

@@ -23,8 +23,8 @@ import torch
 from bench_corpus import add_corpus_parser  # scripts/ is sys.path[0] when run as a script
 from bench_decode import add_decode_parser
 from bench_profile import add_profile_parser
-from bench_train import add_train_parser
 from bench_scale import add_scale_parser
+from bench_train import add_train_parser
 
 # ============================================================================ index sub-command
 CLS, SEP, VOCAB = 101, 102, 30522

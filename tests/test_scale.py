@@ -65,7 +65,7 @@ def test_prepared_index_found_by_stamp_and_stamp_follows_weights(tmp_path, caplo
     corpus = _corpus(tmp_path)
     r = _retriever(tmp_path / "indexes")
     stamp = r.index_stamp(corpus)
-    assert set(stamp) == {"corpus", "doc_encoder", "factory", "dtype", "embed"}
+    assert set(stamp) == {"corpus", "doc_encoder", "factory", "dtype", "embed", "similarity"}
     r.ensure_index(corpus, progress=False)  # nothing prepared: built, in memory
     assert r.index_source["path"] is None and r.index_version == 0
     emb_dir = tmp_path / "chunks"
