@@ -39,6 +39,7 @@ class RagModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         retriever_lr: float | None = None,
+        retriever_start_step: int = 0,
         decoding: dict[str, Any] | None = None,
         eval_ks: tuple[int, ...] = (1, 5, 20),
         n_samples: int = 16,
@@ -236,6 +237,14 @@ class RagModule(L.LightningModule):
             group = {"params": ret, "name": "retriever"}
             if self.hparams.retriever_lr is not None:
                 group["lr"] = self.hparams.retriever_lr
+            if self.hparams.retriever_start_step:
+                if self.scheduler_factory is None:
+                    raise ValueError(
+                        "model.retriever_start_step needs a scheduler (config group `scheduler`)"
+                    )
+                group["start_step"] = int(
+                    self.hparams.retriever_start_step
+                )  # read by schedules.linear_warmup
             groups.append(group)
         opt = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
