@@ -100,6 +100,39 @@ class RagModule(L.LightningModule):
     def on_predict_start(self) -> None:
         self.ensure_index()
 
+    # ---------------------------------------------------------------- checkpoints
+    def frozen_keys(self) -> set[str]:
+        """state_dict keys of frozen parameters (LoRA base generator, frozen document encoder). They are rebuilt
+        from `name_or_path` when the module is constructed, so checkpoints leave them out: a 7B base is not
+        copied into every checkpoint, and a checkpoint is loaded into a module built from the same config."""
+        return {_clean(n) for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Trainable parameters and buffers only (see `frozen_keys`)."""
+        out = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        frozen = self.frozen_keys()
+        for key in [k for k in out if k.startswith(prefix) and _clean(k[len(prefix) :]) in frozen]:
+            del out[key]
+        return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint without its frozen weights. `strict` still means strict: every saved key must be
+        consumed, and every key the module has must be saved unless it is frozen (then it keeps its
+        pretrained value). Checkpoints that do hold the frozen weights load as well."""
+        if strict:
+            own = {_clean(k) for k in super().state_dict()}
+            saved = {_clean(k) for k in state_dict}
+            unexpected = sorted(saved - own)
+            missing = sorted(own - saved - self.frozen_keys())
+            if unexpected or missing:
+                raise RuntimeError(
+                    f"checkpoint does not fit the module: unexpected keys {unexpected[:10]}"
+                    f"{' ...' if len(unexpected) > 10 else ''}, missing trainable keys {missing[:10]}"
+                    f"{' ...' if len(missing) > 10 else ''}"
+                )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
+
     # ---------------------------------------------------------------- forward
     def retrieve(self, batch: dict[str, Any], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.retriever(batch["q_input_ids"], batch["q_attention_mask"], k, corpus=self.corpus)
@@ -258,6 +291,16 @@ def _first_hit(texts: list[str], answers: list[str], regex: bool) -> float:
     """Rank of the first passage that contains a gold answer; inf if none (so recall@k = 0 for every k, also
     for k beyond the retrieved list, e.g. eval_ks 100 on a smaller corpus)."""
     return next((i for i, t in enumerate(texts) if metrics.has_answer(t, answers, regex=regex)), float("inf"))
+
+
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean(key: str) -> str:
+    """A state_dict / parameter name without the segments FSDP, activation checkpointing and compile add."""
+    for w in _WRAPPERS:
+        key = key.replace(w, "")
+    return key
 
 
 def _plain(x: Any) -> Any:

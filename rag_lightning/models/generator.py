@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,15 +44,53 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return out.masked_fill_(out == -100, pad_id)
 
 
+def apply_lora(model: nn.Module, lora: Mapping[str, Any] | None) -> nn.Module:
+    """Wrap `model` with peft LoRA adapters (`lora`: r, alpha, dropout, target_modules; None = no LoRA).
+
+    The base weights are frozen, only the adapters train. The returned `peft.PeftModel` forwards calls and
+    attributes to the model (`get_encoder`, `config`, `generate`), so decoding needs no change.
+    `target_modules: null` takes peft's default for the architecture (e.g. q_proj, v_proj)."""
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    unknown = set(lora) - {"r", "alpha", "dropout", "target_modules"}
+    if unknown:
+        raise ValueError(
+            f"model.generator.lora: unknown keys {sorted(unknown)} (r, alpha, dropout, target_modules)"
+        )
+    targets = lora.get("target_modules")
+    config = LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=float(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=list(targets) if targets is not None else None,
+    )
+    return get_peft_model(model, config)
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """The plain transformers model with the LoRA updates folded into the base weights (in place)."""
+    from peft import PeftModel
+
+    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+
+
 class Generator(nn.Module):
     """A Hugging Face seq2seq model plus the input assembly RAG needs."""
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_source_length: int = 128):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        max_source_length: int = 128,
+        lora: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         encoder = model.get_encoder()
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # bert2bert: the encoder's pooler feeds nothing (and DDP would complain)
-        self.model = model
+        self.model = apply_lora(model, lora)
         self.tokenizer = tokenizer
         self.max_source_length = max_source_length
         self.prefix, self.middle, self.suffix = pair_template(tokenizer)
@@ -73,15 +112,17 @@ class Generator(nn.Module):
         tie_encoder_decoder: bool = False,
         gradient_checkpointing: bool = False,
         num_layers: int | None = None,
+        lora: Mapping[str, Any] | None = None,
     ) -> Generator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
         checkpoint, e.g. MiniLM), or "auto" (seq2seq unless the checkpoint is encoder-only). bert2bert only:
-        `num_layers` keeps the first N layers of the checkpoint in both encoder and decoder (a cheaper model)."""
+        `num_layers` keeps the first N layers of the checkpoint in both encoder and decoder (a cheaper model).
+        `lora`: see `apply_lora`."""
         if name_or_path.startswith("tiny:"):
             from rag_lightning.models.tiny import tiny_generator
 
             model, tok = tiny_generator()
-            return cls(model, tok, max_source_length)
+            return cls(model, tok, max_source_length, lora=lora)
         require_model(name_or_path, "model.generator.name_or_path")
         config = AutoConfig.from_pretrained(name_or_path)
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -105,9 +146,12 @@ class Generator(nn.Module):
             model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        return cls(model, tok, max_source_length)
+        return cls(model, tok, max_source_length, lora=lora)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """A plain transformers directory (`from_pretrained` loads it); LoRA adapters are merged first, in
+        place, so the generator is a plain model afterwards."""
+        self.model = merge_lora(self.model)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 
