@@ -16,8 +16,13 @@ import rag_lightning.resolvers  # noqa: F401
 from rag_lightning.models.generator import Generator
 
 ROOT = Path(__file__).resolve().parents[1]
-LORA = "+model.generator.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: [q_proj, v_proj, fc1]}"
+LORA = "+model.generator.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: null}"  # peft default modules
 TINY = ["retriever=tiny", "model=tiny", LORA]
+GENERATORS = {
+    "tiny:bart": "BartForConditionalGeneration",
+    "tiny:gpt2": "GPT2LMHeadModel",
+    "tiny:llama": "LlamaForCausalLM",
+}
 
 
 def _compose(name: str, overrides: list[str]):
@@ -39,7 +44,9 @@ def _logits(gen: Generator) -> torch.Tensor:
     q = [gen.tokenizer("who wrote it", add_special_tokens=False).input_ids] * 2
     p = [gen.tokenizer(t, add_special_tokens=False).input_ids for t in ("a book by anna", "the sea is blue")]
     src, mask = gen.build_sources(q, p, n_docs=1)
-    labels = torch.tensor([[2001, 2002, 102], [2003, 102, -100]])
+    a, b = (gen.tokenizer(t, add_special_tokens=False).input_ids[:2] for t in ("anna karenina", "blue"))
+    eos = gen.eos_token_id
+    labels = torch.tensor([a + [eos], b[:1] + [eos, -100]])  # (2, 3)
     gen.eval()
     with torch.no_grad():
         return gen(src, mask, labels)  # (2, 3, V)
@@ -79,21 +86,23 @@ def test_checkpoint_holds_only_trainable_and_loads_strictly():
     fresh.load_state_dict(full)
 
 
-def test_export_merges_adapters(tmp_path):
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_export_merges_adapters(tmp_path, name):
     spec = importlib.util.spec_from_file_location("rag_export_script", ROOT / "scripts" / "export.py")
     export = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(export)
-    cfg = _compose("export", [*TINY, f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path / 'gen'}"])
+    gen = f"model.generator.name_or_path={name}"
+    cfg = _compose("export", [*TINY, gen, f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path / 'gen'}"])
     module = instantiate(cfg.model)
     _perturb_adapters(module)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, cfg.ckpt_path)
     expected = _logits(module.generator)
-    base = _logits(instantiate(_compose("train", TINY[:2]).model).generator)
+    base = _logits(instantiate(_compose("train", [*TINY[:2], gen]).model).generator)
     assert not torch.allclose(expected, base, atol=1e-4)  # the adapters change the outputs
 
     out = export.export(cfg, [])
     plain = Generator.from_pretrained(str(out), max_source_length=48)
-    assert type(plain.model).__name__ == "BartForConditionalGeneration"
+    assert type(plain.model).__name__ == GENERATORS[name]
     assert not any("lora" in k for k in plain.model.state_dict())
     torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-4)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "x.ckpt"]  # no temporary directory left

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from rag_lightning.data.readers import QAExample
 
 
@@ -24,7 +26,9 @@ class QACollator:
 
     Keys: ``q_input_ids`` (B, Lq) / ``q_attention_mask`` (B, Lq) (query tokenizer, with specials);
     ``g_question`` list[list[int]] (generator tokenizer, no specials, truncated to max_question_length);
-    ``labels`` (B, T) int64 (generator ``text_target`` of the target answer, padding = -100);
+    ``labels`` (B, T) int64 (padding = -100): seq2seq generators, the generator's ``text_target`` encoding of
+    the target answer; causal generators (``causal=True``), the answer's tokens as they continue the prompt
+    (after a space, no BOS) plus EOS, which the generator learns to emit to stop;
     ``questions`` list[str]; ``answers`` list[list[str]]; ``regex`` bool (any item's set is regex);
     plus ``ids`` list[str|None], ``gold_ids`` list[list[str]], ``set_names`` list[str].
     The target answer is the first gold answer, or a random one when ``answer="random"``.
@@ -37,10 +41,11 @@ class QACollator:
         max_question_length: int = 64,
         max_target_length: int = 25,
         answer: str = "first",
+        causal: bool = False,
     ) -> None:
         if answer not in ("first", "random"):
             raise ValueError(f"train_answer must be 'first' or 'random', got {answer!r}")
-        self.query_tokenizer, self.gen_tokenizer = query_tokenizer, gen_tokenizer
+        self.query_tokenizer, self.gen_tokenizer, self.causal = query_tokenizer, gen_tokenizer, causal
         self.max_question_length, self.max_target_length, self.answer = (
             max_question_length,
             max_target_length,
@@ -57,14 +62,17 @@ class QACollator:
         g = self.gen_tokenizer(
             questions, add_special_tokens=False, truncation=True, max_length=self.max_question_length
         )
-        t = self.gen_tokenizer(
-            text_target=targets,
-            padding=True,
-            truncation=True,
-            max_length=self.max_target_length,
-            return_tensors="pt",
-        )
-        labels = t["input_ids"].long().masked_fill(t["attention_mask"] == 0, -100)  # (B, T)
+        if self.causal:
+            labels = causal_labels(self.gen_tokenizer, targets, self.max_target_length)
+        else:
+            t = self.gen_tokenizer(
+                text_target=targets,
+                padding=True,
+                truncation=True,
+                max_length=self.max_target_length,
+                return_tensors="pt",
+            )
+            labels = t["input_ids"].long().masked_fill(t["attention_mask"] == 0, -100)  # (B, T)
         return {
             "q_input_ids": q["input_ids"],  # (B, Lq)
             "q_attention_mask": q["attention_mask"],  # (B, Lq)
@@ -77,3 +85,25 @@ class QACollator:
             "gold_ids": [list(e.gold_ids) for e in exs],
             "set_names": [it.set_name for it in items],
         }
+
+
+def causal_labels(tok: Any, targets: Sequence[str], max_length: int) -> torch.Tensor:
+    """Targets of a decoder-only generator: (B, T) int64, each row the answer's tokens as they follow the
+    prompt's last word, then EOS (SEP without one), padding -100; at most ``max_length`` tokens with the EOS.
+
+    "As they follow a word": each answer is encoded after a one-word prefix that is then removed, so byte-level
+    BPE (GPT-2, Llama 3) sees " Paris" and SentencePiece (Llama 2) "▁Paris", as in running text; no BOS.
+    """
+    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    if eos is None:
+        raise ValueError("causal generator targets need a tokenizer with an EOS (or SEP) token")
+    head = tok("a", add_special_tokens=False).input_ids
+    rows = []
+    for t in targets:
+        ids = tok("a " + t, add_special_tokens=False).input_ids
+        ids = ids[len(head) :] if ids[: len(head)] == head else tok(t, add_special_tokens=False).input_ids
+        rows.append(ids[: max_length - 1] + [eos])
+    labels = torch.full((len(rows), max(map(len, rows))), -100, dtype=torch.long)
+    for i, r in enumerate(rows):
+        labels[i, : len(r)] = torch.tensor(r)
+    return labels

@@ -25,9 +25,10 @@ _SET_KEYS = ("path", "format", "fields", "regex", "name")
 def load_tokenizer(name_or_path: str) -> Any:
     """AutoTokenizer for a Hub name / local dir; ``tiny:*`` gives the tiny test models' tokenizer."""
     if name_or_path.startswith("tiny:"):
-        from rag_lightning.models.tiny import tiny_tokenizer
+        from rag_lightning.models.tiny import tiny_bpe_tokenizer, tiny_tokenizer
 
-        tok = tiny_tokenizer()
+        bpe = name_or_path in ("tiny:gpt2", "tiny:llama")  # the tiny decoder-only models' own vocabulary
+        tok = tiny_bpe_tokenizer(bos=name_or_path == "tiny:llama") if bpe else tiny_tokenizer()
         tok.name_or_path = name_or_path
         return tok
     from transformers import AutoTokenizer
@@ -54,6 +55,7 @@ class QADataModule(L.LightningDataModule):
         corpus: Any = None,
         query_tokenizer: str = "",
         generator_tokenizer: str = "",
+        generator_kind: str = "auto",
         doc_tokenizer: str | None = None,
         batch_size: int = 8,
         eval_batch_size: int | None = None,
@@ -95,6 +97,7 @@ class QADataModule(L.LightningDataModule):
         self.train_answer, self.skip_bad_rows, self.seed = train_answer, skip_bad_rows, seed
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
         self.val_split_fraction = val_split_fraction
+        self.generator_kind = generator_kind  # causal generators need other targets (data/collate.py)
         self.query_tokenizer = self.gen_tokenizer = self.doc_tokenizer = None
         self.corpus: Corpus | None = None
         self.train_items: list[Item] = []
@@ -196,7 +199,14 @@ class QADataModule(L.LightningDataModule):
             self.max_question_length,
             self.max_target_length,
             self.train_answer if train else "first",
+            causal=self._causal,
         )
+
+    @property
+    def _causal(self) -> bool:
+        from rag_lightning.models.causal import generator_kind
+
+        return generator_kind(self.tokenizer_names["generator"], self.generator_kind) == "causal"
 
     def _loader(self, items: list[Item], train: bool) -> DataLoader:
         return DataLoader(

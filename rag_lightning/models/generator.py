@@ -1,5 +1,8 @@
 """Seq2seq generator: assembles (question, passage) inputs from token ids and scores targets.
 
+``Generator.from_pretrained`` is the one factory (Hydra ``_target_``) for every kind: decoder-only models
+(``kind=causal``, or ``auto`` on a decoder-only config) come back as a ``models.causal.CausalGenerator``.
+
 Input of row b*K + k is `template(question_b, passage_{b,k})`, the tokenizer's own sentence-pair template
 (BERT: [CLS] q [SEP] p [SEP]; BART: <s> q </s></s> p </s>; T5: q </s> p </s>), truncated to
 `max_source_length` from the passage side so the question is never cut.
@@ -22,6 +25,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rag_lightning.models.causal import CausalGenerator, generator_kind
 from rag_lightning.preflight import require_model
 from rag_lightning.retrieval.embed import pad_batch
 
@@ -45,11 +49,10 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
 
 
 def apply_lora(model: nn.Module, lora: Mapping[str, Any] | None) -> nn.Module:
-    """Wrap `model` with peft LoRA adapters (`lora`: r, alpha, dropout, target_modules; None = no LoRA).
-
-    The base weights are frozen, only the adapters train. The returned `peft.PeftModel` forwards calls and
-    attributes to the model (`get_encoder`, `config`, `generate`), so decoding needs no change.
-    `target_modules: null` takes peft's default for the architecture (e.g. q_proj, v_proj)."""
+    """Add peft LoRA adapters to `model` in place (`lora`: r, alpha, dropout, target_modules; None = no LoRA)
+    and return it: the same transformers class (so `base_model`, `get_encoder`, `get_output_embeddings` and
+    decoding work unchanged), the base weights frozen, only the adapters train. `target_modules: null` takes
+    peft's default for the architecture (e.g. q_proj, v_proj; query, value for BERT)."""
     if not lora:
         return model
     from peft import LoraConfig, get_peft_model
@@ -66,18 +69,31 @@ def apply_lora(model: nn.Module, lora: Mapping[str, Any] | None) -> nn.Module:
         lora_dropout=float(lora.get("dropout", 0.0)),
         target_modules=list(targets) if targets is not None else None,
     )
-    return get_peft_model(model, config)
+    get_peft_model(model, config)  # injects the adapters into `model` and freezes everything else
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # frozen embeddings + reentrant checkpointing: keep the graph
+    return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """The plain transformers model with the LoRA updates folded into the base weights (in place)."""
-    from peft import PeftModel
+    """Fold every LoRA adapter into its base layer and put the plain layer back (in place); returns `model`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
 
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(model):
+            delattr(model, attr)
+    return model
 
 
 class Generator(nn.Module):
     """A Hugging Face seq2seq model plus the input assembly RAG needs."""
+
+    kind = "seq2seq"
 
     def __init__(
         self,
@@ -112,12 +128,24 @@ class Generator(nn.Module):
         tie_encoder_decoder: bool = False,
         gradient_checkpointing: bool = False,
         num_layers: int | None = None,
+        template: str | None = None,
+        prefix_lm: bool | None = None,
         lora: Mapping[str, Any] | None = None,
-    ) -> Generator:
+    ) -> Generator | CausalGenerator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
-        checkpoint, e.g. MiniLM), or "auto" (seq2seq unless the checkpoint is encoder-only). bert2bert only:
-        `num_layers` keeps the first N layers of the checkpoint in both encoder and decoder (a cheaper model).
-        `lora`: see `apply_lora`."""
+        checkpoint, e.g. MiniLM), "causal" (any decoder-only LM, or an encoder as a prefix LM with
+        `prefix_lm=True`: see `models/causal.py`, which also takes `template`), or "auto" (seq2seq for
+        encoder-decoder configs, causal for decoder-only ones, else bert2bert). bert2bert and causal:
+        `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder).
+        `lora`: LoRA adapters on the generator (see `apply_lora`), for every kind."""
+        kind = generator_kind(name_or_path, kind)
+        if kind == "causal":
+            return CausalGenerator.from_pretrained(
+                name_or_path, max_source_length=max_source_length, template=template, prefix_lm=prefix_lm,
+                gradient_checkpointing=gradient_checkpointing, num_layers=num_layers, lora=lora,
+            )  # fmt: skip
+        if template is not None or prefix_lm:
+            raise ValueError(f"model.generator.template / prefix_lm apply to kind=causal only, not {kind}")
         if name_or_path.startswith("tiny:"):
             from rag_lightning.models.tiny import tiny_generator
 
@@ -126,8 +154,6 @@ class Generator(nn.Module):
         require_model(name_or_path, "model.generator.name_or_path")
         config = AutoConfig.from_pretrained(name_or_path)
         tok = AutoTokenizer.from_pretrained(name_or_path)
-        if kind == "auto":
-            kind = "seq2seq" if config.is_encoder_decoder else "bert2bert"
         if kind == "bert2bert" and not config.is_encoder_decoder:
             layers = {} if num_layers is None else {"num_hidden_layers": num_layers}
             model = EncoderDecoderModel.from_encoder_decoder_pretrained(

