@@ -33,7 +33,7 @@ class RagModule(L.LightningModule):
     def __init__(
         self,
         retriever: Retriever,
-        generator: Generator,
+        generator: Generator | Callable[..., Generator],
         variant: str = "token",
         label_smoothing: float = 0.0,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -54,7 +54,10 @@ class RagModule(L.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["retriever", "generator", "optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.retriever = retriever
-        self.generator = generator
+        # a factory (Hydra `_partial_: true`) defers building the generator to configure_model, where under
+        # FSDP ranks > 0 build it on the meta device and receive only their shards of rank 0's weights
+        self.generator_factory = None if isinstance(generator, torch.nn.Module) else generator
+        self.generator = generator if self.generator_factory is None else None
         self.corpus = None  # set in setup() from the datamodule, or by hand
         self.decoding = {"num_beams": 1, "max_length": 20, "mode": "fast", **decoding}
         names = ["loss", "em", "f1"] + [f"recall@{k}" for k in eval_ks]
@@ -99,6 +102,29 @@ class RagModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self.ensure_index()
+
+    # ---------------------------------------------------------------- model construction / sharding
+    def configure_model(self) -> None:
+        """Build a deferred generator; under FSDP2 (`strategies.FSDP2Strategy`) shard its decoder layers and
+        make the query encoder one FSDP unit. Idempotent (Lightning calls it for fit, validate and test)."""
+        from rag_lightning.models.sharding import is_sharded, load_full_state, shard_generator
+
+        mesh = self.device_mesh["data_parallel"] if self._device_mesh is not None else None
+        lazy = self.generator is None
+        if lazy:
+            meta = mesh is not None and mesh.get_rank() != 0
+            self.generator = self.generator_factory(empty_init=True) if meta else self.generator_factory()
+        if mesh is None or is_sharded(self.generator):
+            return
+        full = self.generator.state_dict() if lazy and mesh.get_rank() == 0 else {}
+        shard_generator(self.generator, mesh)
+        if lazy:  # rank 0 holds the weights, the others built on meta: broadcast each shard
+            load_full_state(self.generator, full, self.device)
+            del full
+        if any(p.requires_grad for p in self.retriever.query_encoder.parameters()):
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.retriever.query_encoder, mesh=mesh)  # gradients averaged over the ranks
 
     # ---------------------------------------------------------------- checkpoints
     def frozen_keys(self) -> set[str]:
@@ -164,6 +190,17 @@ class RagModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
+        from rag_lightning.models.sharding import is_sharded
+
+        if not is_sharded(self.generator):
+            return self._generate(batch, doc_scores, ids)
+        self.generator.unshard()  # FSDP root unit (embeddings, output layer): decoding calls past forward()
+        try:
+            return self._generate(batch, doc_scores, ids)
+        finally:
+            self.generator.reshard()
+
+    def _generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
         src, mask = self.sources(batch, ids)
         g, d = self.generator, self.decoding
         kw = dict(

@@ -167,6 +167,7 @@ class CausalGenerator(nn.Module):
         gradient_checkpointing: bool = False,
         num_layers: int | None = None,
         lora: Mapping[str, Any] | None = None,
+        empty_init: bool = False,
         **model_kwargs: Any,
     ) -> CausalGenerator:
         """Any ``AutoModelForCausalLM`` directory or Hub id, or ``tiny:gpt2`` / ``tiny:llama``. Settings left
@@ -190,7 +191,12 @@ class CausalGenerator(nn.Module):
                 model_kwargs["is_decoder"] = True  # BERT family: the causal-LM head class needs it
             if num_layers is not None:
                 model_kwargs["num_hidden_layers"] = num_layers
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
+            if empty_init:  # FSDP ranks > 0: the architecture on the meta device, weights come from rank 0
+                config = AutoConfig.from_pretrained(name_or_path, **model_kwargs)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
 

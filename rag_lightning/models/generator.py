@@ -131,18 +131,21 @@ class Generator(nn.Module):
         template: str | None = None,
         prefix_lm: bool | None = None,
         lora: Mapping[str, Any] | None = None,
+        empty_init: bool = False,
     ) -> Generator | CausalGenerator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
         checkpoint, e.g. MiniLM), "causal" (any decoder-only LM, or an encoder as a prefix LM with
         `prefix_lm=True`: see `models/causal.py`, which also takes `template`), or "auto" (seq2seq for
         encoder-decoder configs, causal for decoder-only ones, else bert2bert). bert2bert and causal:
         `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder).
-        `lora`: LoRA adapters on the generator (see `apply_lora`), for every kind."""
+        `lora`: LoRA adapters on the generator (see `apply_lora`), for every kind. `empty_init`: build causal
+        and seq2seq models on the meta device, without weights (FSDP ranks > 0, see `models/sharding.py`)."""
         kind = generator_kind(name_or_path, kind)
         if kind == "causal":
             return CausalGenerator.from_pretrained(
                 name_or_path, max_source_length=max_source_length, template=template, prefix_lm=prefix_lm,
                 gradient_checkpointing=gradient_checkpointing, num_layers=num_layers, lora=lora,
+                empty_init=empty_init,
             )  # fmt: skip
         if template is not None or prefix_lm:
             raise ValueError(f"model.generator.template / prefix_lm apply to kind=causal only, not {kind}")
@@ -168,6 +171,9 @@ class Generator(nn.Module):
             model.config.eos_token_id = tok.sep_token_id
         elif config.model_type == "encoder-decoder":
             model = EncoderDecoderModel.from_pretrained(name_or_path)
+        elif empty_init:
+            with torch.device("meta"):
+                model = AutoModelForSeq2SeqLM.from_config(config)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
         if gradient_checkpointing:
