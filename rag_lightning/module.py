@@ -20,6 +20,7 @@ import torch
 from torchmetrics import MeanMetric
 
 from rag_lightning import metrics
+from rag_lightning.models.causal import CausalGenerator
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.generator import Generator
 from rag_lightning.models.marginalize import rag_sequence_nll, rag_token_nll
@@ -33,7 +34,7 @@ class RagModule(L.LightningModule):
     def __init__(
         self,
         retriever: Retriever,
-        generator: Generator | Callable[..., Generator],
+        generator: Generator | CausalGenerator | Callable[..., Generator | CausalGenerator],
         variant: str = "token",
         label_smoothing: float = 0.0,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
@@ -203,6 +204,7 @@ class RagModule(L.LightningModule):
     def _generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
         src, mask = self.sources(batch, ids)
         g, d = self.generator, self.decoding
+        model = g if g.kind == "causal" else g.model  # decoder-only: the generator runs its own prompt steps
         kw = dict(
             num_beams=d["num_beams"],
             max_length=d["max_length"],
@@ -211,9 +213,9 @@ class RagModule(L.LightningModule):
             pad_token_id=g.pad_token_id,
         )
         if self.hparams.variant == "token":
-            out = rag_token_generate(g.model, src, mask, doc_scores, **kw)
+            out = rag_token_generate(model, src, mask, doc_scores, **kw)
         else:
-            out = rag_sequence_generate(g.model, src, mask, doc_scores, mode=d["mode"], **kw)
+            out = rag_sequence_generate(model, src, mask, doc_scores, mode=d["mode"], **kw)
         return g.decode(out)
 
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -11,12 +11,18 @@ from transformers import (
     BertLMHeadModel,
     BertModel,
     EncoderDecoderModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
 
 from rag_lightning.models import decode as D
+from rag_lightning.models.causal import CausalGenerator, prefix_lm_mask
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
+from rag_lightning.models.tiny import tiny_bpe_tokenizer
 
 V = 96
 
@@ -59,6 +65,35 @@ def _t5():
 BUILDERS = {"bart": _bart, "bert2bert": _bert2bert, "t5": _t5}
 
 
+def _causal(arch: str):
+    """A decoder-only generator over V ids (GPT-2, Llama, or a BERT prefix LM); EOS 2 made likely enough that
+    lengths vary; padding 0 (masked; no pad token in the tokenizer, as GPT-2 / Llama)."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=V, initializer_range=0.1 if arch == "prefix-lm" else 0.3)
+    if arch == "gpt2":
+        cfg = GPT2Config(**common, n_embd=32, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0,
+                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=2, eos_token_id=2)  # fmt: skip
+        model = GPT2LMHeadModel(cfg)
+    elif arch == "llama":
+        cfg = LlamaConfig(**common, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                          tie_word_embeddings=False, bos_token_id=2, eos_token_id=2)  # fmt: skip
+        model = LlamaForCausalLM(cfg)
+    else:
+        cfg = BertConfig(**common, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, is_decoder=True)  # fmt: skip
+        model = BertLMHeadModel(cfg)
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        if head.bias is not None:
+            head.bias[2] += 2.0
+        else:
+            head.weight[2] *= 1.7
+    gen = CausalGenerator(model.eval(), tiny_bpe_tokenizer(), prefix_lm=arch == "prefix-lm")
+    return gen, dict(decoder_start_token_id=None, eos_token_id=2, pad_token_id=0)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models: intra-op threading only adds overhead (and contention on shared CI machines)."""
@@ -76,20 +111,41 @@ def setup(request):
     return model, ids
 
 
-def _inputs(b=2, k=3, s=9, seed=1):
+def _inputs(b=2, k=3, s=9, seed=1, left=False):
+    """Random sources (B*K, S), two of them padded (on the left for decoder-only prompts), and doc scores."""
     g = torch.Generator().manual_seed(seed)
     src = torch.randint(5, V, (b * k, s), generator=g)
     mask = torch.ones_like(src)
     mask[1, 6:] = 0  # some padding in the source
     mask[-1, 4:] = 0
+    if left:
+        mask = mask.flip(1)
     src = src.masked_fill(mask == 0, 0)
     scores = torch.randn(b, k, generator=g) * 2
     return src, mask, scores
 
 
 # --- references: one question at a time, full decoder recompute, no cache -----------------------------
+def _ref_forced(model, src, mask, y, start):
+    """(T, V) log-probs of the positions predicting y (T tokens) after one source row (1, S), no cache."""
+    if isinstance(model, CausalGenerator):  # the unpadded prompt, then y[:-1]
+        prompt = src[0][mask[0].bool()].tolist()
+        ids = torch.tensor([prompt + y[:-1]])
+        attn = torch.ones_like(ids)
+        if model.prefix_lm:
+            attn = prefix_lm_mask(attn, len(prompt), torch.float32)
+        logits = model.model(input_ids=ids, attention_mask=attn).logits[0, len(prompt) - 1 :]
+    else:
+        dec = torch.tensor([[start] + y[:-1]])
+        logits = model(input_ids=src, attention_mask=mask, decoder_input_ids=dec).logits[0]
+    return torch.log_softmax(logits.float(), -1)
+
+
 def _ref_step(model, src, mask, prefix, start):
     """(D, V) next-token log-probs for the given prefix under each of the D source rows."""
+    if isinstance(model, CausalGenerator):
+        return torch.stack([_ref_forced(model, src[d : d + 1], mask[d : d + 1], prefix + [0], start)[-1]
+                            for d in range(src.shape[0])])  # fmt: skip
     dec = torch.tensor([[start] + prefix] * src.shape[0])
     logits = model(input_ids=src, attention_mask=mask, decoder_input_ids=dec).logits[:, -1]
     return torch.log_softmax(logits.float(), -1)
@@ -178,9 +234,7 @@ def ref_rag_sequence(model, src, mask, scores, num_beams, max_length, min_length
                 terms = []
                 for z in range(k):
                     row = slice(i * k + z, i * k + z + 1)
-                    dec = torch.tensor([[start] + y[:-1]])
-                    logits = model(input_ids=src[row], attention_mask=mask[row], decoder_input_ids=dec).logits
-                    lp = torch.log_softmax(logits[0].float(), -1)
+                    lp = _ref_forced(model, src[row], mask[row], y, start)
                     terms.append(doc_lp[z] + sum(lp[t, y[t]] for t in range(len(y))))
             sc = float(torch.logsumexp(torch.stack(terms), 0))
             if sc > best_score:
@@ -277,9 +331,8 @@ def test_trie_forced_scores_equal_full_forward(setup, budget, monkeypatch):
     for i, (_, y) in enumerate(cands):
         seqs[i, : len(y)] = torch.tensor(y)
     lens = torch.tensor([len(y) for _, y in cands])
-    enc_h = model.get_encoder()(input_ids=src, attention_mask=mask).last_hidden_state
     monkeypatch.setattr(D, "_SCORE_ROWS", budget)  # 3: one question per group
-    got = D._forced_logprob(model, enc_h, mask, q, seqs, lens, 3, start)  # (U, K)
+    got = D._forced_logprob(D.Seq2SeqSteps(model, src, mask, start), q, seqs, lens, 3)  # (U, K)
     for u, (b, y) in enumerate(cands):
         for z in range(3):
             row = slice(b * 3 + z, b * 3 + z + 1)
@@ -295,15 +348,14 @@ def test_trie_forced_scores_equal_full_forward(setup, budget, monkeypatch):
 
 @torch.no_grad()
 @pytest.mark.parametrize("seed", range(4))
-def test_thorough_pruning_is_exact(setup, seed, monkeypatch):
+def test_thorough_pruning_is_exact(setup, seed):
     """Branch and bound over the candidates returns what scoring every candidate fully returns."""
     model, ids = setup
     src, mask, scores = _inputs(b=3, k=3, seed=10 + seed)
     scores = scores / 4  # flatter p(z|x): more passages matter, closer candidates
     cfg = dict(num_beams=3, max_length=6, **ids)
     pruned = rag_sequence_generate(model, src, mask, scores, **cfg)
-    monkeypatch.setattr(D, "_PRUNE", False)
-    assert torch.equal(rag_sequence_generate(model, src, mask, scores, **cfg), pruned)
+    assert torch.equal(rag_sequence_generate(model, src, mask, scores, **cfg, prune=False), pruned)
 
 
 def test_bad_inputs():
@@ -324,3 +376,57 @@ def test_thorough_and_fast_can_differ():
     th = rag_sequence_generate(model, src, mask, scores, **_cfg(3), **ids, mode="thorough")
     fa = rag_sequence_generate(model, src, mask, scores, **_cfg(3), **ids, mode="fast")
     assert _rows(th, ids["pad_token_id"]) != _rows(fa, ids["pad_token_id"])
+
+
+# --- decoder-only generators (prompts left-padded, the answer continues each prompt with the KV cache) --------
+@pytest.fixture(scope="module", params=["gpt2", "llama", "prefix-lm"])
+def causal_setup(request):
+    return _causal(request.param)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_causal_rag_token_matches_reference(causal_setup, num_beams):
+    model, ids = causal_setup
+    src, mask, scores = _inputs(left=True)
+    got = rag_token_generate(model, src, mask, scores, **_cfg(num_beams), **ids)
+    ref = ref_rag_token(model, src, mask, scores, **_cfg(num_beams), ids=ids)
+    assert _rows(got, ids["pad_token_id"]) == ref
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("num_beams", [1, 3])
+@pytest.mark.parametrize("mode", ["thorough", "fast"])
+def test_causal_rag_sequence_matches_reference(causal_setup, num_beams, mode):
+    model, ids = causal_setup
+    src, mask, scores = _inputs(seed=2, left=True)
+    got = rag_sequence_generate(model, src, mask, scores, **_cfg(num_beams), **ids, mode=mode)
+    ref = ref_rag_sequence(model, src, mask, scores, **_cfg(num_beams), ids=ids, mode=mode)
+    assert _rows(got, ids["pad_token_id"]) == ref
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("seed", range(2))
+def test_causal_thorough_pruning_is_exact(causal_setup, seed):
+    model, ids = causal_setup
+    src, mask, scores = _inputs(b=3, k=3, seed=10 + seed, left=True)
+    cfg = dict(num_beams=3, max_length=6, **ids)
+    pruned = rag_sequence_generate(model, src, mask, scores / 4, **cfg)
+    assert torch.equal(rag_sequence_generate(model, src, mask, scores / 4, **cfg, prune=False), pruned)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_causal_greedy_k1_equals_hf_generate(arch):
+    gen, ids = _causal(arch)
+    src, mask, _ = _inputs(b=4, k=1, seed=4, left=True)
+    scores = torch.zeros(4, 1)
+    got = rag_token_generate(gen, src, mask, scores, max_length=8, min_length=1, **ids)
+    hf = gen.model.generate(
+        input_ids=src, attention_mask=mask, num_beams=1, do_sample=False, max_new_tokens=8, min_new_tokens=1,
+        eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+    )  # fmt: skip
+    assert _rows(got, ids["pad_token_id"]) == _rows(hf[:, src.shape[1] :], ids["pad_token_id"])
+    assert len({len(r) for r in _rows(got, ids["pad_token_id"])}) > 1  # lengths vary: EOS is reached
+    seq = rag_sequence_generate(gen, src, mask, scores, max_length=8, min_length=1, **ids)
+    assert torch.equal(seq, got)  # with K=1 both models are the same

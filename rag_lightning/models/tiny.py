@@ -30,7 +30,8 @@ from transformers import (
 
 from rag_lightning.models.encoders import minilm_dir
 
-D = 32  # hidden size of every tiny model
+D = 32  # hidden size of the tiny BERT / BART models
+D_CAUSAL = 64  # of the tiny decoder-only ones (at 32 they overfit 8 answers about half as fast)
 
 
 def tiny_tokenizer() -> BertTokenizerFast:
@@ -104,14 +105,14 @@ def tiny_causal_lm(arch: str, seed: int = 0) -> tuple[PreTrainedModel, PreTraine
     eos = tok.eos_token_id
     if arch == "gpt2":
         cfg = GPT2Config(
-            vocab_size=len(tok), n_embd=D, n_layer=2, n_head=2, n_positions=512, bos_token_id=eos,
+            vocab_size=len(tok), n_embd=D_CAUSAL, n_layer=2, n_head=4, n_positions=512, bos_token_id=eos,
             eos_token_id=eos,
         )  # fmt: skip
         cls = GPT2LMHeadModel
     elif arch == "llama":
         cfg = LlamaConfig(
-            vocab_size=len(tok), hidden_size=D, intermediate_size=2 * D, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, bos_token_id=eos,
+            vocab_size=len(tok), hidden_size=D_CAUSAL, intermediate_size=2 * D_CAUSAL, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, bos_token_id=eos,
             eos_token_id=eos, pad_token_id=None, tie_word_embeddings=False,
         )  # fmt: skip
         cls = LlamaForCausalLM
