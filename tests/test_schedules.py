@@ -44,3 +44,25 @@ def test_start_step_delays_one_group_only():
 def test_start_beyond_training_is_an_error():
     with pytest.raises(ValueError, match="retriever.*never learn"):
         linear_warmup(_opt(30), num_training_steps=30, num_warmup_steps=4)
+
+
+def test_rag_module_delays_only_the_retriever():
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from tests.test_configs import compose_cfg
+
+    cfg = compose_cfg(
+        ["retriever=tiny", "model=tiny", "model.retriever_start_step=10", "scheduler.num_warmup_steps=4"]
+    )
+    module = instantiate(cfg.model)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=30)
+    out = module.configure_optimizers()
+    opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+    lrs = _lrs(opt, sched, 12)
+    assert [g["name"] for g in opt.param_groups] == ["generator", "retriever"]
+    assert lrs[4][0] > 0 and all(x[1] == 0 for x in lrs[:11]) and lrs[11][1] > 0
+    module.scheduler_factory = None
+    with pytest.raises(ValueError, match="retriever_start_step needs a scheduler"):
+        module.configure_optimizers()
