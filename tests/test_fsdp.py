@@ -43,14 +43,14 @@ def test_two_process_fsdp_lora(tmp_path):
     cmd = [
         sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer.precision=32-true", *model, "+model.generator._partial_=true",
-        "+model.generator.gradient_checkpointing=true", "optimizer.lr=1e-2", "data.max_train_examples=16",
+        "+model.generator.gradient_checkpointing=true", "optimizer.lr=1e-3", "data.max_train_examples=16",
         "data.batch_size=2", "trainer.max_steps=4", "trainer.limit_val_batches=0", "optimized_metric=null",
         "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "validate_before_fit=false",
         "test=false", f"paths.log_dir={tmp_path}/logs", f"paths.cache_dir={tmp_path}/cache",
         f"paths.root_dir={ROOT}", f"hydra.run.dir={tmp_path}/run",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-6000:]
     sd = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     # only what trains: the LoRA adapters (full tensors gathered from the shards) and the query encoder
     assert all("lora_" in k or k.startswith("retriever.query_encoder.") for k in sd)

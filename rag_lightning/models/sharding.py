@@ -52,9 +52,15 @@ def load_full_state(module: nn.Module, full: dict[str, torch.Tensor], device: to
     (`full` is empty on the other ranks): each rank receives only its shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    import torch.distributed as dist
+
     module.to_empty(device=device)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     set_model_state_dict(module, full, options=opts)
+    # non-persistent buffers (e.g. rotary `inv_freq`) are in no state dict: after to_empty they hold garbage
+    # on the meta-built ranks; rank 0 built them properly, so every rank takes rank 0's (buffers are not sharded)
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
 
 
 def is_sharded(module: nn.Module) -> bool:
