@@ -1,29 +1,55 @@
-"""Open-domain QA metrics: SQuAD v1.1 EM / F1, answer presence, retrieval recall@k.
+r"""Open-domain QA metrics, each defined as the papers' evaluation code defines it. Scores are FRACTIONS in
+[0, 1] (the official scripts print percentages, x 100).
 
-``normalize_answer``, ``exact_match`` and ``f1`` follow the official SQuAD v1.1 ``evaluate-v1.1.py``
-(lowercase, drop punctuation, drop the articles a / an / the, collapse whitespace; F1 on the bag of
-normalized tokens; the max over all gold answers). All scores are FRACTIONS in [0, 1]; the official
-script prints percentages (x 100).
+String answers, reader EM / F1 -- the official SQuAD v1.1 ``evaluate-v1.1.py``:
+    ``normalize_answer``: lowercase, drop ASCII punctuation, drop the words a / an / the, collapse
+    whitespace. EM = normalized strings equal; F1 = harmonic mean of precision and recall of the bag
+    (multiset) of normalized tokens. Both are the max over the gold answers.
 
-``regex=True`` (CuratedTREC-style answers): each gold answer is a regular expression; EM is 1 when the
-pattern matches the WHOLE raw prediction (``re.fullmatch``, IGNORECASE) or the whole normalized prediction,
-F1 is then EM (a pattern has no tokens), and ``has_answer`` uses ``re.search`` (IGNORECASE) on the raw
-passage text. An invalid pattern raises ``ValueError`` naming it.
+Regex answers, reader EM -- DrQA's ``regex_match_score`` as ``scripts/pipeline/eval.py`` calls it
+(CuratedTREC): prediction and pattern are Unicode-NFD normalized (DrQA's ``normalize``), the pattern is
+compiled with IGNORECASE | UNICODE | MULTILINE (the ``regex`` package, as DrQA imports it) and must
+``match`` at the START of the raw prediction (no SQuAD normalization, not anchored at the end: pattern
+``18\d\d`` scores 1 on "1889 or so" and 0 on "in 1889"). F1 of a regex answer is its EM.
+
+Answer presence, retrieval recall@k -- DPR's ``has_answer`` (``dpr/data/qa_validation.py``), used for the
+top-k accuracy of DPR, RAG, FiD and Atlas:
+    string answers: passage and answer are NFD normalized and split by DPR's ``SimpleTokenizer`` (tokens
+    are runs of letters / digits / combining marks ``[\p{L}\p{N}\p{M}]+`` or any other single
+    character that is neither a separator nor a control ``[^\p{Z}\p{C}]``), lowercased; the passage has
+    the answer when the answer's token sequence occurs contiguously in the passage's. So "Par" is not
+    in "Paris", "U.S." is the tokens ``u . s .``, and an answer with no tokens (only whitespace) is in
+    every passage (readers reject such answers).
+    regex answers: the NFD pattern, IGNORECASE | UNICODE | MULTILINE, ``search``-ed anywhere in the NFD
+    passage.
+recall@k = fraction of questions with an answer-bearing passage among the first k retrieved.
+
+DPR and DrQA score a pattern that fails to compile as "no match". Here a pattern that is invalid as
+written raises ``ValueError`` naming it (readers reject such patterns at load, with file and line); one
+that is valid as written but not after NFD (``Sn\ě\žka``: NFD turns ``\ě`` into the bad escape ``\e``
+plus a caron; 3 of the 694 CuratedTREC test patterns) never matches, exactly as in DPR and DrQA.
 """
 
 from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
+import regex  # the engine DPR and DrQA tokenize and match answer patterns with (SQuAD's script uses `re`)
+
 __all__ = [
     "normalize_answer",
+    "dpr_tokens",
+    "compile_answer_regex",
+    "validate_answer_regex",
     "exact_match",
     "f1",
     "has_answer",
+    "first_hit",
     "recall_at_k",
     "em_f1",
     "mean_exact_match",
@@ -32,6 +58,8 @@ __all__ = [
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_FLAGS = regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
+_DPR_TOKEN = regex.compile(r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", flags=_FLAGS)  # DPR's SimpleTokenizer
 
 
 def normalize_answer(s: str) -> str:
@@ -42,20 +70,45 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
-@lru_cache(maxsize=4096)
-def _compile(pattern: str) -> re.Pattern:
+def _nfd(s: str) -> str:
+    return unicodedata.normalize("NFD", s)
+
+
+def dpr_tokens(text: str) -> list[str]:
+    """DPR ``SimpleTokenizer`` words of the NFD text, uncased."""
+    return [m.group().lower() for m in _DPR_TOKEN.finditer(_nfd(text))]
+
+
+def validate_answer_regex(pattern: str) -> None:
+    """``ValueError`` naming the pattern when it does not compile as written (readers call this at load)."""
     try:
-        return re.compile(pattern, flags=re.IGNORECASE | re.UNICODE)
-    except re.error as e:
-        raise ValueError(f"invalid regex answer pattern {pattern!r}: {e}") from e
+        regex.compile(pattern, flags=_FLAGS)
+    except (regex.error, ValueError, TypeError, OverflowError, RecursionError) as e:
+        raise ValueError(f"invalid regex answer pattern {pattern!r}: {e}") from None
+
+
+@lru_cache(maxsize=8192)
+def compile_answer_regex(pattern: str) -> regex.Pattern | None:
+    """The NFD pattern compiled as DPR / DrQA compile it, or None when only its NFD form is invalid (a
+    backslash before an accented letter: ``Sn\\ě\\žka`` becomes ``Sn\\e`` + caron), which DPR and DrQA
+    score as no match. ``ValueError`` when the pattern is invalid as written."""
+    validate_answer_regex(pattern)
+    try:
+        return regex.compile(_nfd(pattern), flags=_FLAGS)
+    except (regex.error, ValueError, OverflowError, RecursionError):
+        return None
+
+
+def _match(pattern: str, text: str, search: bool) -> bool:
+    p = compile_answer_regex(pattern)
+    if p is None:
+        return False
+    return (p.search(text) if search else p.match(text)) is not None
 
 
 def _em_one(pred: str, gold: str, regex: bool) -> float:
     if regex:
-        pat = _compile(gold)
-        return float(
-            pat.fullmatch(pred.strip()) is not None or pat.fullmatch(normalize_answer(pred)) is not None
-        )
+        return float(_match(gold, _nfd(pred), search=False))
     return float(normalize_answer(pred) == normalize_answer(gold))
 
 
@@ -70,7 +123,8 @@ def _f1_one(pred: str, gold: str) -> float:
 
 
 def exact_match(pred: str, answers: Sequence[str], regex: bool = False) -> float:
-    """Max over gold answers of normalized string equality (1.0 / 0.0); 0.0 for no answers."""
+    """Max over gold answers of SQuAD normalized equality (regex: DrQA's start-anchored match), 1.0 / 0.0;
+    0.0 for no answers."""
     return max((_em_one(pred, a, regex) for a in answers), default=0.0)
 
 
@@ -82,17 +136,30 @@ def f1(pred: str, answers: Sequence[str], regex: bool = False) -> float:
 
 
 def has_answer(text: str, answers: Sequence[str], regex: bool = False) -> bool:
-    """True if some normalized gold answer occurs in the normalized text as a contiguous token
-    sequence (regex: ``re.search`` with IGNORECASE on the raw text). Empty answers never match."""
+    """DPR's ``has_answer``: some gold answer's token sequence occurs in the text's (regex: the pattern is
+    found anywhere in the text). See the module docstring."""
+    return first_hit([text], answers, regex) == 0
+
+
+def first_hit(texts: Sequence[str], answers: Sequence[str], regex: bool = False) -> float:
+    """Rank of the first text that has a gold answer (DPR ``has_answer``), ``inf`` when none does.
+
+    The answers are tokenized (or compiled) once for all texts; each text is tokenized once.
+    """
     if regex:
-        return any(_compile(a).search(text) is not None for a in answers)
-    toks = normalize_answer(text).split()
-    for a in answers:
-        ans = normalize_answer(a).split()
-        n = len(ans)
-        if n and any(toks[i : i + n] == ans for i in range(len(toks) - n + 1)):
-            return True
-    return False
+        for rank, text in enumerate(texts):
+            t = _nfd(text)
+            if any(_match(a, t, search=True) for a in answers):
+                return rank
+        return float("inf")
+    golds = [dpr_tokens(a) for a in answers]
+    for rank, text in enumerate(texts):
+        toks = dpr_tokens(text)
+        for ans in golds:
+            n = len(ans)
+            if any(toks[i : i + n] == ans for i in range(len(toks) - n + 1)):
+                return rank
+    return float("inf")
 
 
 def recall_at_k(
@@ -110,12 +177,9 @@ def recall_at_k(
         raise ValueError(f"{len(topk_texts)} passage lists but {len(answers)} answer lists")
     if not topk_texts:
         return {int(k): 0.0 for k in ks}
-    # rank of the first hit per question (inf when none), so each passage is checked once
-    first_hit = []
-    for texts, ans in zip(topk_texts, answers):
-        first_hit.append(next((r for r, t in enumerate(texts) if has_answer(t, ans, regex)), float("inf")))
-    n = len(first_hit)
-    return {int(k): sum(h < k for h in first_hit) / n for k in ks}
+    hits = [first_hit(texts, ans, regex) for texts, ans in zip(topk_texts, answers)]
+    n = len(hits)
+    return {int(k): sum(h < k for h in hits) / n for k in ks}
 
 
 def em_f1(predictions: Sequence[str], answers: Sequence[Sequence[str]], regex: bool = False) -> dict:

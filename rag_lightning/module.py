@@ -64,7 +64,10 @@ class RagModule(L.LightningModule):
         names = ["loss", "em", "f1"] + [f"recall@{k}" for k in eval_ks]
         self.eval_metrics = torch.nn.ModuleDict(
             {f"{s}_{n.replace('@', '_')}": MeanMetric() for s in ("val", "test") for n in names}
-        )
+        )  # pooled over every question of every val / test set
+        # per set: (stage, set name, metric) -> MeanMetric, made when a set is first seen (a plain dict: set
+        # names need not be valid module names, and the running means stay out of the state_dict)
+        self.set_metrics: dict[tuple[str, str, str], MeanMetric] = {}
         self.samples: list[dict[str, Any]] = []  # a few predictions of the last evaluation (W&B table)
         self.train()  # HF from_pretrained returns eval-mode models; Lightning keeps the mode it is given
 
@@ -241,17 +244,30 @@ class RagModule(L.LightningModule):
 
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.evaluate(batch)
+        names = batch.get("set_names") or [""] * len(batch["questions"])
         for name, values in out.items():
             key = f"{stage}_{name.replace('@', '_')}"
-            if key in self.eval_metrics:
-                self.eval_metrics[key].update(values.detach().float().to(self.device))  # logged at epoch end
+            if key not in self.eval_metrics:
+                continue
+            values = values.detach().float().to(self.device)  # (B,), logged at epoch end
+            self.eval_metrics[key].update(values)
+            for set_name in dict.fromkeys(names):
+                rows = torch.tensor([i for i, n in enumerate(names) if n == set_name], device=self.device)
+                self._set_metric(stage, set_name, name).update(values[rows])
         if len(self.samples) < self.hparams.n_samples:
             titles = [self.corpus.titles(row[:3]) for row in out["ids"].tolist()]
             for q, a, p, t in zip(batch["questions"], batch["answers"], out["predictions"], titles):
                 self.samples.append({"question": q, "answers": a, "prediction": p, "top_titles": t})
 
+    def _set_metric(self, stage: str, set_name: str, name: str) -> MeanMetric:
+        key = (stage, set_name, name)
+        if key not in self.set_metrics:
+            self.set_metrics[key] = MeanMetric().to(self.device)
+        return self.set_metrics[key]
+
     def _log_eval_metrics(self, stage: str) -> None:
-        """One value per metric over every question of every val / test set (several loaders feed one metric)."""
+        """``{stage}/{metric}`` pooled over every question of every val / test set (what checkpoint monitors
+        and sweeps read), and with several sets also ``{stage}/{set name}/{metric}`` for each set."""
         for key, metric in self.eval_metrics.items():
             prefix, name = key.split("_", 1)
             if prefix == stage and metric.update_count:
@@ -259,6 +275,13 @@ class RagModule(L.LightningModule):
                     f"{stage}/{name.replace('recall_', 'recall@')}", metric.compute(), prog_bar=name == "em"
                 )
                 metric.reset()
+        per_set = sorted(k for k in self.set_metrics if k[0] == stage)  # same order on every rank
+        several = len({set_name for _, set_name, _ in per_set}) > 1
+        for key in per_set:
+            metric = self.set_metrics[key]
+            if several and metric.update_count:
+                self.log(f"{stage}/{key[1]}/{key[2]}", metric.compute())
+            metric.reset()
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval_metrics("val")
@@ -327,9 +350,9 @@ class RagModule(L.LightningModule):
 
 
 def _first_hit(texts: list[str], answers: list[str], regex: bool) -> float:
-    """Rank of the first passage that contains a gold answer; inf if none (so recall@k = 0 for every k, also
-    for k beyond the retrieved list, e.g. eval_ks 100 on a smaller corpus)."""
-    return next((i for i, t in enumerate(texts) if metrics.has_answer(t, answers, regex=regex)), float("inf"))
+    """Rank of the first passage that has a gold answer by DPR's ``has_answer``; inf if none (so recall@k = 0
+    for every k, also for k beyond the retrieved list, e.g. eval_ks 100 on a smaller corpus)."""
+    return metrics.first_hit(texts, answers, regex=regex)
 
 
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")

@@ -1,4 +1,4 @@
-"""The few lines a researcher reads at the end of a run: before -> after, and where things are."""
+"""The few lines a researcher reads at the end of a run: before -> after, per set, and where things are."""
 
 from __future__ import annotations
 
@@ -16,7 +16,28 @@ def _fmt(v: float | None, key: str) -> str:
     return f"{v:6.3f}" if key == "loss" else f"{100 * v:5.1f}%"
 
 
+def set_names(metrics: dict, stage: str) -> list[str]:
+    """Set names in per-set keys ``{stage}/{set name}/{metric}``, in first-seen order."""
+    names: list[str] = []
+    for key in metrics:
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == stage and parts[1] not in names:
+            names.append(parts[1])
+    return names
+
+
+def _rows(prefix: str, columns: list[dict], label: str) -> list[str]:
+    out = []
+    for k in KEYS:
+        values = [c.get(f"{prefix}/{k}") for c in columns]
+        if all(v is None for v in values):
+            continue
+        out.append(f"{label + k:<14}" + "".join(f"{_fmt(v, k):>10}" for v in values))
+    return out
+
+
 def print_summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict, test: dict) -> None:
+    """Pooled val (before / after) and test metrics, then one block per set when there are several."""
     lines = ["", "=" * 60, f"rag-lightning run summary ({cfg.model.get('variant', '?')} marginalization)"]
     lines.append(f"{'metric':<14}{'before':>10}{'after':>10}" + (f"{'test':>10}" if test else ""))
     for k in KEYS:
@@ -25,6 +46,15 @@ def print_summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict
             continue
         row = f"{'val/' + k:<14}{_fmt(b, k):>10}{_fmt(a, k):>10}"
         lines.append(row + (f"{_fmt(t, k):>10}" if test else ""))
+    val_sets, test_sets = set_names({**before, **after}, "val"), set_names(test, "test")
+    if val_sets or test_sets:
+        lines.append("(rows above: all sets pooled)")
+    for name in val_sets:
+        lines.append(f"-- val set {name}: before, after")
+        lines += _rows(f"val/{name}", [before, after], "   ")
+    for name in test_sets:
+        lines.append(f"-- test set {name}")
+        lines += _rows(f"test/{name}", [test], "   ")
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:
         lines.append(f"checkpoint: {ckpt.best_model_path}")

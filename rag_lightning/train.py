@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 import warnings
 from typing import Any
 
@@ -11,7 +13,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
-from rag_lightning.checkpoint_io import AtomicCheckpointIO
+from rag_lightning.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
 from rag_lightning.preflight import preflight
 from rag_lightning.summary import print_summary
 
@@ -36,6 +38,7 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 
 
 def train(cfg: DictConfig) -> float | None:
+    started = time.time()
     preflight(cfg)
     _quiet_transformers()
     if cfg.get("seed") is not None:
@@ -43,6 +46,8 @@ def train(cfg: DictConfig) -> float | None:
 
     log.info("datamodule <%s>", cfg.data._target_)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    if hasattr(datamodule, "validate_sets"):
+        datamodule.validate_sets()  # bad question files fail here, before the model and the corpus
     log.info("model <%s>", cfg.model._target_)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_list(cfg.get("callbacks"))
@@ -50,6 +55,11 @@ def train(cfg: DictConfig) -> float | None:
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )
+    if trainer.is_global_zero:  # partial writes of killed runs: this run's checkpoint dirs, the resumed one's
+        folders = [cb.dirpath for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        if cfg.get("ckpt_path") and os.path.isfile(cfg.ckpt_path):
+            folders.append(os.path.dirname(os.path.abspath(cfg.ckpt_path)))
+        remove_stale_temporaries(folders, started)
     before: dict[str, float] = {}
     status = "failed"
     fit = cfg.get("train", True)
@@ -83,8 +93,22 @@ def train(cfg: DictConfig) -> float | None:
     if name is None or (not fit and name not in metrics):  # evaluation only: nothing to optimize
         return None
     if name not in metrics:
-        raise KeyError(f"optimized_metric={name!r} was not logged; logged: {sorted(metrics)}")
+        msg = (
+            f"optimized_metric={name!r} was not logged (validation never ran? e.g. trainer.max_steps below "
+            f"trainer.val_check_interval); logged: {sorted(metrics)}"
+        )
+        if _in_multirun():  # a sweep must not rank a trial that has no value
+            raise KeyError(msg)
+        log.warning(msg)  # a single run trained and checkpointed: not a failure
+        return None
     return metrics[name]
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _finish_wandb(exit_code: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -163,16 +164,29 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
 
 
 def print_table(result: dict[str, Any], eval_ks: list[int], out_dir: Path) -> None:
+    """Means over all questions, then one block per set when there are several."""
+    keys = ["em", "f1"] + [f"recall@{k}" for k in eval_ks]
     print(f"\n{'=' * 44}\nevaluation: {result['split']} split, {result['count']} questions")
-    for key in ["em", "f1"] + [f"recall@{k}" for k in eval_ks]:
-        print(f"{key:14s}{100 * result[key]:8.1f}%")
+    blocks = [("all sets" if "per_set" in result else "", result)] + list(result.get("per_set", {}).items())
+    for name, block in blocks:
+        if name:
+            print(f"-- {name} ({block['count']} questions)")
+        for key in keys:
+            print(f"{key:14s}{100 * block[key]:8.1f}%")
     print(f"outputs: {out_dir}\n{'=' * 44}")
 
 
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from rag_lightning.data.textio import DataError
+    from rag_lightning.preflight import ConfigError
+
     hc = HydraConfig.get()
-    evaluate(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir))
+    try:
+        evaluate(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir))
+    except (ConfigError, DataError) as e:  # missing file / bad row: one line naming it, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -111,7 +111,13 @@ def test_registry() -> None:
         "path": "/d/retriever/qas/nq-train.csv",
         "name": "nq_train",
     }
-    assert resolve_set("curatedtrec_test", "/d")["regex"] is True
+    trec = resolve_set("curatedtrec_test", "/d")  # as published; regex answers by the format's default
+    assert trec == {
+        "path": "/d/curatedtrec/large2180-test.tsv",
+        "format": "curatedtrec",
+        "name": "curatedtrec_test",
+    }
+    assert resolve_set("curatedtrec_test_dpr", "/d")["regex"] is True
     assert resolve_set("x/my.jsonl") == {"path": "x/my.jsonl", "format": "auto", "name": "my"}
     assert resolve_corpus("psgs_w100", "/d")["path"] == "/d/wikipedia_split/psgs_w100.tsv"
     assert resolve_set("squad_open_test", "/d")["split"] == "test"
@@ -144,3 +150,21 @@ def test_hydra_configs(tmp_path: Path, minilm_dir: str, name: str) -> None:
         assert len(dm.train_items) == 1046 and len(dm.corpus) == 693
     else:
         assert all(s["path"].startswith(str(tmp_path / "data")) for s in dm.train_specs + dm.test_specs)
+
+
+def test_question_sets_are_checked_before_the_corpus(tmp_path: Path, minilm_dir: str) -> None:
+    from rag_lightning.data.readers import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        '{"question": "q1", "answers": ["a"]}\n{"question": "q2", "answers": []}\n', encoding="utf-8"
+    )
+    dm = _dm(tmp_path, minilm_dir, val_sets=[str(bad)])
+    with pytest.raises(DataError, match=rf"^{bad}:2: field 'answers': empty answer list"):
+        dm.prepare_data()
+    assert not (tmp_path / "cache").exists()  # the corpus was not converted
+    trec = tmp_path / "t.tsv"
+    trec.write_text("1\tfactoid\tWhen?\t18\\d\\d\n", encoding="utf-8")
+    dm = _dm(tmp_path, minilm_dir, corpus=None, val_sets=[str(trec), {"path": str(trec), "regex": False}])
+    dm.validate_sets()
+    assert [s[0].regex for _, s in dm.val_sets] == [True, False]  # format default, explicit override

@@ -45,3 +45,20 @@ def test_squad_open_split(shared_data_dir: Path) -> None:
     assert not (parts["train"] & parts["test"]) and not (parts["train"] & parts["val"])
     assert not (parts["val"] & parts["test"])
     assert parts["test"] == {str(a) for a in squad_article_split(48)["test"]}
+
+
+# public files as published, where a copy lies in ../shared/data (exact counts of the published files)
+PUBLISHED = [
+    ("curatedtrec/large2180-test.tsv", "curatedtrec", 694),  # brmson/dataset-factoid-curated @ 087375a
+    ("curatedtrec/large2180-train.tsv", "curatedtrec", 1479),
+    ("curatedtrec/curated-test.tsv", "curatedtrec", 430),
+    ("curatedtrec/curated-train.tsv", "curatedtrec", 430),
+    ("curatedtrec/curated-full.tsv", "curatedtrec", 867),
+]
+
+
+@pytest.mark.parametrize(("name", "fmt", "count"), PUBLISHED)
+def test_published_files(shared_data_dir: Path, name: str, fmt: str, count: int) -> None:
+    p = _file(shared_data_dir, name)
+    qa = read_questions(p)
+    assert (qa.name, len(qa), qa.skipped, qa.regex) == (p.stem, count, 0, fmt == "curatedtrec")

@@ -75,19 +75,36 @@ def test_basic_multirun_two_jobs(tmp_path: Path, cache_dir: Path):
 
 
 @pytest.mark.slow
-def test_optuna_two_trials(tmp_path: Path, cache_dir: Path):
-    sweep = tmp_path / "optuna"
-    proc = run_train(["hparams_search=optuna", "hydra.sweeper.n_trials=2", "logger=csv",
-                      f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(job_dirs(sweep)) == 2
-    results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert results["name"] == "optuna"
-    assert set(results["best_params"]) == {
-        "optimizer.lr", "retriever.n_docs", "model.label_smoothing", "scheduler.num_warmup_steps",
-    }  # fmt: skip
-    assert 0.0 <= results["best_value"] <= 1.0
-    assert 1e-5 <= results["best_params"]["optimizer.lr"] <= 1e-3
+def test_optuna_two_trials_then_the_study_resumes(tmp_path: Path, cache_dir: Path):
+    """Two trials in a SQLite study; a second multirun with the same study_name + storage adds a third."""
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    args = [
+        "hparams_search=optuna",
+        "logger=csv",
+        f"hydra.sweeper.storage={storage}",
+        "hydra.sweeper.study_name=t",
+    ]
+    for sweep, n_trials in ((tmp_path / "optuna", 2), (tmp_path / "optuna_resumed", 1)):
+        proc = run_train(
+            [*args, f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(job_dirs(sweep)) == n_trials
+        results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+        assert results["name"] == "optuna"
+        assert set(results["best_params"]) == {
+            "optimizer.lr", "retriever.n_docs", "model.label_smoothing", "scheduler.num_warmup_steps",
+        }  # fmt: skip
+        assert 0.0 <= results["best_value"] <= 1.0
+        assert 1e-5 <= results["best_params"]["optimizer.lr"] <= 1e-3
+    study = optuna.load_study(study_name="t", storage=storage)
+    assert [(t.number, t.state.name) for t in study.trials] == [(i, "COMPLETE") for i in range(3)]
+    assert results["n_trials"] == 3 and results["best_value"] == study.best_value
+    # the resumed trial ran with its own sampled params
+    job = yaml.safe_load((tmp_path / "optuna_resumed" / "0" / ".hydra" / "config.yaml").read_text())
+    assert job["optimizer"]["lr"] == pytest.approx(study.trials[2].params["optimizer.lr"])
 
 
 def compose_hydra(overrides: list[str]):
@@ -99,7 +116,10 @@ def compose_hydra(overrides: list[str]):
 def test_optuna_config():
     cfg = compose_hydra(["hparams_search=optuna"])
     sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert (
+        sweeper._target_ == "hydra_plugins.rag_lightning_sweeper.OptunaSweeper"
+        and sweeper.direction == "maximize"
+    )
     assert sweeper.sampler._target_ == "optuna.samplers.TPESampler" and sweeper.sampler.seed == cfg.seed
     assert cfg.optimized_metric == "val/em" and sweeper.n_trials > 0
     assert set(sweeper.params) == {

@@ -1,5 +1,10 @@
 """End-to-end training with tiny models: both marginalizations, resume with the refresh state, failures."""
 
+import csv
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,10 +119,70 @@ def test_schedule_parsing_and_due():
         RefreshIndex(every_n_steps=5, schedule="0-:5")
 
 
-def test_several_val_sets_feed_one_metric(tmp_path):
-    cfg = run_cfg(tmp_path, ["debug=fdr", "data.val_sets=[demo_val,demo_test]", "test=false"])
+def test_several_val_sets_feed_one_metric(tmp_path, capsys):
+    sets = "[demo_val,demo_test]"
+    cfg = run_cfg(tmp_path, ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.limit_val_batches=1",
+                             "trainer.limit_test_batches=1",
+                             f"data.val_sets={sets}", f"data.test_sets={sets}", "test=true"])  # fmt: skip
     metric = train(cfg)  # optimized_metric val/em exists, not val/em/dataloader_idx_N
     assert metric is not None and 0.0 <= metric <= 1.0
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    val = next(r for r in rows if r.get("val/em"))
+    for stage in ("val", "test"):
+        for name in ("demo_val", "demo_test"):
+            assert all(
+                rows[0].get(f"{stage}/{name}/{k}") is not None for k in ("em", "f1", "loss", "recall@1")
+            )
+    for k in ("em", "recall@1", "loss"):  # 4 questions per set: pooled = mean of the two sets
+        pooled = (float(val[f"val/demo_val/{k}"]) + float(val[f"val/demo_test/{k}"])) / 2
+        assert float(val[f"val/{k}"]) == pytest.approx(pooled, rel=1e-6, abs=1e-6)
+    out = capsys.readouterr().out
+    assert "-- val set demo_val" in out and "-- test set demo_test" in out and "all sets pooled" in out
+
+
+@pytest.mark.slow
+def test_bad_question_file_is_one_error_line(tmp_path):
+    bad = tmp_path / "val.jsonl"
+    bad.write_text(
+        '{"question": "q1", "answers": ["a"]}\n{"question": "q2", "answers": [""]}\n', encoding="utf-8"
+    )
+    args = ["retriever=tiny", "model=tiny", f"data.val_sets=[{bad}]", f"paths.log_dir={tmp_path}",
+            f"paths.cache_dir={tmp_path / 'cache'}", "callbacks.rich_progress_bar=null"]  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "train.py", *args], cwd=CONF.parent, capture_output=True, text=True
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {bad}:2: field 'answers': empty answer string"
+    assert "Traceback" not in proc.stderr and proc.stderr.count("error:") == 1
+    assert not (tmp_path / "cache").exists()  # stopped before the corpus conversion
+
+
+NO_VAL = ["trainer.max_steps=1", "trainer.val_check_interval=2", "test=false"]  # validation never runs
+
+
+def test_run_without_validation_warns_and_cleans_stale_partial_checkpoints(tmp_path, caplog):
+    ckpt_dir = tmp_path / "out" / "checkpoints"
+    ckpt_dir.mkdir(parents=True)
+    stale, other = ckpt_dir / ".tmp-abc123.ckpt", ckpt_dir / "notes.tmp"  # a write cut by kill -9; not ours
+    for f in (stale, other):
+        f.write_bytes(b"partial")
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
+    cfg = run_cfg(tmp_path, NO_VAL)
+    with caplog.at_level("WARNING", logger="rag_lightning"):
+        assert train(cfg) is None  # trained and checkpointed; nothing to return, not a failure
+    assert "optimized_metric='val/em' was not logged" in caplog.text
+    assert not stale.exists() and other.exists()
+    assert (ckpt_dir / "last.ckpt").is_file()
+
+
+def test_run_without_validation_fails_inside_a_multirun(tmp_path):
+    cfg = run_cfg(tmp_path, [*NO_VAL, "hydra.mode=MULTIRUN"])  # as a sweep's job: a trial needs its value
+    try:
+        with pytest.raises(KeyError, match="optimized_metric='val/em' was not logged"):
+            train(cfg)
+    finally:
+        HydraConfig.instance().cfg = None  # later tests must not see a multirun
 
 
 @pytest.mark.slow

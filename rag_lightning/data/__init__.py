@@ -3,6 +3,7 @@
 from rag_lightning.data.collate import Item, QACollator
 from rag_lightning.data.corpus import Corpus, corpus_fingerprint
 from rag_lightning.data.readers import (
+    FORMATS,
     DataError,
     QAExample,
     QASet,
@@ -11,18 +12,20 @@ from rag_lightning.data.readers import (
     squad_paragraphs,
 )
 from rag_lightning.data.registry import CORPORA, SETS, asset_path, resolve_corpus, resolve_set
+from rag_lightning.tokenization import load_tokenizer
 
 
 def __getattr__(name: str):  # lazy: importing lightning is slow and readers/corpus do not need it
-    if name in ("QADataModule", "load_tokenizer"):
-        from rag_lightning.data import datamodule
+    if name == "QADataModule":
+        from rag_lightning.data.datamodule import QADataModule
 
-        return getattr(datamodule, name)
+        return QADataModule
     raise AttributeError(name)
 
 
 __all__ = [
     "CORPORA",
+    "FORMATS",
     "SETS",
     "Corpus",
     "DataError",

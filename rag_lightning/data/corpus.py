@@ -28,7 +28,8 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rag_lightning.data.readers import DataError, squad_paragraphs
+from rag_lightning.data.readers import squad_paragraphs
+from rag_lightning.data.textio import DataError, encoding_error, read_lines
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(sys.maxsize)
@@ -113,35 +114,40 @@ def _clean(rec: Mapping[str, Any], src: str, line: int, fields: Mapping[str, str
 
 def _iter_tsv(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
     src = str(path)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        header = next(reader, None) or []
-        for k in ("id", "text"):
-            if fields[k] not in header:
-                raise DataError(src, 1, fields[k], f"missing column in header {header}")
-        col = {k: header.index(v) for k, v in fields.items() if v in header}
-        for row in reader:
-            ln = reader.line_num
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise DataError(src, ln, fields["text"], f"expected {len(header)} columns, got {len(row)}")
-            yield _clean({fields[k]: row[i] for k, i in col.items()}, src, ln, fields)
+    reader = csv.reader((line for _, line in read_lines(path)), delimiter="\t")  # BOM dropped
+    header = next(reader, None) or []
+    for k in ("id", "text"):
+        if fields[k] not in header:
+            raise DataError(src, 1, fields[k], f"missing column in header {header}")
+    col = {k: header.index(v) for k, v in fields.items() if v in header}
+    for row in reader:
+        ln = reader.line_num
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise DataError(src, ln, fields["text"], f"expected {len(header)} columns, got {len(row)}")
+        for name, cell in zip(header, row):
+            err = encoding_error(src, ln, name, cell)
+            if err is not None:
+                raise err
+        yield _clean({fields[k]: row[i] for k, i in col.items()}, src, ln, fields)
 
 
 def _iter_jsonl(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
     src = str(path)
-    with open(path, encoding="utf-8") as f:
-        for ln, s in enumerate(f, 1):
-            if not s.strip():
-                continue
-            try:
-                rec = json.loads(s)
-            except json.JSONDecodeError as e:
-                raise DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}") from None
-            if not isinstance(rec, Mapping):
-                raise DataError(src, ln, "<json>", f"wrong type {type(rec).__name__}, expected an object")
-            yield _clean(rec, src, ln, fields)
+    for ln, s in read_lines(path):  # BOM dropped
+        if not s.strip():
+            continue
+        err = encoding_error(src, ln, "<encoding>", s, start=0)
+        if err is not None:
+            raise err
+        try:
+            rec = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}") from None
+        if not isinstance(rec, Mapping):
+            raise DataError(src, ln, "<json>", f"wrong type {type(rec).__name__}, expected an object")
+        yield _clean(rec, src, ln, fields)
 
 
 def _iter_arrow(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:

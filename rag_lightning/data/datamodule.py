@@ -16,24 +16,11 @@ from rag_lightning.data.collate import Item, QACollator
 from rag_lightning.data.corpus import Corpus
 from rag_lightning.data.readers import QASet, read_questions
 from rag_lightning.data.registry import _to_plain, resolve_corpus, resolve_set
+from rag_lightning.tokenization import load_tokenizer
 
 log = logging.getLogger(__name__)
 
 _SET_KEYS = ("path", "format", "fields", "regex", "name")
-
-
-def load_tokenizer(name_or_path: str) -> Any:
-    """AutoTokenizer for a Hub name / local dir; ``tiny:*`` gives the tiny test models' tokenizer."""
-    if name_or_path.startswith("tiny:"):
-        from rag_lightning.models.tiny import tiny_bpe_tokenizer, tiny_tokenizer
-
-        bpe = name_or_path in ("tiny:gpt2", "tiny:llama")  # the tiny decoder-only models' own vocabulary
-        tok = tiny_bpe_tokenizer(bos=name_or_path == "tiny:llama") if bpe else tiny_tokenizer()
-        tok.name_or_path = name_or_path
-        return tok
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(name_or_path)
 
 
 class QADataModule(L.LightningDataModule):
@@ -43,7 +30,9 @@ class QADataModule(L.LightningDataModule):
     substituted) or dicts ``{path, format, fields, regex, name, ...}`` (other keys go to the reader).
     Several sets per split: train sets are concatenated; each val/test set gets its own DataLoader (a list
     when there are several; names in ``val_set_names`` / ``test_set_names``).
-    ``prepare_data`` converts the corpus to Arrow once; ``setup`` reads the sets and memory-maps the corpus.
+    ``validate_sets`` reads and checks every question set (bad rows, invalid regexes and empty sets fail
+    here, with file and line); ``prepare_data`` calls it before it converts the corpus to Arrow (once),
+    ``setup`` before it memory-maps the corpus.
     Without val sets, ``val_split_fraction`` > 0 carves a seeded val split out of train.
     """
 
@@ -133,16 +122,22 @@ class QADataModule(L.LightningDataModule):
         }
 
     def prepare_data(self) -> None:
-        """Convert the corpus to its Arrow cache (once per fingerprint)."""
+        """Read and check the question sets (seconds), then convert the corpus to its Arrow cache (hours for
+        psgs_w100, once per fingerprint)."""
+        self.validate_sets()
         if self.corpus_spec is not None:
             self._load_tokenizers()
             Corpus.prepare(**self._corpus_kwargs())
 
     def setup(self, stage: str | None = None) -> None:
+        self.validate_sets()
         self._load_tokenizers()
         if self.corpus is None and self.corpus_spec is not None:
             self.corpus = Corpus.from_file(**self._corpus_kwargs())  # loads the cache prepare_data built
             log.info("corpus: %d passages (%s)", len(self.corpus), self.corpus.fingerprint)
+
+    def validate_sets(self) -> None:
+        """Read every train / val / test set once (a DataError names file, line and field)."""
         if self._sets_loaded:
             return
         train = [it for s in self.train_specs for it in self._read(s)[1]]
@@ -173,7 +168,7 @@ class QADataModule(L.LightningDataModule):
             spec["path"],
             spec.get("format", "auto"),
             fields=spec.get("fields"),
-            regex=bool(spec.get("regex", False)),
+            regex=spec.get("regex"),  # None: the format's default (on for curatedtrec)
             name=spec.get("name"),
             skip_bad_rows=self.skip_bad_rows,
             **opts,

@@ -1,8 +1,30 @@
-"""Question-set readers: DPR qas csv, NQ-open / generic jsonl, csv with header, SQuAD v1.1 json, HF datasets.
+"""Question-set readers for the public open-domain QA files as published, plus generic jsonl / csv / json.
 
-Every reader returns a :class:`QASet` (a sequence of :class:`QAExample`). Bad input raises :class:`DataError`
-with the message ``"{file}:{line}: field '{field}': {what}"``; for JSON and Arrow sources ``line`` is the
-1-based record number. With ``skip_bad_rows=True`` bad rows are skipped, counted and logged instead.
+Formats (``fmt=``; ``auto`` detects them from the extension and the first line or bytes):
+
+- ``dpr_csv``: DPR's ``*.qa.csv`` / ``retriever/qas/*.csv``: ``question<TAB>['answer', ...]``, no header.
+- ``jsonl`` / ``nq_open``: one JSON object per line, ``question`` and ``answers`` (or ``answer``).
+- ``csv`` / ``tsv``: a header row; the answers cell is a JSON / Python list literal or one answer.
+- ``json``: a JSON list of such objects. ``dpr_json``: DPR's retriever training files (``*-train.json``,
+  ``biencoder-*.json``): ``question``, ``answers``, and ``positive_ctxs`` whose ``passage_id`` (or
+  ``psg_id``) become ``gold_ids``.
+- ``squad``: SQuAD v1.1 json; ``gold_ids`` = ``{article}-{paragraph}``.
+- ``curatedtrec``: CuratedTREC as published in brmson/dataset-factoid-curated (``large2180-test.tsv``,
+  ``curated-*.tsv``, ...): ``id<TAB>type<TAB>question<TAB>answer_regex``, no header, no quoting; the
+  answer is one regular expression (the rest of the line); regex answers are on by default.
+- ``triviaqa``: TriviaQA's ``unfiltered-web-*.json`` / ``verified-*.json`` / ``qa/*.json``: top-level
+  ``Data`` list, ``Question``, ``QuestionId``, ``Answer.Value`` and ``Answer.Aliases``; answers = Value
+  then the Aliases (as FiD takes them; the first answer is the training target). In a ``VerifiedEval``
+  file only the questions with ``QuestionPartOfVerifiedEval`` are kept, as the official reader does.
+- ``webquestions``: ``webquestions.examples.*.json``: a JSON list of ``{url, targetValue, utterance}``
+  with ``targetValue`` = ``(list (description "a") (description b) ...)``.
+- ``hf``: a ``datasets`` Dataset saved with ``save_to_disk``.
+
+Every reader returns a :class:`QASet`. Bad input raises :class:`DataError` ``"{file}:{line}: field
+'{field}': {what}"`` at load time: a byte that is not UTF-8 (a BOM is accepted), a missing or empty
+field, an unparsable answer list, an invalid answer regex (with ``regex``), and a set with no questions.
+For whole-file JSON formats ``line`` is the 1-based record number (broken JSON and bad bytes: the
+physical line). With ``skip_bad_rows=True`` bad rows are skipped, counted and logged instead.
 """
 
 from __future__ import annotations
@@ -13,24 +35,44 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rag_lightning.data.textio import (
+    DataError,
+    encoding_error,
+    first_line,
+    iter_json_array,
+    load_json,
+    read_head,
+    read_lines,
+)
+from rag_lightning.metrics import compile_answer_regex, validate_answer_regex
+
 log = logging.getLogger(__name__)
 csv.field_size_limit(sys.maxsize)
 
-FORMATS = ("auto", "dpr_csv", "jsonl", "nq_open", "csv", "tsv", "json", "squad", "hf")
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file, line (or record) and field."""
-
-    def __init__(self, source: str | os.PathLike, line: int, field_name: str, what: str) -> None:
-        self.source, self.line, self.field, self.what = str(source), line, field_name, what
-        super().__init__(f"{source}:{line}: field '{field_name}': {what}")
+FORMATS = (
+    "auto",
+    "dpr_csv",
+    "jsonl",
+    "nq_open",
+    "csv",
+    "tsv",
+    "json",
+    "dpr_json",
+    "squad",
+    "curatedtrec",
+    "triviaqa",
+    "webquestions",
+    "hf",
+)
+REGEX_BY_DEFAULT = {"curatedtrec"}
+__all__ = ["FORMATS", "DataError", "QAExample", "QASet", "detect_format", "read_questions"]
 
 
 @dataclass
@@ -65,7 +107,7 @@ class QASet:
         return self.examples[i]
 
 
-# ----------------------------------------------------------------------------- field parsing
+# ----------------------------------------------------------------------------- field checks
 
 
 def _parse_answer_string(s: str, src: str, line: int, fname: str) -> list[Any]:
@@ -83,8 +125,14 @@ def _parse_answer_string(s: str, src: str, line: int, fname: str) -> list[Any]:
         raise DataError(src, line, fname, f"unparsable answer list {t[:60]!r} ({type(e).__name__})") from None
 
 
-def _check_answers(value: Any, src: str, line: int, fname: str) -> list[str]:
-    """Normalize an answers value to a non-empty list of non-empty strings."""
+def _check_text(value: str, src: str, line: int, fname: str) -> None:
+    err = encoding_error(src, line, fname, value)
+    if err is not None:
+        raise err
+
+
+def _check_answers(value: Any, src: str, line: int, fname: str, regex: bool = False) -> list[str]:
+    """Normalize an answers value to a non-empty list of non-empty strings (valid patterns with ``regex``)."""
     if isinstance(value, Mapping) and "text" in value:  # SQuAD / HF style {"text": [...], ...}
         value = value["text"]
     if isinstance(value, str):
@@ -98,6 +146,21 @@ def _check_answers(value: Any, src: str, line: int, fname: str) -> list[str]:
             raise DataError(src, line, fname, f"wrong type {type(a).__name__} in answer list, expected str")
         if not a.strip():
             raise DataError(src, line, fname, "empty answer string")
+        _check_text(a, src, line, fname)
+        if regex:
+            try:
+                validate_answer_regex(a)
+            except ValueError as e:
+                raise DataError(src, line, fname, str(e)) from None
+            if compile_answer_regex(a) is None:
+                log.warning(
+                    "%s:%d: field '%s': pattern %r is invalid after Unicode NFD, so it never matches (as in "
+                    "DPR and DrQA scoring)",
+                    src,
+                    line,
+                    fname,
+                    a,
+                )
     return list(value)
 
 
@@ -108,10 +171,11 @@ def _check_question(value: Any, src: str, line: int, fname: str) -> str:
         raise DataError(src, line, fname, f"wrong type {type(value).__name__}, expected str")
     if not value.strip():
         raise DataError(src, line, fname, "empty question")
+    _check_text(value, src, line, fname)
     return value.strip()
 
 
-def _from_record(rec: Any, src: str, line: int, qf: str, af: str | None) -> QAExample:
+def _from_record(rec: Any, src: str, line: int, qf: str, af: str | None, regex: bool = False) -> QAExample:
     """Build an example from a dict record; ``af=None`` tries ``answers`` then ``answer``."""
     if not isinstance(rec, Mapping):
         raise DataError(src, line, qf, f"wrong type {type(rec).__name__}, expected a JSON object")
@@ -122,14 +186,15 @@ def _from_record(rec: Any, src: str, line: int, qf: str, af: str | None) -> QAEx
     if aname is None:
         raise DataError(src, line, names[0], "missing field")
     question = _check_question(rec[qf], src, line, qf)
-    answers = _check_answers(rec[aname], src, line, aname)
+    answers = _check_answers(rec[aname], src, line, aname, regex)
     rid = rec.get("id")
     gold = rec.get("gold_ids") or []
     return QAExample(question, answers, src, line, None if rid is None else str(rid), [str(g) for g in gold])
 
 
 # ----------------------------------------------------------------------------- row generators
-# Each yields (line, example-or-DataError) so the driver decides whether to raise or skip.
+# Each yields (line, example-or-DataError) so the driver decides whether to raise or skip. Options every
+# generator receives: question_field, answers_field, regex, strict_encoding (False with skip_bad_rows).
 
 Row = Iterator[tuple[int, "QAExample | DataError"]]
 
@@ -141,45 +206,117 @@ def _guard(fn) -> QAExample | DataError:
         return e
 
 
-def _rows_dpr_csv(path: Path, **_: Any) -> Row:
+def _csv_rows(path: Path, delimiter: str) -> Iterator[tuple[int, list[str]]]:
+    """csv.reader rows with the physical line they end on (BOM dropped, bad bytes kept as surrogates)."""
+    reader = csv.reader((line for _, line in read_lines(path)), delimiter=delimiter)
+    for row in reader:
+        yield reader.line_num, row
+
+
+def _bad_cell(row: list[str], names: list[str], src: str, ln: int) -> DataError | None:
+    for i, cell in enumerate(row):
+        err = encoding_error(src, ln, names[i] if i < len(names) else f"column {i + 1}", cell)
+        if err is not None:
+            return err
+    return None
+
+
+def _rows_dpr_csv(path: Path, regex: bool = False, **_: Any) -> Row:
     """DPR qas file: ``question<TAB>['answer', ...]``, no header (NQ, TriviaQA, WebQuestions, CuratedTREC)."""
     src = str(path)
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.reader(f, delimiter="\t")
-        for row in reader:
-            ln = reader.line_num
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue
-            if len(row) != 2:
-                yield ln, DataError(src, ln, "answers", f"expected 2 tab-separated columns, got {len(row)}")
-                continue
+    for ln, row in _csv_rows(path, "\t"):
+        if not row or (len(row) == 1 and not row[0].strip()):
+            continue
+        if len(row) != 2:
+            yield ln, DataError(src, ln, "answers", f"expected 2 tab-separated columns, got {len(row)}")
+            continue
+        bad = _bad_cell(row, ["question", "answers"], src, ln)
+        if bad is not None:
+            yield ln, bad
+            continue
+        yield (
+            ln,
+            _guard(
+                lambda row=row, ln=ln: QAExample(
+                    _check_question(row[0], src, ln, "question"),
+                    _check_answers(
+                        _parse_answer_string(row[1], src, ln, "answers"), src, ln, "answers", regex
+                    ),
+                    src,
+                    ln,
+                )
+            ),
+        )
+
+
+_TREC_COLUMNS = ("id", "type", "question", "answer_regex")
+
+
+def _rows_curatedtrec(path: Path, regex: bool = True, **_: Any) -> Row:
+    """brmson/dataset-factoid-curated tsv: ``id, type, question, answer_regex``; no header, no quoting.
+
+    The answer is the rest of the line after the third tab (one published row, large2180-train.tsv:701,
+    holds a backslash-escaped tab inside its pattern).
+    """
+    src = str(path)
+    for ln, line in read_lines(path):
+        text = line.rstrip("\r\n")
+        if not text.strip():
+            continue
+        cols = text.split("\t", 3)
+        if len(cols) != 4:
             yield (
                 ln,
-                _guard(
-                    lambda row=row, ln=ln: QAExample(
-                        _check_question(row[0], src, ln, "question"),
-                        _check_answers(_parse_answer_string(row[1], src, ln, "answers"), src, ln, "answers"),
-                        src,
-                        ln,
-                    )
+                DataError(
+                    src,
+                    ln,
+                    _TREC_COLUMNS[len(cols)],
+                    f"expected 4 tab-separated columns ({', '.join(_TREC_COLUMNS)}), got {len(cols)}",
                 ),
             )
+            continue
+        bad = _bad_cell(cols, list(_TREC_COLUMNS), src, ln)
+        if bad is not None:
+            yield ln, bad
+            continue
+        yield (
+            ln,
+            _guard(
+                lambda cols=cols, ln=ln: QAExample(
+                    _check_question(cols[2], src, ln, "question"),
+                    _check_answers([cols[3]], src, ln, "answer_regex", regex),
+                    src,
+                    ln,
+                    cols[0].strip() or None,
+                )
+            ),
+        )
 
 
 def _rows_jsonl(
-    path: Path, question_field: str = "question", answers_field: str | None = None, **_: Any
+    path: Path,
+    question_field: str = "question",
+    answers_field: str | None = None,
+    regex: bool = False,
+    **_: Any,
 ) -> Row:
     src = str(path)
-    with open(path, encoding="utf-8") as f:
-        for ln, text in enumerate(f, 1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield ln, DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}")
-                continue
-            yield ln, _guard(lambda rec=rec, ln=ln: _from_record(rec, src, ln, question_field, answers_field))
+    for ln, text in read_lines(path):
+        if not text.strip():
+            continue
+        bad = encoding_error(src, ln, "<encoding>", text, start=0)
+        if bad is not None:
+            yield ln, bad
+            continue
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield ln, DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}")
+            continue
+        yield (
+            ln,
+            _guard(lambda rec=rec, ln=ln: _from_record(rec, src, ln, question_field, answers_field, regex)),
+        )
 
 
 def _rows_csv(
@@ -187,50 +324,166 @@ def _rows_csv(
     question_field: str = "question",
     answers_field: str | None = None,
     delimiter: str | None = None,
+    regex: bool = False,
     **_: Any,
 ) -> Row:
     """CSV/TSV with a header row; the answers column holds a JSON/Python list literal or one answer string."""
     src = str(path)
-    with open(path, encoding="utf-8", newline="") as f:
-        first = f.readline()
-        delim = delimiter or ("\t" if "\t" in first else ",")
-        f.seek(0)
-        reader = csv.reader(f, delimiter=delim)
-        header = next(reader, None) or []
-        if question_field not in header:
-            raise DataError(src, 1, question_field, f"missing column in header {header}")
-        for row in reader:
-            ln = reader.line_num
-            if not row:
-                continue
-            if len(row) != len(header):
-                yield (
-                    ln,
-                    DataError(src, ln, question_field, f"expected {len(header)} columns, got {len(row)}"),
-                )
-                continue
-            rec = dict(zip(header, row))
-            yield ln, _guard(lambda rec=rec, ln=ln: _from_record(rec, src, ln, question_field, answers_field))
+    delim = delimiter or ("\t" if "\t" in first_line(path) else ",")
+    rows = _csv_rows(path, delim)
+    header = next(rows, (1, []))[1]
+    if not header:
+        return  # an empty file: read_questions says so
+    bad = _bad_cell(header, [f"header column {i + 1}" for i in range(len(header))], src, 1)
+    if bad is not None:
+        raise bad
+    if question_field not in header:
+        raise DataError(src, 1, question_field, f"missing column in header {header}")
+    for ln, row in rows:
+        if not row:
+            continue
+        if len(row) != len(header):
+            yield ln, DataError(src, ln, question_field, f"expected {len(header)} columns, got {len(row)}")
+            continue
+        bad = _bad_cell(row, header, src, ln)
+        if bad is not None:
+            yield ln, bad
+            continue
+        rec = dict(zip(header, row))
+        yield (
+            ln,
+            _guard(lambda rec=rec, ln=ln: _from_record(rec, src, ln, question_field, answers_field, regex)),
+        )
 
 
 def _rows_json_list(
-    path: Path, question_field: str = "question", answers_field: str | None = None, **_: Any
+    path: Path,
+    question_field: str = "question",
+    answers_field: str | None = None,
+    regex: bool = False,
+    strict_encoding: bool = True,
+    **_: Any,
 ) -> Row:
     """A JSON file holding a list of records (record number = line)."""
     src = str(path)
-    data = _load_json(path)
-    if not isinstance(data, list):
-        raise DataError(src, 1, "<json>", "expected a list of records or a SQuAD file with 'data'")
-    for n, rec in enumerate(data, 1):
-        yield n, _guard(lambda rec=rec, n=n: _from_record(rec, src, n, question_field, answers_field))
+    for n, rec in iter_json_array(path, strict_encoding=strict_encoding):
+        yield n, _guard(lambda rec=rec, n=n: _from_record(rec, src, n, question_field, answers_field, regex))
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, "<json>", f"broken JSON: {e.msg} at column {e.colno}") from None
+def _gold_passage_ids(rec: Mapping[str, Any], src: str, n: int) -> list[str]:
+    ctxs = rec.get("positive_ctxs") or []
+    if not isinstance(ctxs, list):
+        raise DataError(src, n, "positive_ctxs", f"wrong type {type(ctxs).__name__}, expected a list")
+    ids = []
+    for c in ctxs:
+        pid = next((c[k] for k in ("passage_id", "psg_id", "id") if isinstance(c, Mapping) and k in c), None)
+        if pid is not None:
+            ids.append(str(pid))
+    return ids
+
+
+def _rows_dpr_json(
+    path: Path,
+    question_field: str = "question",
+    answers_field: str | None = None,
+    regex: bool = False,
+    strict_encoding: bool = True,
+    **_: Any,
+) -> Row:
+    """DPR retriever file: a list of ``{question, answers, positive_ctxs, negative_ctxs, ...}``."""
+    src = str(path)
+
+    def make(rec: Any, n: int) -> QAExample:
+        ex = _from_record(rec, src, n, question_field, answers_field or "answers", regex)
+        ex.gold_ids = _gold_passage_ids(rec, src, n)
+        return ex
+
+    for n, rec in iter_json_array(path, strict_encoding=strict_encoding):  # records streamed: files are GBs
+        yield n, _guard(lambda rec=rec, n=n: make(rec, n))
+
+
+_DESCRIPTION = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^\s()"]+))\s*\)')
+
+
+def webquestions_answers(target: str) -> list[str]:
+    """Answers of a WebQuestions ``targetValue``: ``(list (description "A b") (description C))`` ->
+    ``["A b", "C"]`` (quoted values unescape ``\\"`` and ``\\\\``); ValueError if it is not such a list."""
+    t = target.strip()
+    if not (t.startswith("(list") and t.endswith(")")):
+        raise ValueError("expected '(list (description ...) ...)'")
+    body = t[len("(list") : -1]
+    out, pos = [], 0
+    for m in _DESCRIPTION.finditer(body):
+        if body[pos : m.start()].strip():
+            raise ValueError(f"unexpected {body[pos : m.start()].strip()[:40]!r}")
+        quoted, bare = m.group(1), m.group(2)
+        out.append(re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else bare)
+        pos = m.end()
+    if body[pos:].strip():
+        raise ValueError(f"unexpected {body[pos:].strip()[:40]!r}")
+    return out
+
+
+def _rows_webquestions(path: Path, regex: bool = False, strict_encoding: bool = True, **_: Any) -> Row:
+    """WebQuestions (SEMPRE release): a list of ``{url, targetValue, utterance}``; id = the Freebase url."""
+    src = str(path)
+
+    def make(rec: Any, n: int) -> QAExample:
+        if not isinstance(rec, Mapping):
+            raise DataError(src, n, "utterance", f"wrong type {type(rec).__name__}, expected a JSON object")
+        question = _check_question(rec.get("utterance"), src, n, "utterance")
+        target = rec.get("targetValue")
+        if not isinstance(target, str):
+            raise DataError(src, n, "targetValue", "missing field" if target is None else "expected a string")
+        try:
+            answers = webquestions_answers(target)
+        except ValueError as e:
+            raise DataError(src, n, "targetValue", f"{e} in {target[:80]!r}") from None
+        answers = _check_answers(answers, src, n, "targetValue", regex)
+        return QAExample(question, answers, src, n, rec.get("url"))
+
+    for n, rec in iter_json_array(path, strict_encoding=strict_encoding):
+        yield n, _guard(lambda rec=rec, n=n: make(rec, n))
+
+
+def _rows_triviaqa(
+    path: Path, regex: bool = False, strict_encoding: bool = True, verified_only: bool = True, **_: Any
+) -> Row:
+    """TriviaQA json (``Data`` list, streamed); a ``VerifiedEval`` file keeps its verified questions only."""
+    src = str(path)
+
+    def make(rec: Any, n: int) -> QAExample:
+        if not isinstance(rec, Mapping):
+            raise DataError(src, n, "Question", f"wrong type {type(rec).__name__}, expected a JSON object")
+        question = _check_question(rec.get("Question"), src, n, "Question")
+        ans = rec.get("Answer")
+        if not isinstance(ans, Mapping):
+            what = "missing field (a test file without answers?)" if ans is None else "expected an object"
+            raise DataError(src, n, "Answer", what)
+        value, aliases = ans.get("Value"), ans.get("Aliases") or []
+        if not isinstance(aliases, list):
+            raise DataError(src, n, "Answer.Aliases", f"wrong type {type(aliases).__name__}, expected a list")
+        answers = list(dict.fromkeys(([value] if value is not None else []) + aliases))
+        answers = _check_answers(answers, src, n, "Answer.Value" if not aliases else "Answer.Aliases", regex)
+        qid = rec.get("QuestionId")
+        return QAExample(question, answers, src, n, None if qid is None else str(qid))
+
+    top: dict[str, Any] = {}  # VerifiedEval comes after Data in the published files: decide at the end
+    rows = []
+    for n, rec in iter_json_array(path, "Data", strict_encoding, rest=top):
+        part = not isinstance(rec, Mapping) or rec.get("QuestionPartOfVerifiedEval", True)
+        rows.append((n, _guard(lambda rec=rec, n=n: make(rec, n)), bool(part)))
+    verified = verified_only and bool(top.get("VerifiedEval"))
+    if verified:
+        log.info(
+            "%s: verified evaluation file, keeping %d of %d questions",
+            src,
+            sum(p for *_, p in rows),
+            len(rows),
+        )
+    for n, item, part in rows:
+        if part or not verified:
+            yield n, item
 
 
 def squad_article_split(
@@ -251,7 +504,13 @@ def squad_article_split(
 
 
 def _rows_squad(
-    path: Path, split: str | None = None, split_seed: int = 0, articles: list[int] | None = None, **_: Any
+    path: Path,
+    split: str | None = None,
+    split_seed: int = 0,
+    articles: list[int] | None = None,
+    regex: bool = False,
+    strict_encoding: bool = True,
+    **_: Any,
 ) -> Row:
     """SQuAD v1.1: every question with all its gold answers; gold_ids = ``{article_idx}-{para_idx}``.
 
@@ -259,9 +518,9 @@ def _rows_squad(
     ``articles`` keeps an explicit list of article indices.
     """
     src = str(path)
-    data = _load_json(path)
+    data = load_json(path, strict_encoding)
     if not isinstance(data, Mapping) or not isinstance(data.get("data"), list):
-        raise DataError(src, 1, "data", "missing field (not a SQuAD file)")
+        raise DataError(src, 1, "data", "missing field (not a SQuAD file; pass fmt= for another format)")
     keep: set[int] | None = set(articles) if articles is not None else None
     if split is not None:
         keep = set(squad_article_split(len(data["data"]), seed=split_seed)[split])
@@ -277,7 +536,7 @@ def _rows_squad(
 
                 def make(qa=qa, answers=answers, n=n, a=a, p=p) -> QAExample:
                     q = _check_question(qa.get("question"), src, n, "question")
-                    ans = _check_answers(answers, src, n, "answers")
+                    ans = _check_answers(answers, src, n, "answers", regex)
                     return QAExample(q, ans, src, n, qa.get("id"), [f"{a}-{p}"])
 
                 yield n, _guard(make)
@@ -288,7 +547,7 @@ def squad_paragraphs(path: str | os.PathLike, articles: list[int] | None = None)
 
     The title is the article title with underscores replaced by spaces.
     """
-    data = _load_json(Path(path))
+    data = load_json(Path(path))
     if not isinstance(data, Mapping) or not isinstance(data.get("data"), list):
         raise DataError(path, 1, "data", "missing field (not a SQuAD file)")
     for a, art in enumerate(data["data"]):
@@ -304,6 +563,7 @@ def _rows_hf(
     question_field: str = "question",
     answers_field: str | None = None,
     split: str | None = None,
+    regex: bool = False,
     **_: Any,
 ) -> Row:
     """A ``datasets`` Dataset (or DatasetDict + ``split``) saved with ``save_to_disk``; record number = row + 1."""
@@ -316,7 +576,7 @@ def _rows_hf(
         ds = ds[split]
     src = str(path)
     for n, rec in enumerate(ds, 1):
-        yield n, _guard(lambda rec=rec, n=n: _from_record(rec, src, n, question_field, answers_field))
+        yield n, _guard(lambda rec=rec, n=n: _from_record(rec, src, n, question_field, answers_field, regex))
 
 
 _READERS = {
@@ -326,13 +586,17 @@ _READERS = {
     "csv": _rows_csv,
     "tsv": _rows_csv,
     "json": _rows_json_list,
+    "dpr_json": _rows_dpr_json,
     "squad": _rows_squad,
+    "curatedtrec": _rows_curatedtrec,
+    "triviaqa": _rows_triviaqa,
+    "webquestions": _rows_webquestions,
     "hf": _rows_hf,
 }
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """Guess the format from the extension and the first line / bytes."""
+    """Guess the format from the extension and the first line / bytes (see the module docstring)."""
     p = Path(path)
     if p.is_dir():
         return "hf"
@@ -340,17 +604,46 @@ def detect_format(path: str | os.PathLike) -> str:
     if ext in (".jsonl", ".ndjson"):
         return "jsonl"
     if ext == ".json":
-        with open(p, encoding="utf-8") as f:
-            head = f.read(4096).lstrip()
-        return "json" if head.startswith("[") else "squad"
+        head = read_head(p).lstrip()
+        if head.startswith("["):
+            if '"targetValue"' in head and '"utterance"' in head:
+                return "webquestions"
+            return "dpr_json" if '"positive_ctxs"' in head else "json"
+        return "triviaqa" if re.search(r'"Data"\s*:\s*\[', head) else "squad"
     if ext in (".csv", ".tsv", ".txt"):
-        with open(p, encoding="utf-8") as f:
-            first = f.readline()
-        cols = first.rstrip("\r\n").split("\t")
+        cols = first_line(p).split("\t")
         if len(cols) == 2 and cols[1].lstrip().startswith(("[", '"[')):
             return "dpr_csv"
+        if len(cols) >= 4 and cols[0].strip().isdigit() and re.fullmatch(r"[a-z]+", cols[1]):
+            return "curatedtrec"  # id<TAB>type<TAB>question<TAB>answer_regex, no header
         return "csv"
     raise DataError(p, 0, "<format>", f"cannot detect the format of extension {ext!r}; pass fmt=")
+
+
+# An answer "looks like a pattern" when it holds regex syntax that plain answers (NQ-open, SQuAD) almost
+# never do: an escape such as \s \d \. , a character class [..], (?, .* .+ .?, )?, an optional letter
+# inside a word (Sept?ember), an alternation a|b, or a ^ / $ anchor. Measured: 54% of CuratedTREC test
+# questions (curated-test.tsv) have such an answer, 0.06% of NQ-open (EfficientQA dev), 0.03% of SQuAD dev.
+_PATTERN_HINT = re.compile(
+    r"\\[sdwbSDWB.()\[\]?*+|$^{}]|\[[^\]\s]+\]|\(\?|\.[*+?]|\)\?|\w\?\w|\S\|\S|^\^|\$$"
+)
+_PATTERN_WARN_FRACTION = 0.05
+
+
+def _warn_if_patterns(qa: QASet, path: Path) -> None:
+    looks = [e for e in qa if any(_PATTERN_HINT.search(a) for a in e.answers)]
+    if len(looks) >= max(1, _PATTERN_WARN_FRACTION * len(qa)):
+        ex = looks[0]
+        log.warning(
+            "%s: %d of %d questions have answers that look like regular expressions (e.g. line %d: %r) but "
+            "the set is read with regex=False, so they are compared as strings; pass regex=True (set spec "
+            "{path: ..., regex: true}) if they are patterns (CuratedTREC)",
+            path,
+            len(looks),
+            len(qa),
+            ex.line,
+            next(a for a in ex.answers if _PATTERN_HINT.search(a)),
+        )
 
 
 def read_questions(
@@ -358,23 +651,28 @@ def read_questions(
     fmt: str = "auto",
     *,
     fields: Mapping[str, str] | None = None,
-    regex: bool = False,
+    regex: bool | None = None,
     name: str | None = None,
     skip_bad_rows: bool = False,
     max_logged: int = 5,
     **options: Any,
 ) -> QASet:
-    """Read a question set.
+    """Read and validate a question set (every row, at once: errors surface here, not during training).
 
     Args:
         path: file (or directory for ``fmt="hf"``).
         fmt: one of :data:`FORMATS`; ``auto`` detects from extension and content.
-        fields: ``{"question": col, "answers": col}`` for jsonl/csv/json/hf (default ``question`` and
-            ``answers``, falling back to ``answer``).
-        regex: answers are regular expressions (CuratedTREC).
+        fields: ``{"question": col, "answers": col}`` for jsonl/csv/json/dpr_json/hf (default ``question``
+            and ``answers``, falling back to ``answer``).
+        regex: answers are regular expressions (CuratedTREC); ``None`` = the format's default (True for
+            ``curatedtrec``, else False). Patterns are compiled here; an invalid one is a DataError.
         skip_bad_rows: skip bad rows, count them, log the count and the first ``max_logged`` messages.
         options: format options (``split``/``split_seed``/``articles`` for squad, ``split`` for hf,
-            ``delimiter`` for csv).
+            ``delimiter`` for csv, ``verified_only`` for triviaqa).
+
+    Raises:
+        DataError: a bad row (without ``skip_bad_rows``), or no questions at all (empty file, every row
+            skipped, or a filter that keeps nothing).
     """
     path = Path(path)
     if not path.exists():
@@ -382,8 +680,15 @@ def read_questions(
     fmt = detect_format(path) if fmt in ("auto", None) else fmt
     if fmt not in _READERS:
         raise ValueError(f"unknown question format {fmt!r}; expected one of {FORMATS}")
+    regex = (fmt in REGEX_BY_DEFAULT) if regex is None else bool(regex)
     fields = dict(fields or {})
-    kw = dict(options, question_field=fields.get("question", "question"), answers_field=fields.get("answers"))
+    kw = dict(
+        options,
+        question_field=fields.get("question", "question"),
+        answers_field=fields.get("answers"),
+        regex=regex,
+        strict_encoding=not skip_bad_rows,
+    )
     qa = QASet([], name=name or path.stem, regex=regex)
     for _, item in _READERS[fmt](path, **kw):
         if isinstance(item, DataError):
@@ -402,4 +707,13 @@ def read_questions(
             len(qa),
             "; ".join(qa.skip_messages),
         )
+    if not qa.examples:
+        why = (
+            f"all {qa.skipped} rows were bad and skipped"
+            if qa.skipped
+            else "the file (or its selection) is empty"
+        )
+        raise DataError(path, 0, "<questions>", f"no questions read as {fmt!r}: {why}")
+    if not regex:
+        _warn_if_patterns(qa, path)
     return qa

@@ -31,8 +31,29 @@ SETS: dict[str, dict[str, Any]] = {
     "trivia_dev": {"path": f"{_QAS}/trivia-dev.csv", "format": "dpr_csv"},
     "trivia_test": {"path": f"{_QAS}/trivia-test.csv", "format": "dpr_csv"},
     "webq_test": {"path": f"{_QAS}/webq-test.csv", "format": "dpr_csv"},
-    "curatedtrec_test": {"path": f"{_QAS}/curatedtrec-test.csv", "format": "dpr_csv", "regex": True},
+    "curatedtrec_test_dpr": {"path": f"{_QAS}/curatedtrec-test.csv", "format": "dpr_csv", "regex": True},
     "squad1_test": {"path": f"{_QAS}/squad1-test.csv", "format": "dpr_csv"},
+    # as published: CuratedTREC (brmson/dataset-factoid-curated; large2180-* are the 1,479 / 694-question
+    # train / test files DPR and RAG use, at commit 087375a), TriviaQA (triviaqa-unfiltered.tar.gz),
+    # WebQuestions (SEMPRE release)
+    "curatedtrec_train": {"path": "{data_dir}/curatedtrec/large2180-train.tsv", "format": "curatedtrec"},
+    "curatedtrec_test": {"path": "{data_dir}/curatedtrec/large2180-test.tsv", "format": "curatedtrec"},
+    "triviaqa_unfiltered_train": {
+        "path": "{data_dir}/triviaqa-unfiltered/unfiltered-web-train.json",
+        "format": "triviaqa",
+    },
+    "triviaqa_unfiltered_dev": {
+        "path": "{data_dir}/triviaqa-unfiltered/unfiltered-web-dev.json",
+        "format": "triviaqa",
+    },
+    "webquestions_train": {
+        "path": "{data_dir}/webquestions/webquestions.examples.train.json",
+        "format": "webquestions",
+    },
+    "webquestions_test": {
+        "path": "{data_dir}/webquestions/webquestions.examples.test.json",
+        "format": "webquestions",
+    },
     "efficientqa_dev": {"path": "{data_dir}/NQ-open.efficientqa.dev.1.1.jsonl", "format": "nq_open"},
     "squad_dev": {"path": "{data_dir}/dev-v1.1.json", "format": "squad"},
     # SQuAD-open: dev questions split by article (36/6/6, seeded): test articles unseen in training.

@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 from rag_lightning.preflight import require_model
-from rag_lightning.resolvers import minilm_dir  # noqa: F401  (re-exported)
+from rag_lightning.tokenization import minilm_dir  # noqa: F401  (re-exported)
 
 POOLINGS = ("cls", "mean", "pooler")
 

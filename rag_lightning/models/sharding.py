@@ -50,9 +50,8 @@ def shard_generator(
 def load_full_state(module: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
     """Materialize a sharded module built on the meta device and fill it from rank 0's full state dict
     (`full` is empty on the other ranks): each rank receives only its shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     module.to_empty(device=device)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import torch
 from transformers import (
@@ -28,16 +27,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from rag_lightning.models.encoders import minilm_dir
+from rag_lightning.tokenization import tiny_tokenizer  # noqa: F401  (re-exported: the tiny models' vocabulary)
 
 D = 32  # hidden size of the tiny BERT / BART models
 D_CAUSAL = 64  # of the tiny decoder-only ones (at 32 they overfit 8 answers about half as fast)
-
-
-def tiny_tokenizer() -> BertTokenizerFast:
-    with open(os.path.join(minilm_dir(), "vocab.txt"), encoding="utf-8") as f:
-        vocab = {w.rstrip("\n"): i for i, w in enumerate(f)}
-    return BertTokenizerFast(vocab=vocab, do_lower_case=True)
 
 
 def tiny_encoder(seed: int = 0) -> tuple[BertModel, BertTokenizerFast]:

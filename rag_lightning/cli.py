@@ -1,0 +1,53 @@
+"""`rag-train` (the console script of an installed package) and `python train.py`: one Hydra app.
+
+Configs: the repository's `conf/`. A wheel ships that same directory as `rag_lightning/conf` (pyproject.toml maps
+one onto the other, so there is a single copy); a source checkout or editable install reads `<repo>/conf`.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...} before composing)
+from rag_lightning.preflight import ConfigError, preflight
+
+
+def conf_dir() -> str:
+    """The config directory: `rag_lightning/conf` when installed from a wheel, else the checkout's `conf/`."""
+    package = Path(__file__).resolve().parent
+    candidates = (package / "conf", package.parent / "conf")
+    for d in candidates:
+        if (d / "train.yaml").is_file():
+            return str(d)
+    raise FileNotFoundError(
+        f"rag-lightning's configs (train.yaml) are in neither {candidates[0]} (installed package) nor "
+        f"{candidates[1]} (source checkout): reinstall the package, or run train.py from the repository"
+    )
+
+
+def train(cfg: DictConfig) -> float | None:
+    try:
+        preflight(cfg)  # missing models / data files: one clear message, before the heavy imports
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from rag_lightning.data.textio import DataError
+    from rag_lightning.train import train as run
+
+    try:
+        return run(cfg)
+    except DataError as e:  # a bad question set or corpus row: file, line and field, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    hydra.main(config_path=conf_dir(), config_name="train", version_base="1.3")(train)()
+
+
+if __name__ == "__main__":
+    main()
