@@ -45,7 +45,7 @@ class RagModule(L.LightningModule):
     def __init__(
         self,
         retriever: Retriever,
-        generator: Generator | CausalGenerator,
+        generator: Generator | CausalGenerator | Callable[..., Generator | CausalGenerator],
         variant: str = "token",
         label_smoothing: float = 0.0,
         generator_loss: str | None = None,
@@ -54,6 +54,7 @@ class RagModule(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         retriever_lr: float | None = None,
+        retriever_start_step: int = 0,
         decoding: dict[str, Any] | None = None,
         eval_ks: tuple[int, ...] = (1, 5, 20),
         n_samples: int = 16,
@@ -85,14 +86,17 @@ class RagModule(L.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["retriever", "generator", "optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.retriever = retriever
-        self.generator = generator
+        # a factory (Hydra `_partial_: true`) defers building the generator to configure_model, where under
+        # FSDP ranks > 0 build it on the meta device and receive only their shards of rank 0's weights
+        self.generator_factory = None if isinstance(generator, torch.nn.Module) else generator
+        self.generator = generator if self.generator_factory is None else None
         self.generator_loss, self.retriever_weights, self.objective_args = (
             generator_loss,
             retriever_loss,
             objective_args,
         )
-        if generator_loss == "none":
-            self.generator.requires_grad_(False)  # frozen (REPLUG LSR): scores the answer, never trains
+        if self.generator is not None:
+            self._freeze_generator()
         self.corpus = None  # set in setup() from the datamodule, or by hand
         self.decoding = {"num_beams": 1, "max_length": 20, "mode": "fast", **decoding}
         names = ["loss", "em", "f1", "p_entropy"] + [f"recall@{k}" for k in eval_ks]
@@ -108,9 +112,14 @@ class RagModule(L.LightningModule):
 
     def train(self, mode: bool = True) -> RagModule:
         super().train(mode)
-        if self.generator_loss == "none":
+        if self.generator_loss == "none" and self.generator is not None:
             self.generator.eval()  # frozen: no dropout, so the target distribution is the model's own
         return self
+
+    def _freeze_generator(self) -> None:
+        if self.generator_loss == "none":
+            self.generator.requires_grad_(False)  # frozen (REPLUG LSR): scores the answer, never trains
+            self.generator.eval()
 
     # ---------------------------------------------------------------- index lifecycle (the retriever's)
     def setup(self, stage: str) -> None:
@@ -136,6 +145,63 @@ class RagModule(L.LightningModule):
 
     def on_predict_start(self) -> None:
         self._ensure_index(match_weights=True)
+
+    # ---------------------------------------------------------------- model construction / sharding
+    def configure_model(self) -> None:
+        """Build a deferred generator; under FSDP2 (`strategies.FSDP2Strategy`) shard its decoder layers and
+        make the query encoder one FSDP unit. Idempotent (Lightning calls it for fit, validate and test)."""
+        from rag_lightning.models.sharding import is_sharded, load_full_state, shard_generator
+
+        mesh = self.device_mesh["data_parallel"] if self._device_mesh is not None else None
+        lazy = self.generator is None
+        if lazy:
+            meta = mesh is not None and mesh.get_rank() != 0
+            self.generator = self.generator_factory(empty_init=True) if meta else self.generator_factory()
+            self._freeze_generator()
+        if mesh is None or is_sharded(self.generator):
+            return
+        full = self.generator.state_dict() if lazy and mesh.get_rank() == 0 else {}
+        shard_generator(self.generator, mesh)
+        if lazy:  # rank 0 holds the weights, the others built on meta: broadcast each shard
+            load_full_state(self.generator, full, self.device)
+            del full
+        if any(p.requires_grad for p in self.retriever.query_encoder.parameters()):
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.retriever.query_encoder, mesh=mesh)  # gradients averaged over the ranks
+
+    # ---------------------------------------------------------------- checkpoints
+    def frozen_keys(self) -> set[str]:
+        """state_dict keys of frozen parameters (LoRA base generator, frozen document encoder). They are rebuilt
+        from `name_or_path` when the module is constructed, so checkpoints leave them out: a 7B base is not
+        copied into every checkpoint, and a checkpoint is loaded into a module built from the same config."""
+        return {_clean(n) for n, p in self.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Trainable parameters and buffers only (see `frozen_keys`)."""
+        out = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        frozen = self.frozen_keys()
+        for key in [k for k in out if k.startswith(prefix) and _clean(k[len(prefix) :]) in frozen]:
+            del out[key]
+        return out
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """Load a checkpoint without its frozen weights. `strict` still means strict: every saved key must be
+        consumed, and every key the module has must be saved unless it is frozen (then it keeps its
+        pretrained value). Checkpoints that do hold the frozen weights load as well."""
+        if strict:
+            own = {_clean(k) for k in super().state_dict()}
+            saved = {_clean(k) for k in state_dict}
+            unexpected = sorted(saved - own)
+            missing = sorted(own - saved - self.frozen_keys())
+            if unexpected or missing:
+                raise RuntimeError(
+                    f"checkpoint does not fit the module: unexpected keys {unexpected[:10]}"
+                    f"{' ...' if len(unexpected) > 10 else ''}, missing trainable keys {missing[:10]}"
+                    f"{' ...' if len(missing) > 10 else ''}"
+                )
+        return super().load_state_dict(state_dict, strict=False, assign=assign)
 
     # ---------------------------------------------------------------- forward
     def retrieve(self, batch: dict[str, Any], k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,6 +331,17 @@ class RagModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
+        from rag_lightning.models.sharding import is_sharded
+
+        if not is_sharded(self.generator):
+            return self._generate(batch, doc_scores, ids)
+        self.generator.unshard()  # FSDP root unit (embeddings, output layer): decoding calls past forward()
+        try:
+            return self._generate(batch, doc_scores, ids)
+        finally:
+            self.generator.reshard()
+
+    def _generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
         src, mask = self.sources(batch, ids)
         g, d = self.generator, self.decoding
         model = g if g.kind == "causal" else g.model  # decoder-only: the generator runs its own prompt steps
@@ -415,6 +492,14 @@ class RagModule(L.LightningModule):
             group = {"params": ret, "name": "retriever"}
             if self.hparams.retriever_lr is not None:
                 group["lr"] = self.hparams.retriever_lr
+            if self.hparams.retriever_start_step:
+                if self.scheduler_factory is None:
+                    raise ValueError(
+                        "model.retriever_start_step needs a scheduler (config group `scheduler`)"
+                    )
+                group["start_step"] = int(
+                    self.hparams.retriever_start_step
+                )  # read by schedules.linear_warmup
             groups.append(group)
         opt = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
@@ -439,6 +524,16 @@ def _first_hit(texts: list[str], answers: list[str], regex: bool) -> float:
     """Rank of the first passage that has a gold answer by DPR's ``has_answer``; inf if none (so recall@k = 0
     for every k, also for k beyond the retrieved list, e.g. eval_ks 100 on a smaller corpus)."""
     return metrics.first_hit(texts, answers, regex=regex)
+
+
+_WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _clean(key: str) -> str:
+    """A state_dict / parameter name without the segments FSDP, activation checkpointing and compile add."""
+    for w in _WRAPPERS:
+        key = key.replace(w, "")
+    return key
 
 
 def _plain(x: Any) -> Any:

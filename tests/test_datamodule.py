@@ -37,7 +37,7 @@ def test_setup_and_train_batch(tmp_path: Path, minilm_dir: str) -> None:
     dm.prepare_data()
     dm.setup("fit")
     assert dm.query_tokenizer is dm.gen_tokenizer is dm.doc_tokenizer  # same path -> one object
-    assert len(dm.corpus) == 233 and len(dm.train_items) == 1046
+    assert len(dm.corpus) == 693 and len(dm.train_items) == 1046
     assert [len(s) for _, s in dm.val_sets + dm.test_sets] == [100, 100]
     assert dm.val_set_names == ["demo_val"] and dm.test_set_names == ["demo_test"]
     tok = dm.gen_tokenizer
@@ -147,7 +147,7 @@ def test_hydra_configs(tmp_path: Path, minilm_dir: str, name: str) -> None:
     assert isinstance(dm, QADataModule) and dm.tokenizer_names["generator"] == minilm_dir
     if name == "demo":
         dm.setup("fit")
-        assert len(dm.train_items) == 1046 and len(dm.corpus) == 233
+        assert len(dm.train_items) == 1046 and len(dm.corpus) == 693
     else:
         assert all(s["path"].startswith(str(tmp_path / "data")) for s in dm.train_specs + dm.test_specs)
 

@@ -32,4 +32,4 @@ def test_two_process_sharded_refresh(tmp_path):
     metas = [json.loads((run / "index" / f"shard-{r}-of-2" / "meta.json").read_text()) for r in (0, 1)]
     assert [m["meta"]["version"] for m in metas] == [2, 2]  # both ranks completed both refreshes
     assert metas[0]["meta"]["start"] == 0 and metas[1]["meta"]["start"] == metas[0]["ntotal"]
-    assert metas[0]["ntotal"] + metas[1]["ntotal"] == 233  # the bundled demo corpus, split in two
+    assert metas[0]["ntotal"] + metas[1]["ntotal"] == 693  # the bundled demo corpus, split in two

@@ -18,12 +18,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     DynamicCache,
@@ -82,6 +83,7 @@ class CausalGenerator(nn.Module):
         max_source_length: int = 256,
         template: str = DEFAULT_TEMPLATE,
         prefix_lm: bool = False,
+        lora: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         cfg = model.config
@@ -94,7 +96,9 @@ class CausalGenerator(nn.Module):
             raise ValueError(
                 f"causal generator needs a decoder-only model, got {cfg.model_type} (encoder-decoder)"
             )
-        self.model = model
+        from rag_lightning.models.generator import apply_lora  # (generator.py imports this module)
+
+        self.model = apply_lora(model, lora)
         self.tokenizer = tokenizer
         self.max_source_length = max_source_length
         self.template = template
@@ -134,6 +138,8 @@ class CausalGenerator(nn.Module):
         prefix_lm: bool | None = None,
         gradient_checkpointing: bool = False,
         num_layers: int | None = None,
+        lora: Mapping[str, Any] | None = None,
+        empty_init: bool = False,
         **model_kwargs: Any,
     ) -> CausalGenerator:
         """Any ``AutoModelForCausalLM`` directory or Hub id, or ``tiny:gpt2`` / ``tiny:llama``. Settings left
@@ -157,7 +163,12 @@ class CausalGenerator(nn.Module):
                 model_kwargs["is_decoder"] = True  # BERT family: the causal-LM head class needs it
             if num_layers is not None:
                 model_kwargs["num_hidden_layers"] = num_layers
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
+            if empty_init:  # FSDP ranks > 0: the architecture on the meta device, weights come from rank 0
+                config = AutoConfig.from_pretrained(name_or_path, **model_kwargs)
+                with torch.device("meta"):
+                    model = AutoModelForCausalLM.from_config(config)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
 
@@ -170,9 +181,14 @@ class CausalGenerator(nn.Module):
             max_source_length=pick(max_source_length, "max_source_length", 256),
             template=pick(template, "template", DEFAULT_TEMPLATE),
             prefix_lm=pick(prefix_lm, "prefix_lm", False),
+            lora=lora,
         )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """A plain transformers directory plus the settings file; LoRA adapters are merged first (in place)."""
+        from rag_lightning.models.generator import merge_lora
+
+        self.model = merge_lora(self.model)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         settings = {"kind": self.kind, "template": self.template, "prefix_lm": self.prefix_lm,

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,17 +49,65 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return out.masked_fill_(out == -100, pad_id)
 
 
+def apply_lora(model: nn.Module, lora: Mapping[str, Any] | None) -> nn.Module:
+    """Add peft LoRA adapters to `model` in place (`lora`: r, alpha, dropout, target_modules; None = no LoRA)
+    and return it: the same transformers class (so `base_model`, `get_encoder`, `get_output_embeddings` and
+    decoding work unchanged), the base weights frozen, only the adapters train. `target_modules: null` takes
+    peft's default for the architecture (e.g. q_proj, v_proj; query, value for BERT)."""
+    if not lora:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    unknown = set(lora) - {"r", "alpha", "dropout", "target_modules"}
+    if unknown:
+        raise ValueError(
+            f"model.generator.lora: unknown keys {sorted(unknown)} (r, alpha, dropout, target_modules)"
+        )
+    targets = lora.get("target_modules")
+    config = LoraConfig(
+        r=int(lora.get("r", 8)),
+        lora_alpha=float(lora.get("alpha", 16)),
+        lora_dropout=float(lora.get("dropout", 0.0)),
+        target_modules=list(targets) if targets is not None else None,
+    )
+    get_peft_model(model, config)  # injects the adapters into `model` and freezes everything else
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.enable_input_require_grads()  # frozen embeddings + reentrant checkpointing: keep the graph
+    return model
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter into its base layer and put the plain layer back (in place); returns `model`."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        if attr in vars(model):
+            delattr(model, attr)
+    return model
+
+
 class Generator(nn.Module):
     """A Hugging Face seq2seq model plus the input assembly RAG needs."""
 
     kind = "seq2seq"
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, max_source_length: int = 128):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        max_source_length: int = 128,
+        lora: Mapping[str, Any] | None = None,
+    ):
         super().__init__()
         encoder = model.get_encoder()
         if getattr(encoder, "pooler", None) is not None:
             encoder.pooler = None  # bert2bert: the encoder's pooler feeds nothing (and DDP would complain)
-        self.model = model
+        self.model = apply_lora(model, lora)
         self.tokenizer = tokenizer
         self.max_source_length = max_source_length
         self.prefix, self.middle, self.suffix = pair_template(tokenizer)
@@ -83,17 +132,22 @@ class Generator(nn.Module):
         num_layers: int | None = None,
         template: str | None = None,
         prefix_lm: bool | None = None,
+        lora: Mapping[str, Any] | None = None,
+        empty_init: bool = False,
     ) -> Generator | CausalGenerator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
         checkpoint, e.g. MiniLM), "causal" (any decoder-only LM, or an encoder as a prefix LM with
         `prefix_lm=True`: see `models/causal.py`, which also takes `template`), or "auto" (seq2seq for
         encoder-decoder configs, causal for decoder-only ones, else bert2bert). bert2bert and causal:
-        `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder)."""
+        `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder).
+        `lora`: LoRA adapters on the generator (see `apply_lora`), for every kind. `empty_init`: build causal
+        and seq2seq models on the meta device, without weights (FSDP ranks > 0, see `models/sharding.py`)."""
         kind = generator_kind(name_or_path, kind)
         if kind == "causal":
             return CausalGenerator.from_pretrained(
                 name_or_path, max_source_length=max_source_length, template=template, prefix_lm=prefix_lm,
-                gradient_checkpointing=gradient_checkpointing, num_layers=num_layers,
+                gradient_checkpointing=gradient_checkpointing, num_layers=num_layers, lora=lora,
+                empty_init=empty_init,
             )  # fmt: skip
         if template is not None or prefix_lm:
             raise ValueError(f"model.generator.template / prefix_lm apply to kind=causal only, not {kind}")
@@ -103,7 +157,7 @@ class Generator(nn.Module):
             model, tok = tiny_generator()
             if gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return cls(model, tok, max_source_length)
+            return cls(model, tok, max_source_length, lora=lora)
         require_model(name_or_path, "model.generator.name_or_path")
         config = AutoConfig.from_pretrained(name_or_path)
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -121,13 +175,19 @@ class Generator(nn.Module):
             model.config.eos_token_id = tok.sep_token_id
         elif config.model_type == "encoder-decoder":
             model = EncoderDecoderModel.from_pretrained(name_or_path)
+        elif empty_init:
+            with torch.device("meta"):
+                model = AutoModelForSeq2SeqLM.from_config(config)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
         if gradient_checkpointing:  # activations recomputed in backward, layer by layer
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return cls(model, tok, max_source_length)
+        return cls(model, tok, max_source_length, lora=lora)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
+        """A plain transformers directory (`from_pretrained` loads it); LoRA adapters are merged first, in
+        place, so the generator is a plain model afterwards."""
+        self.model = merge_lora(self.model)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
 

@@ -1,0 +1,68 @@
+"""FSDP2 for large generators: shard the generator's decoder layers over the data-parallel ranks.
+
+`shard_generator` applies `torch.distributed.fsdp.fully_shard` to every transformer block of the generator
+(the classes its transformers model lists in `_no_split_modules`, e.g. `Qwen2DecoderLayer`, or the names
+given) and then to the generator as a whole (embeddings, final norm and output layer, tied or not, in one
+unit). Ranks other than 0 build the generator on the meta device (no memory); `load_full_state` then
+broadcasts rank 0's weights shard by shard, so no rank but 0 ever holds a full copy, and rank 0 only in CPU
+memory before sharding. The retriever is not sharded: its query encoder is one FSDP unit (data-parallel
+gradient averaging), the frozen document encoder and the index stay whole on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def layer_classes(model: nn.Module, names: Sequence[str] | None = None) -> set[type[nn.Module]]:
+    """Module classes to shard one by one: `names`, else the model's `_no_split_modules` (transformer blocks)."""
+    wanted = set(names or getattr(model, "_no_split_modules", None) or [])
+    if not wanted:
+        raise ValueError(
+            f"{type(model).__name__} lists no `_no_split_modules`; name the decoder layer classes in "
+            f"model.fsdp_layers"
+        )
+    found = {type(m) for m in model.modules() if type(m).__name__ in wanted}
+    if not found:
+        raise ValueError(f"none of the layer classes {sorted(wanted)} occurs in {type(model).__name__}")
+    return found
+
+
+def shard_generator(
+    generator: nn.Module, mesh: Any, layers: Sequence[str] | None = None, mp_policy: Any = None
+) -> nn.Module:
+    """fully_shard each decoder layer of `generator.model`, then `generator` itself (the root unit)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    classes = tuple(layer_classes(generator.model, layers))
+    for module in generator.model.modules():
+        if isinstance(module, classes):
+            fully_shard(module, **kw)
+    fully_shard(generator, **kw)
+    return generator
+
+
+def load_full_state(module: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Materialize a sharded module built on the meta device and fill it from rank 0's full state dict
+    (`full` is empty on the other ranks): each rank receives only its shards."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    module.to_empty(device=device)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+    set_model_state_dict(module, full, options=opts)
+    # non-persistent buffers (e.g. rotary `inv_freq`) are in no state dict: after to_empty they hold garbage
+    # on the meta-built ranks; rank 0 built them properly, so every rank takes rank 0's (buffers are not sharded)
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
