@@ -26,11 +26,12 @@ def test_experiments_exist():
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)
-def test_experiment_composes(exp):
-    cfg = compose_cfg([f"+experiment={exp}"])
+def test_experiment_composes(exp, tmp_path):
+    # paths.root_dir stands in for ${hydra:runtime.cwd} (the model refers to index.root under paths.cache_dir)
+    cfg = compose_cfg([f"+experiment={exp}", f"paths.root_dir={tmp_path}"])
     assert cfg.model._target_ == "rag_lightning.module.RagModule"
     assert cfg.data._target_.endswith("QADataModule")
-    # everything resolves except the hydra-runtime paths
+    # everything in the model resolves (the run's output_dir is not in it)
     OmegaConf.to_container(cfg.model, resolve=True)
 
 
@@ -53,8 +54,8 @@ def test_group_options_compose(group_option):
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS)
-def test_experiment_instantiates_with_tiny_models(exp):
-    cfg = compose_cfg([f"+experiment={exp}", *TINY])
+def test_experiment_instantiates_with_tiny_models(exp, tmp_path):
+    cfg = compose_cfg([f"+experiment={exp}", *TINY, f"paths.root_dir={tmp_path}"])
     module = instantiate(cfg.model)
     assert module.hparams.variant in ("token", "sequence")
     assert module.retriever.n_docs >= 1
