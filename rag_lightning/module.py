@@ -231,9 +231,9 @@ class RagModule(L.LightningModule):
         k = src.shape[0] // labels.shape[0]
         rep = labels.repeat_interleave(k, 0)  # (B*K, T)
         smooth = self.hparams.label_smoothing > 0
-        head = self.generator.output_layer() if self.hparams.fused_loss else None
-        if head is not None:
+        if self.hparams.fused_loss and self.generator.output_layer() is not None:
             hidden = self.generator.hidden_states(src, mask, rep)  # (B*K, T, H)
+            head = self.generator.output_layer()  # after the pass: under FSDP2 the root unit is unsharded now
             return answer_logprobs_fused(hidden, *head, labels, k, smooth=smooth, positions=positions)
         logits = self.generator(src, mask, rep)  # (B*K, T, V)
         return answer_logprobs(logits, labels, k, smooth=smooth, positions=positions)

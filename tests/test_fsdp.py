@@ -43,7 +43,7 @@ def test_two_process_fsdp_lora(tmp_path):
     cmd = [
         sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
         "trainer.precision=32-true", *model, "+model.generator._partial_=true",
-        "+model.generator.gradient_checkpointing=true", "optimizer.lr=1e-3", "data.max_train_examples=16",
+        "model.generator.gradient_checkpointing=true", "optimizer.lr=1e-3", "data.max_train_examples=16",
         "data.batch_size=2", "trainer.max_steps=4", "trainer.limit_val_batches=0", "optimized_metric=null",
         "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "validate_before_fit=false",
         "test=false", f"paths.log_dir={tmp_path}/logs", f"paths.cache_dir={tmp_path}/cache",
@@ -59,7 +59,7 @@ def test_two_process_fsdp_lora(tmp_path):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=model)
+        cfg = compose("train", overrides=[*model, f"paths.root_dir={tmp_path}"])  # not under hydra.main
     fresh = instantiate(cfg.model)  # one process, unsharded: the checkpoint loads strictly
     fresh.load_state_dict(sd)
     got = dict(fresh.named_parameters())

@@ -4,6 +4,7 @@ strictly, scripts/export.py merges the adapters into a plain directory with the 
 from __future__ import annotations
 
 import importlib.util
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ GENERATORS = {
 def _compose(name: str, overrides: list[str]):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(name, overrides=overrides)
+        # paths.root_dir stands in for ${hydra:runtime.cwd}, which the model's index.root resolves through
+        return compose(name, overrides=[f"paths.root_dir={tempfile.gettempdir()}", *overrides])
 
 
 def _perturb_adapters(module: torch.nn.Module) -> None:

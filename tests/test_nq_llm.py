@@ -1,5 +1,7 @@
 """Experiment nq_llm: DPR retriever + Qwen2.5-1.5B-Instruct with LoRA, K=5, bf16."""
 
+import tempfile
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -15,7 +17,9 @@ from tests.test_configs import CONF
 def _compose(overrides):
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose("train", overrides=["+experiment=nq_llm", *overrides], return_hydra_config=True)
+        # paths.root_dir stands in for ${hydra:runtime.cwd}, which the model's index.root resolves through
+        root = f"paths.root_dir={tempfile.gettempdir()}"
+        return compose("train", overrides=["+experiment=nq_llm", root, *overrides], return_hydra_config=True)
 
 
 def test_composes_with_the_stated_settings():

@@ -36,7 +36,7 @@ def shard_generator(
     generator: nn.Module, mesh: Any, layers: Sequence[str] | None = None, mp_policy: Any = None
 ) -> nn.Module:
     """fully_shard each decoder layer of `generator.model`, then `generator` itself (the root unit)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     kw = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
     classes = tuple(layer_classes(generator.model, layers))
@@ -44,6 +44,8 @@ def shard_generator(
         if isinstance(module, classes):
             fully_shard(module, **kw)
     fully_shard(generator, **kw)
+    # the fused loss runs the generator through hidden_states(), not forward(): FSDP2 must unshard for it too
+    register_fsdp_forward_method(generator, "hidden_states")
     return generator
 
 
