@@ -70,7 +70,25 @@ def _leading_specials(tok: PreTrainedTokenizerBase) -> list[int]:
     return full[:i]
 
 
-class CausalGenerator(nn.Module):
+class ListSources:
+    """`build_sources` from token-id lists, for both generator kinds: pads them and calls the kind's own
+    vectorized `assemble_sources(q, q_len, p, p_len, n_docs)` (used by tests and decoding references; the
+    training step gathers padded rows straight from the corpus)."""
+
+    pad_token_id: int
+
+    def build_sources(
+        self, questions: Sequence[Sequence[int]], passages: Sequence[Sequence[int]], n_docs: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """questions: B id lists (no specials); passages: B*K id lists -> src ids, mask (B*K, S)."""
+        if len(passages) != len(questions) * n_docs:
+            raise ValueError(f"expected {len(questions)} x {n_docs} passages, got {len(passages)}")
+        q, qm = pad_batch([list(x) for x in questions], self.pad_token_id)
+        p, pm = pad_batch([list(x) for x in passages], self.pad_token_id)
+        return self.assemble_sources(q, qm.sum(1), p, pm.sum(1), n_docs)
+
+
+class CausalGenerator(ListSources, nn.Module):
     """A Hugging Face causal LM plus the prompt assembly RAG needs (interface of ``generator.Generator``)."""
 
     kind = "causal"
@@ -197,16 +215,6 @@ class CausalGenerator(nn.Module):
             json.dump(settings, f, indent=1)
 
     # ---------------------------------------------------------------- inputs
-    def build_sources(
-        self, questions: Sequence[Sequence[int]], passages: Sequence[Sequence[int]], n_docs: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """questions: B id lists (no specials); passages: B*K id lists -> prompt ids, mask (B*K, S), left-padded."""
-        if len(passages) != len(questions) * n_docs:
-            raise ValueError(f"expected {len(questions)} x {n_docs} passages, got {len(passages)}")
-        q, qm = pad_batch([list(x) for x in questions], self.pad_token_id)
-        p, pm = pad_batch([list(x) for x in passages], self.pad_token_id)
-        return self.assemble_sources(q, qm.sum(1), p, pm.sum(1), n_docs)
-
     def assemble_sources(
         self, q: torch.Tensor, q_len: torch.Tensor, p: torch.Tensor, p_len: torch.Tensor, n_docs: int
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -25,9 +25,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rag_lightning.models.causal import CausalGenerator
+from rag_lightning.models.causal import CausalGenerator, ListSources
 from rag_lightning.preflight import require_model
-from rag_lightning.retrieval.embed import pad_batch
 from rag_lightning.tokenization import generator_kind
 
 
@@ -91,7 +90,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-class Generator(nn.Module):
+class Generator(ListSources, nn.Module):
     """A Hugging Face seq2seq model plus the input assembly RAG needs."""
 
     kind = "seq2seq"
@@ -190,16 +189,6 @@ class Generator(nn.Module):
         self.model = merge_lora(self.model)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-
-    def build_sources(
-        self, questions: Sequence[Sequence[int]], passages: Sequence[Sequence[int]], n_docs: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """questions: B id lists (no specials); passages: B*K id lists -> src ids, mask (B*K, S)."""
-        if len(passages) != len(questions) * n_docs:
-            raise ValueError(f"expected {len(questions)} x {n_docs} passages, got {len(passages)}")
-        q, qm = pad_batch([list(x) for x in questions], self.pad_token_id)
-        p, pm = pad_batch([list(x) for x in passages], self.pad_token_id)
-        return self.assemble_sources(q, qm.sum(1), p, pm.sum(1), n_docs)
 
     def assemble_sources(
         self, q: torch.Tensor, q_len: torch.Tensor, p: torch.Tensor, p_len: torch.Tensor, n_docs: int
