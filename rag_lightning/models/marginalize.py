@@ -101,6 +101,16 @@ def _check(b: int, k: int, bk: int, t: int, labels: Tensor, what: str) -> None:
         )
 
 
+def _per_position(tok: Tensor, mlp: Tensor | None, mask: Tensor, pos: Tensor, k: int) -> AnswerLogProbs:
+    """Kernel outputs over the (P*K,) non-padding rows -> AnswerLogProbs laid out (B, K, T); mask (B, T)."""
+    b, t = mask.shape
+    return AnswerLogProbs(
+        _scatter_positions(tok.view(-1, k), pos, b, k, t),
+        None if mlp is None else _scatter_positions(mlp.view(-1, k), pos, b, k, t),
+        mask,
+    )
+
+
 def answer_logprobs(
     seq_logits: Tensor,
     labels: Tensor,
@@ -120,12 +130,7 @@ def answer_logprobs(
     pos = label_positions(labels, ignore_index) if positions is None else positions
     rows, tgt = _rows_and_targets(labels, pos, k)
     tok, mlp = token_logprobs(seq_logits.reshape(bk * t, v), tgt, smooth, rows)  # (P*K,)
-    mask = labels != ignore_index
-    return AnswerLogProbs(
-        _scatter_positions(tok.view(-1, k), pos, b, k, t),
-        None if mlp is None else _scatter_positions(mlp.view(-1, k), pos, b, k, t),
-        mask,
-    )
+    return _per_position(tok, mlp, labels != ignore_index, pos, k)
 
 
 def answer_logprobs_fused(
@@ -154,12 +159,7 @@ def answer_logprobs_fused(
     rows, tgt = _rows_and_targets(labels, pos, k)
     hs = hidden.reshape(bk * t, h).index_select(0, rows)  # (P*K, H)
     tok, mlp = linear_token_logprobs(hs, weight, bias, tgt, smooth)  # (P*K,)
-    mask = labels != ignore_index
-    return AnswerLogProbs(
-        _scatter_positions(tok.view(-1, k), pos, b, k, t),
-        None if mlp is None else _scatter_positions(mlp.view(-1, k), pos, b, k, t),
-        mask,
-    )
+    return _per_position(tok, mlp, labels != ignore_index, pos, k)
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:
