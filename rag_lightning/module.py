@@ -98,7 +98,7 @@ class RagModule(L.LightningModule):
         if self.generator is not None:
             self._freeze_generator()
         self.corpus = None  # set in setup() from the datamodule, or by hand
-        self.decoding = {"num_beams": 1, "max_length": 20, "mode": "fast", **decoding}
+        self.decoding = _decoding(decoding)
         names = ["loss", "em", "f1", "p_entropy"] + [f"recall@{k}" for k in eval_ks]
         self.eval_metrics = torch.nn.ModuleDict(
             {f"{s}_{n.replace('@', '_')}": MeanMetric() for s in ("val", "test") for n in names}
@@ -348,6 +348,8 @@ class RagModule(L.LightningModule):
         kw = dict(
             num_beams=d["num_beams"],
             max_length=d["max_length"],
+            min_length=d["min_length"],
+            length_penalty=d["length_penalty"],
             decoder_start_token_id=g.decoder_start_token_id,
             eos_token_id=g.eos_token_id,
             pad_token_id=g.pad_token_id,
@@ -485,28 +487,47 @@ class RagModule(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         if self.optimizer_factory is None:
             raise ValueError("RagModule needs an optimizer (config group `optimizer`)")
-        ret = [p for p in self.retriever.parameters() if p.requires_grad]
-        gen = [p for p in self.generator.parameters() if p.requires_grad]
-        groups = [{"params": gen, "name": "generator"}] if gen else []
-        if ret:
-            group = {"params": ret, "name": "retriever"}
-            if self.hparams.retriever_lr is not None:
-                group["lr"] = self.hparams.retriever_lr
-            if self.hparams.retriever_start_step:
-                if self.scheduler_factory is None:
-                    raise ValueError(
-                        "model.retriever_start_step needs a scheduler (config group `scheduler`)"
-                    )
-                group["start_step"] = int(
-                    self.hparams.retriever_start_step
-                )  # read by schedules.linear_warmup
-            groups.append(group)
+        groups = []
+        for name, module in (("generator", self.generator), ("retriever", self.retriever)):
+            params = [p for p in module.parameters() if p.requires_grad]
+            extra: dict[str, Any] = {}
+            if name == "retriever":
+                if self.hparams.retriever_lr is not None:
+                    extra["lr"] = self.hparams.retriever_lr
+                if self.hparams.retriever_start_step:
+                    if self.scheduler_factory is None:
+                        raise ValueError(
+                            "model.retriever_start_step needs a scheduler (config group `scheduler`)"
+                        )
+                    extra["start_step"] = int(self.hparams.retriever_start_step)  # schedules.linear_warmup
+            # no weight decay on biases and LayerNorm weights (vectors), as nanoGPT and BERT do
+            matrices, vectors = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+            if matrices:
+                groups.append({"params": matrices, "name": name, **extra})
+            if vectors:
+                groups.append({"params": vectors, "name": f"{name}_no_decay", "weight_decay": 0.0, **extra})
         opt = self.optimizer_factory(groups)
         if self.scheduler_factory is None:
             return {"optimizer": opt}
         total = int(self.trainer.estimated_stepping_batches)
         sched = self.scheduler_factory(opt, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+
+_DECODING = {"num_beams": 1, "max_length": 20, "min_length": 0, "length_penalty": 1.0, "mode": "fast"}
+
+
+def _decoding(spec: dict[str, Any]) -> dict[str, Any]:
+    """`model.decoding` with defaults filled in; an unknown key is an error (not silently ignored)."""
+    unknown = sorted(set(spec) - set(_DECODING))
+    if unknown:
+        raise ValueError(f"model.decoding: unknown keys {unknown}; expected {sorted(_DECODING)}")
+    out = {**_DECODING, **spec}
+    if out["mode"] not in ("fast", "thorough"):
+        raise ValueError(f"model.decoding.mode must be fast or thorough, got {out['mode']!r}")
+    if not 0 <= int(out["min_length"]) <= int(out["max_length"]):
+        raise ValueError(f"model.decoding: need 0 <= min_length <= max_length, got {out}")
+    return out
 
 
 def _retriever_weights(spec: Any) -> dict[str, float]:

@@ -85,3 +85,31 @@ def test_cpu_precision_resolver():
     from rag_lightning.retrieval.embed import cpu_has_bf16
 
     assert cpu_precision() == ("bf16-mixed" if cpu_has_bf16() else "32-true")
+
+
+@pytest.mark.parametrize("variant", ["token", "sequence"])
+def test_decoding_settings_reach_the_decoder(variant, monkeypatch):
+    import rag_lightning.module as mod
+
+    seen = {}
+
+    def fake(model, src, mask, scores, **kw):
+        seen.update(kw)
+        return torch.full((scores.shape[0], 1), gen.eos_token_id)
+
+    monkeypatch.setattr(mod, f"rag_{variant}_generate", fake)
+    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+    decoding = {"num_beams": 3, "max_length": 9, "min_length": 2, "length_penalty": 0.5, "mode": "thorough"}
+    module = RagModule(None, gen, variant=variant, decoding=decoding)
+    module.sources = lambda batch, ids: _batch(gen)[:2]
+    module.generate({}, torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.long))
+    want = {k: v for k, v in decoding.items() if variant == "sequence" or k != "mode"}
+    assert {k: seen[k] for k in want} == want
+
+
+def test_unknown_decoding_key_is_an_error():
+    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+    with pytest.raises(ValueError, match="unknown keys \\['min_len'\\]"):
+        RagModule(None, gen, decoding={"min_len": 2})
+    with pytest.raises(ValueError, match="min_length <= max_length"):
+        RagModule(None, gen, decoding={"min_length": 30, "max_length": 20})

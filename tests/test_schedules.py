@@ -61,8 +61,33 @@ def test_rag_module_delays_only_the_retriever():
     out = module.configure_optimizers()
     opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
     lrs = _lrs(opt, sched, 12)
-    assert [g["name"] for g in opt.param_groups] == ["generator", "retriever"]
-    assert lrs[4][0] > 0 and all(x[1] == 0 for x in lrs[:11]) and lrs[11][1] > 0
+    names = ["generator", "generator_no_decay", "retriever", "retriever_no_decay"]
+    assert [g["name"] for g in opt.param_groups] == names
+    assert lrs[4][0] > 0 and lrs[4][1] > 0
+    assert all(x[2] == x[3] == 0 for x in lrs[:11]) and lrs[11][2] > 0 and lrs[11][3] > 0
     module.scheduler_factory = None
     with pytest.raises(ValueError, match="retriever_start_step needs a scheduler"):
         module.configure_optimizers()
+
+
+def test_no_weight_decay_on_biases_and_layer_norms():
+    from types import SimpleNamespace
+
+    from hydra.utils import instantiate
+
+    from tests.test_configs import compose_cfg
+
+    cfg = compose_cfg(["retriever=tiny", "model=tiny", "optimizer.weight_decay=0.1"])
+    module = instantiate(cfg.model)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=30)
+    opt = module.configure_optimizers()["optimizer"]
+    decay = {n: g["weight_decay"] for g in opt.param_groups for n in [g["name"]]}
+    assert decay == {"generator": 0.1, "generator_no_decay": 0.0, "retriever": 0.1, "retriever_no_decay": 0.0}
+    by_id = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    ln = [n for n in named if "LayerNorm.weight" in n or "layer_norm.weight" in n or "layernorm.weight" in n]
+    biases = [n for n in named if n.endswith(".bias")]
+    assert ln and biases
+    assert all(by_id[id(named[n])] == 0.0 for n in ln + biases if id(named[n]) in by_id)
+    assert all(by_id[id(p)] == 0.1 for n, p in named.items() if p.ndim == 2 and id(p) in by_id)
+    assert len(by_id) == sum(p.requires_grad for p in module.parameters())
