@@ -221,16 +221,19 @@ class RagModule(L.LightningModule):
         mask: torch.Tensor,
         labels: torch.Tensor,
         positions: torch.Tensor | None = None,
+        smooth: bool | None = None,
     ) -> AnswerLogProbs:
         """Per-passage answer log-probs for generator inputs (B*K, S) and labels (B, T), one generator pass.
 
         With ``model.fused_loss`` and a generator that exposes its output layer (``Generator.output_layer()``),
         the decoder's final states go straight into the fused output-layer + log-prob kernel and the
         (B*K, T, V) logits never exist; otherwise the log-probs come from ``generator(src, mask, labels)``.
-        ``positions``: ``batch["label_positions"]`` (non-padding targets, from the collator)."""
+        ``positions``: ``batch["label_positions"]`` (non-padding targets, from the collator). ``smooth``: also
+        the label-smoothing statistics (default: when ``label_smoothing > 0``)."""
         k = src.shape[0] // labels.shape[0]
         rep = labels.repeat_interleave(k, 0)  # (B*K, T)
-        smooth = self.hparams.label_smoothing > 0
+        if smooth is None:
+            smooth = self.hparams.label_smoothing > 0
         if self.hparams.fused_loss and self.generator.output_layer() is not None:
             hidden = self.generator.hidden_states(src, mask, rep)  # (B*K, T, H)
             head = self.generator.output_layer()  # after the pass: under FSDP2 the root unit is unsharded now
@@ -238,7 +241,9 @@ class RagModule(L.LightningModule):
         logits = self.generator(src, mask, rep)  # (B*K, T, V)
         return answer_logprobs(logits, labels, k, smooth=smooth, positions=positions)
 
-    def answer_logprobs(self, batch: dict[str, Any], ids: torch.Tensor) -> AnswerLogProbs:
+    def answer_logprobs(
+        self, batch: dict[str, Any], ids: torch.Tensor, smooth: bool | None = None
+    ) -> AnswerLogProbs:
         """The generator's answer log-likelihoods under each retrieved passage, differentiable:
         ``.tok_lp`` (B, K, T) = log p(y_t | x, z_k, y_<t) (0 at padding), ``.seq_lp`` (B, K) = their sum,
         ``.smooth_lp`` (label smoothing). Retriever objectives (EMDR2, perplexity distillation, LSR) use
@@ -246,15 +251,25 @@ class RagModule(L.LightningModule):
         (``generator_loss=none``) runs without gradient."""
         src, mask = self.sources(batch, ids)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.generator_loss != "none"):
-            return self.token_logprobs(src, mask, batch["labels"], batch.get("label_positions"))
+            return self.token_logprobs(src, mask, batch["labels"], batch.get("label_positions"), smooth)
 
-    def marginal_nll(self, lp: AnswerLogProbs, doc_scores: torch.Tensor, variant: str | None = None):
-        """Per-question NLL (B,), summed over target tokens, marginalized over the K passages."""
+    def marginal_nll(
+        self,
+        lp: AnswerLogProbs,
+        doc_scores: torch.Tensor,
+        variant: str | None = None,
+        epsilon: float | None = None,
+    ) -> torch.Tensor:
+        """Per-question loss (B,), summed over target tokens, marginalized over the K passages, with label
+        smoothing ``epsilon`` (default: ``label_smoothing``, the training loss)."""
         variant = variant or self.hparams.variant
-        return rag_loss(lp, doc_scores, variant, epsilon=self.hparams.label_smoothing)
+        epsilon = self.hparams.label_smoothing if epsilon is None else epsilon
+        return rag_loss(lp, doc_scores, variant, epsilon=epsilon)
 
     def nll(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.marginal_nll(self.answer_logprobs(batch, ids), doc_scores)
+        """The answer's plain NLL per question (B,): -log p(y|x) under the model's variant, no label
+        smoothing (what ``val/loss`` and ``test/loss`` report, whatever the training loss smooths)."""
+        return self.marginal_nll(self.answer_logprobs(batch, ids, smooth=False), doc_scores, epsilon=0.0)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         doc_scores, ids, q, d = self.retriever(

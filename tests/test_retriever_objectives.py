@@ -171,6 +171,30 @@ def test_collapse_is_visible_in_validation_logs(tmp_path):
     assert collapsed["val/p_entropy"] < 0.1 * healthy["val/p_entropy"]
 
 
+def test_val_loss_is_the_plain_nll(tmp_path):
+    """With label smoothing in the training loss, val/loss is still the answer's NLL per question (eps = 0),
+    computed here from the same retrieval without the module's loss helpers; the smoothed loss differs."""
+    from rag_lightning.models.marginalize import label_positions, rag_loss
+
+    cfg, dm, model, _ = _module(tmp_path, ["model.label_smoothing=0.1", "data.max_eval_examples=8"])
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    logged = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/loss"]
+    model.eval()
+    nll, smoothed = [], []
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            scores, ids = model.retrieve(batch, model.retriever.n_docs)  # (B, K)
+            src, mask = model.sources(batch, ids)  # (B*K, S)
+            labels = batch["labels"]
+            lp = model.token_logprobs(src, mask, labels, label_positions(labels), smooth=True)
+            nll.append(rag_loss(lp, scores, "token", 0.0))  # (B,)
+            smoothed.append(rag_loss(lp, scores, "token", 0.1))
+    nll, smoothed = torch.cat(nll).mean().item(), torch.cat(smoothed).mean().item()
+    assert sum(len(b["questions"]) for b in dm.val_dataloader()) == 8
+    assert abs(logged - nll) < 1e-5 * nll
+    assert abs(smoothed - nll) > 1e-4 * nll  # so smoothing leaking into val/loss would fail the line above
+
+
 def _q(model, texts):
     t = model.retriever.query_encoder.tokenizer(texts, return_tensors="pt")
     return t["input_ids"], t["attention_mask"]
