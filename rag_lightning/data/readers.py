@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import json
 import logging
 import os
 import random
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -356,18 +357,11 @@ def _rows_csv(
         )
 
 
-def _rows_json_list(
-    path: Path,
-    question_field: str = "question",
-    answers_field: str | None = None,
-    regex: bool = False,
-    strict_encoding: bool = True,
-    **_: Any,
-) -> Row:
-    """A JSON file holding a list of records (record number = line)."""
-    src = str(path)
+def _json_records(path: Path, make: Callable[[Any, int], QAExample], strict_encoding: bool) -> Row:
+    """Each record of a file holding a JSON list, streamed (the files are GBs), through ``make(record, n)``
+    (``n``: the 1-based record number, the ``line`` of its errors)."""
     for n, rec in iter_json_array(path, strict_encoding=strict_encoding):
-        yield n, _guard(lambda rec=rec, n=n: _from_record(rec, src, n, question_field, answers_field, regex))
+        yield n, _guard(lambda rec=rec, n=n: make(rec, n))
 
 
 def _gold_passage_ids(rec: Mapping[str, Any], src: str, n: int) -> list[str]:
@@ -382,24 +376,28 @@ def _gold_passage_ids(rec: Mapping[str, Any], src: str, n: int) -> list[str]:
     return ids
 
 
-def _rows_dpr_json(
+def _rows_json_list(
     path: Path,
     question_field: str = "question",
     answers_field: str | None = None,
     regex: bool = False,
     strict_encoding: bool = True,
+    dpr: bool = False,
     **_: Any,
 ) -> Row:
-    """DPR retriever file: a list of ``{question, answers, positive_ctxs, negative_ctxs, ...}``."""
+    """A JSON file holding a list of records (record number = line). ``dpr``: DPR's retriever files
+    (``{question, answers, positive_ctxs, negative_ctxs, ...}``): ``answers`` required, ``gold_ids`` from
+    the ``positive_ctxs``."""
     src = str(path)
+    answers_field = answers_field or ("answers" if dpr else None)
 
     def make(rec: Any, n: int) -> QAExample:
-        ex = _from_record(rec, src, n, question_field, answers_field or "answers", regex)
-        ex.gold_ids = _gold_passage_ids(rec, src, n)
+        ex = _from_record(rec, src, n, question_field, answers_field, regex)
+        if dpr:
+            ex.gold_ids = _gold_passage_ids(rec, src, n)
         return ex
 
-    for n, rec in iter_json_array(path, strict_encoding=strict_encoding):  # records streamed: files are GBs
-        yield n, _guard(lambda rec=rec, n=n: make(rec, n))
+    return _json_records(path, make, strict_encoding)
 
 
 _DESCRIPTION = re.compile(r'\(description\s+(?:"((?:[^"\\]|\\.)*)"|([^\s()"]+))\s*\)')
@@ -442,8 +440,7 @@ def _rows_webquestions(path: Path, regex: bool = False, strict_encoding: bool = 
         answers = _check_answers(answers, src, n, "targetValue", regex)
         return QAExample(question, answers, src, n, rec.get("url"))
 
-    for n, rec in iter_json_array(path, strict_encoding=strict_encoding):
-        yield n, _guard(lambda rec=rec, n=n: make(rec, n))
+    return _json_records(path, make, strict_encoding)
 
 
 def _rows_triviaqa(
@@ -586,7 +583,7 @@ _READERS = {
     "csv": _rows_csv,
     "tsv": _rows_csv,
     "json": _rows_json_list,
-    "dpr_json": _rows_dpr_json,
+    "dpr_json": functools.partial(_rows_json_list, dpr=True),
     "squad": _rows_squad,
     "curatedtrec": _rows_curatedtrec,
     "triviaqa": _rows_triviaqa,
