@@ -18,6 +18,19 @@ import sys
 import tempfile
 import time
 
+from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
+
+TABLE = Table(
+    Col("passages", 10),
+    Col("tsv MB", 9, "{:.1f}"),
+    Col("convert s", 11, "{:.1f}"),
+    Col("psg/s", 8, "{:.0f}"),
+    Col("convert peak MB", 17, "{:.0f}"),
+    Col("read-all peak MB", 18, "{:.0f}"),
+    Col("anon MB", 9, "{:.0f}"),
+    Col("file MB", 9, "{:.0f}"),
+    Col("anon vs smallest", 18, "{:.2f}x"),
+)
 WORDS = [
     "the",
     "of",
@@ -107,13 +120,11 @@ def run(args: argparse.Namespace) -> list[dict]:
             rows.append({"n": n, "tsv_mb": os.path.getsize(tsv) / 2**20, "convert": conv, "read": read})
     base = rows[0]["read"].get("rssanon", rows[0]["read"]["peak_rss_mb"])
     print(f"\n== corpus memory: synthetic 100-word passages, MiniLM tokenizer, {len(rows)} sizes ==\n")
-    print(f"{'passages':>10}{'tsv MB':>9}{'convert s':>11}{'psg/s':>8}{'convert peak MB':>17}"
-          f"{'read-all peak MB':>18}{'anon MB':>9}{'file MB':>9}{'anon vs smallest':>18}")  # fmt: skip
+    print(TABLE.header())
     for r in rows:
         c, d = r["convert"], r["read"]
-        print(f"{r['n']:>10}{r['tsv_mb']:>9.1f}{c['seconds']:>11.1f}{r['n'] / c['seconds']:>8.0f}"
-              f"{c['peak_rss_mb']:>17.0f}{d['peak_rss_mb']:>18.0f}{d.get('rssanon', 0):>9.0f}"
-              f"{d.get('rssfile', 0):>9.0f}{d.get('rssanon', d['peak_rss_mb']) / base:>17.2f}x")  # fmt: skip
+        print(TABLE.row(r["n"], r["tsv_mb"], c["seconds"], r["n"] / c["seconds"], c["peak_rss_mb"], d["peak_rss_mb"],
+                        d.get("rssanon", 0), d.get("rssfile", 0), d.get("rssanon", d["peak_rss_mb"]) / base))  # fmt: skip
     return rows
 
 
@@ -121,16 +132,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 40_000, 160_000])
 
 
-def add_corpus_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("corpus", help="resident memory of a memory-mapped corpus as it grows")
-    add_args(p)
-    p.set_defaults(func=run)
-
+BENCH = Bench("corpus", "resident memory of a memory-mapped corpus as it grows", __doc__, add_args, run)
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         _child(*sys.argv[2:5])
     else:
-        parser = argparse.ArgumentParser(description=__doc__)
-        add_args(parser)
-        run(parser.parse_args())
+        BENCH.main()

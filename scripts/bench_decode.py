@@ -25,11 +25,19 @@ import time
 from collections.abc import Callable
 
 import torch
+from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
 from torch import Tensor
 
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
 
 Answers = list[list[int]]
+TABLE = Table(
+    Col("method", 38, left=True),
+    Col("seconds", 9, "{:.2f}"),
+    Col("questions/s", 13, "{:.2f}"),
+    Col("vs baseline", 13, "{:.2f}x"),
+    Col("same answer", 13, "{:.1f}%"),
+)
 
 
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, int]]:
@@ -182,11 +190,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         results[name] = {"seconds": best, "qps": args.questions / best}
     base_name = next(iter(METHODS))
     base = answers[base_name]
-    print(f"\n{'method':38s}{'seconds':>9s}{'questions/s':>13s}{'vs baseline':>13s}{'same answer':>13s}")
+    print("\n" + TABLE.header())
     for name, r in results.items():
         agree = sum(a == b for a, b in zip(answers[name], base)) / len(base)
         r["speedup"], r["agreement"] = results[base_name]["seconds"] / r["seconds"], agree
-        print(f"{name:38s}{r['seconds']:9.2f}{r['qps']:13.2f}{r['speedup']:12.2f}x{100 * agree:12.1f}%")
+        print(TABLE.row(name, r["seconds"], r["qps"], r["speedup"], 100 * agree))
     lengths = [len(a) for a in base]
     print(f"baseline answer lengths (tokens incl. EOS): min {min(lengths)}, max {max(lengths)}")
     return results
@@ -211,18 +219,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="default: cuda if available")
 
 
-def add_decode_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``decode`` on scripts/benchmark.py's sub-parsers."""
-    p = sub.add_parser("decode", help="batched RAG decoding vs a per-example loop")
-    add_args(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    run(p.parse_args(argv))
-
+BENCH = Bench("decode", "batched RAG decoding vs a per-example loop", __doc__, add_args, run)
 
 if __name__ == "__main__":
-    main()
+    BENCH.main()

@@ -3,7 +3,7 @@
 
     python scripts/benchmark.py profile-step [--setting demo|nq] [--steps 5]
 
-Composes ``conf/train.yaml`` (``demo``: the demo as ``python train.py`` runs it, MiniLM towers, bert2bert
+Composes ``conf/train.yaml`` (``demo``: the demo as ``python train.py`` runs it, MiniLM towers, prefix-LM
 MiniLM generator, K=3, batch 4; ``nq``: the NQ experiment's step shape, batch 8, K=5, source 128, target 25,
 label smoothing 0.1, with a random BART generator of d_model 256, 2+2 layers, vocab 50,265 in place of
 BART-large, which neither downloads nor fits a CPU step), builds the index over the demo corpus, then runs
@@ -22,8 +22,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
+TABLE = Table(Col("stage", 42, left=True), Col("time", 12, "{:.1f} ms"), Col("share", 9, "{:.1f} %"))
 
 
 def _nq_generator_dir(tmp: str) -> str:
@@ -147,9 +149,10 @@ def run(a: argparse.Namespace) -> None:
         f"{len(dm.corpus)} passages, device {device}, threads {torch.get_num_threads()}, "
         f"median of {a.steps} steps =="
     )
+    print(TABLE.header())
     for name, v in med.items():
-        print(f"{name:42s}{1000 * v:9.1f} ms{100 * v / total:7.1f} %")
-    print(f"{'total':42s}{1000 * total:9.1f} ms")
+        print(TABLE.row(name, 1000 * v, 100 * v / total))
+    print(TABLE.row("total", 1000 * total))
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -159,18 +162,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
 
 
-def add_profile_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``profile-step`` on scripts/benchmark.py's sub-parsers."""
-    p = sub.add_parser("profile-step", help="where a training step's time goes")
-    add_args(p)
-    p.set_defaults(func=run)
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
-    run(p.parse_args(argv))
-
+BENCH = Bench("profile-step", "where a training step's time goes", __doc__, add_args, run)
 
 if __name__ == "__main__":
-    main()
+    BENCH.main()

@@ -23,10 +23,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = [f"w{i}" for i in range(5000)]
+TABLE = Table(
+    Col("N", 9),
+    Col("convert psg/s", 15, "{:.0f}"),
+    Col("embed psg/s (r0,r1)", 21),
+    Col("prep RSS MB (r0,r1)", 21),
+    Col("train RSS MB (r0,r1)", 22),
+    Col("load s", 8, "{:.2f}"),
+    Col("retrieve ms/step", 18, "{:.1f}"),
+)
 
 
 def write_dpr_layout(root: str | os.PathLike, n: int, n_questions: int = 64, seed: int = 0) -> Path:
@@ -143,16 +153,24 @@ def scale_main(args: argparse.Namespace) -> None:
             tr = train_2proc(data, work, args.steps)
             rows.append((n, prep, tr))
             print(f"N={n}: prepare {json.dumps(prep)}\n        train {json.dumps(tr)}", flush=True)
-    print(f"\n{'N':>9} {'convert psg/s':>14} {'embed psg/s (r0,r1)':>20} {'prep RSS MB (r0,r1)':>20} "
-          f"{'train RSS MB (r0,r1)':>21} {'load s':>7} {'retrieve ms/step':>17}")  # fmt: skip
+    print("\n" + TABLE.header())
     for n, prep, tr in rows:
-        print(f"{n:>9} {prep['convert_psg_s']:>14.0f} {str(prep['embed_psg_s']):>20} {str(prep['rss_mb']):>20} "
-              f"{str(sorted(tr.get('rss_mb', []))):>21} {max(tr['load_s'] or [0]):>7.2f} "
-              f"{1000 * np.mean(tr.get('retrieve_s') or [0]):>17.1f}")  # fmt: skip
+        print(TABLE.row(n, prep["convert_psg_s"], prep["embed_psg_s"], prep["rss_mb"], sorted(tr.get("rss_mb", [])),
+                        max(tr["load_s"] or [0]), 1000 * np.mean(tr.get("retrieve_s") or [0])))  # fmt: skip
 
 
-def add_scale_parser(sub) -> None:
-    p = sub.add_parser("scale", help="prepare + 2-process sharded train on a synthetic DPR corpus, N and 4N")
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=1_000_000, help="passages at the first size (then 4x)")
     p.add_argument("--steps", type=int, default=5, help="training steps per run")
-    p.set_defaults(func=scale_main)
+
+
+BENCH = Bench(
+    "scale",
+    "prepare + 2-process sharded train on a synthetic DPR corpus, N and 4N",
+    __doc__,
+    add_args,
+    scale_main,
+)
+
+if __name__ == "__main__":
+    BENCH.main()

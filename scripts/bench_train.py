@@ -38,8 +38,19 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
 
 VOCAB = 50265
+TABLE = Table(
+    Col("", 10, left=True),
+    Col("ours s", 9, "{:.3f}"),
+    Col("theirs s", 10, "{:.3f}"),
+    Col("time", 8, "{:.2f}x"),
+    Col("ours MB", 10, "{:.0f}"),
+    Col("theirs MB", 11, "{:.0f}"),
+    Col("memory", 8, "{:.2f}x"),
+    Col("loss rel diff", 15, "{:.1e}"),
+)
 START, EOS, PAD = 101, 102, 0  # the tiny WordPiece tokenizer's [CLS] / [SEP] / [PAD]
 
 
@@ -212,8 +223,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         f"threads {torch.get_num_threads()} =="
     )
     mem = "peak extra GPU memory" if a.device == "cuda" else "peak extra RSS"
-    print(f"{'':10s}{'ours s':>9s}{'theirs s':>10s}{'time':>8s}{'ours MB':>10s}{'theirs MB':>11s}{'memory':>8s}"
-          f"{'loss rel diff':>15s}   ({mem})")  # fmt: skip
+    print(f"{TABLE.header()}   ({mem})")
     result: dict[str, Any] = {}
     for variant in a.variants:
         runs: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
@@ -231,11 +241,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
             "theirs": theirs,
         }
         result[variant] = r
-        print(
-            f"{variant:10s}{ours['seconds']:9.3f}{theirs['seconds']:10.3f}{r['time_ratio']:7.2f}x"
-            f"{ours['peak_bytes'] / 2**20:10.0f}{theirs['peak_bytes'] / 2**20:11.0f}{r['peak_memory_ratio']:7.2f}x"
-            f"{r['loss_rel_diff']:15.1e}"
-        )
+        mb = (ours["peak_bytes"] / 2**20, theirs["peak_bytes"] / 2**20)
+        print(TABLE.row(variant, ours["seconds"], theirs["seconds"], r["time_ratio"], *mb, r["peak_memory_ratio"],
+                        r["loss_rel_diff"]))  # fmt: skip
     result["settings"] = {
         k: getattr(a, k)
         for k in (
@@ -294,16 +302,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss-only", action="store_true", help="the loss alone on random logits vs get_nll")
 
 
-def add_train_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``train-step`` on scripts/benchmark.py's sub-parsers."""
-    p = sub.add_parser("train-step", help="RagModule training step vs transformers' RAG (time, memory, loss)")
-    add_args(p)
-    p.set_defaults(func=run)
+BENCH = Bench(
+    "train-step", "RagModule training step vs transformers' RAG (time, memory, loss)", __doc__, add_args, run
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_args(p)
+    """The benchmark's command line, plus the hidden ``--worker`` one measurement that ``run`` starts."""
+    p = BENCH.parser()
     p.add_argument("--worker", choices=["ours", "theirs"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--variant", default="token", help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -18,16 +18,23 @@ import math
 import time
 from collections.abc import Callable
 
+import bench_corpus  # scripts/ is sys.path[0] when run as a script
+import bench_decode
+import bench_profile
+import bench_scale
+import bench_train
 import numpy as np
 import torch
-from bench_corpus import add_corpus_parser  # scripts/ is sys.path[0] when run as a script
-from bench_decode import add_decode_parser
-from bench_profile import add_profile_parser
-from bench_scale import add_scale_parser
-from bench_train import add_train_parser
+from _bench import Bench, Col, Table
 
 # ============================================================================ index sub-command
 CLS, SEP, VOCAB = 101, 102, 30522
+BUILD_TABLE = Table(
+    Col("corpus embedding + index build", 50, left=True),
+    Col("seconds", 10, "{:.2f}"),
+    Col("passages/s", 12, "{:.1f}"),
+    Col("speed-up", 10, "{:.2f}x"),
+)
 
 
 def synthetic_tokens(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -131,15 +138,12 @@ def run_index(args: argparse.Namespace) -> None:
         )
         base_emb = torch.from_numpy(np.asarray(ds["embeddings"], dtype=np.float32))
         err = float((base_emb - emb).abs().max())
-    print(f"\n{'corpus embedding + index build':50s}{'seconds':>10s}{'passages/s':>12s}{'speed-up':>10s}")
-    print(
-        f"{'ours: embed_passages + DenseIndex(Flat)':50s}{ours:10.2f}{args.n / ours:12.1f}"
-        + (f"{base / ours:9.2f}x" if ds is not None else "")
-    )
-    label = f"  of which embedding ({stats['dtype']})"
-    print(f"{label:50s}{t_emb:10.2f}{args.n / t_emb:12.1f}")
+    print("\n" + BUILD_TABLE.header())
+    speedup = (base / ours,) if ds is not None else ()
+    print(BUILD_TABLE.row("ours: embed_passages + DenseIndex(Flat)", ours, args.n / ours, *speedup))
+    print(BUILD_TABLE.row(f"  of which embedding ({stats['dtype']})", t_emb, args.n / t_emb))
     if ds is not None:
-        print(f"{'baseline: Dataset.map + add_faiss_index':50s}{base:10.2f}{args.n / base:12.1f}{1.0:9.2f}x")
+        print(BUILD_TABLE.row("baseline: Dataset.map + add_faiss_index", base, args.n / base, 1.0))
         print(
             f"  padding: ours {stats['padded_tokens'] / stats['tokens']:.2f}x real tokens, baseline "
             f"{args.n * args.max_len / stats['tokens']:.2f}x; max |ours - baseline| embedding = {err:.2e}"
@@ -159,10 +163,14 @@ def run_index(args: argparse.Namespace) -> None:
     m = max(m for m in range(1, encoder.dim // 8 + 1) if encoder.dim % m == 0)  # PQ sub-quantizers
     ivf = args.ivf_factory or f"IVF{nlist},PQ{m}np"
     exact_ids = flat.search(q, args.k)[1]
-    print(
-        f"\n{f'search: batch {args.qbatch}, k={args.k}':28s}{'build s':>10s}{'ms/batch':>10s}"
-        f"{'vs Flat':>9s}{f'recall@{args.k}':>12s}"
+    search_table = Table(
+        Col(f"search: batch {args.qbatch}, k={args.k}", 28, left=True),
+        Col("build s", 10, "{:.2f}"),
+        Col("ms/batch", 10, "{:.2f}"),
+        Col("vs Flat", 9, "{:.2f}x"),
+        Col(f"recall@{args.k}", 12, "{:.3f}"),
     )
+    print("\n" + search_table.header())
     flat_ms = None
     for label, factory in (("Flat (exact)", "Flat"), ("HNSW32", "HNSW32,Flat"), (ivf, ivf)):
         idx = flat
@@ -187,11 +195,10 @@ def run_index(args: argparse.Namespace) -> None:
         flat_ms = flat_ms or ms
         got = torch.cat(got)
         recall = np.mean([len(set(a.tolist()) & set(b.tolist())) / args.k for a, b in zip(exact_ids, got)])
-        print(f"{label:28s}{t_build:10.2f}{ms:10.2f}{flat_ms / ms:8.2f}x{recall:12.3f}")
+        print(search_table.row(label, t_build, ms, flat_ms / ms, recall))
 
 
-def add_index_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("index", help="corpus embedding + index build, search latency / recall")
+def add_index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n", type=int, default=100_000, help="synthetic passages")
     p.add_argument("--min-len", type=int, default=20)
     p.add_argument("--max-len", type=int, default=150, help="also the baseline's max_length padding")
@@ -208,18 +215,22 @@ def add_index_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--faiss-threads", type=int, default=None, help="default: free cores")
     p.add_argument("--ivf-factory", default=None, help="default IVF{4 sqrt(N)},PQ{d/8}np")
-    p.set_defaults(func=run_index)
+
+
+INDEX = Bench(
+    "index", "corpus embedding + index build, search latency / recall", None, add_index_args, run_index
+)
 
 
 # ============================================================================ entry point
-# `decode`, `corpus` and `scale` live in scripts/bench_{decode,corpus,scale}.py
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    add_index_parser,
-    add_decode_parser,
-    add_corpus_parser,
-    add_train_parser,
-    add_profile_parser,
-    add_scale_parser,
+# the other sub-commands live in scripts/bench_{decode,corpus,train,profile,scale}.py (each also runs alone)
+BENCHES = [
+    INDEX,
+    bench_decode.BENCH,
+    bench_corpus.BENCH,
+    bench_train.BENCH,
+    bench_profile.BENCH,
+    bench_scale.BENCH,
 ]
 
 
@@ -228,8 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in SUBCOMMANDS:
-        add(sub)
+    for bench in BENCHES:
+        bench.register(sub)
     args = parser.parse_args(argv)
     args.func(args)
 

@@ -183,9 +183,13 @@ def test_refresh_failure_on_one_rank_keeps_the_old_index_on_every_rank(tmp_path)
 
 # ------------------------------------------------------------------ end to end on a DPR layout
 def _bench_scale():
-    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "scripts" / "bench_scale.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    sys.path.insert(0, str(ROOT / "scripts"))  # as when run as a script: it imports scripts/_bench.py
+    try:
+        spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "scripts" / "bench_scale.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
     return mod
 
 
