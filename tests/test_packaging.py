@@ -1,5 +1,6 @@
-"""Packaging: every declared console script runs `--help` (from the tree and from a built wheel), the wheel
-ships the configs, and the import layering (data/ does not import model code; no encoders <-> tiny loop)."""
+"""Packaging: every declared console script runs `--help` (from the tree and from a built wheel), so do
+`train.py` and every script in scripts/, the wheel ships the configs, and the import layering (data/ does not
+import model code; no encoders <-> tiny loop)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,25 @@ def test_console_script_runs_help(name: str, tmp_path: Path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "hparams_search: optuna" in proc.stdout  # the config groups were found
+
+
+# scripts/_*.py are libraries the scripts import, not scripts
+RUNNABLE = ["train.py", *sorted(f"scripts/{p.name}" for p in (ROOT / "scripts").glob("[!_]*.py"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", RUNNABLE)
+def test_script_runs_help(script: str, tmp_path: Path):
+    """`python <script> --help` exits 0, prints its usage (argparse) or the Hydra app's help, writes nothing."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hydra_help = "Use --hydra-help to view Hydra specific help" in proc.stdout
+    assert proc.stdout.startswith("usage: ") or hydra_help, proc.stdout[-2000:]
+    assert not list(cwd.iterdir())  # no run directory, no outputs
 
 
 def test_declared_packages_cover_the_source_tree():
