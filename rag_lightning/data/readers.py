@@ -222,32 +222,31 @@ def _bad_cell(row: list[str], names: list[str], src: str, ln: int) -> DataError 
     return None
 
 
+def _checked_row(
+    row: list[str], names: list[str], src: str, ln: int, make: Callable[[list[str], int], QAExample]
+) -> QAExample | DataError:
+    """A text row's example: its first cell that is not UTF-8 (named by ``names``) is the row's error, else
+    ``make(row, ln)`` builds it (a DataError it raises is the row's error)."""
+    bad = _bad_cell(row, names, src, ln)
+    return bad if bad is not None else _guard(lambda: make(row, ln))
+
+
 def _rows_dpr_csv(path: Path, regex: bool = False, **_: Any) -> Row:
     """DPR qas file: ``question<TAB>['answer', ...]``, no header (NQ, TriviaQA, WebQuestions, CuratedTREC)."""
     src = str(path)
+
+    def make(row: list[str], ln: int) -> QAExample:
+        question = _check_question(row[0], src, ln, "question")
+        answers = _check_answers(_parse_answer_string(row[1], src, ln, "answers"), src, ln, "answers", regex)
+        return QAExample(question, answers, src, ln)
+
     for ln, row in _csv_rows(path, "\t"):
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
         if len(row) != 2:
             yield ln, DataError(src, ln, "answers", f"expected 2 tab-separated columns, got {len(row)}")
             continue
-        bad = _bad_cell(row, ["question", "answers"], src, ln)
-        if bad is not None:
-            yield ln, bad
-            continue
-        yield (
-            ln,
-            _guard(
-                lambda row=row, ln=ln: QAExample(
-                    _check_question(row[0], src, ln, "question"),
-                    _check_answers(
-                        _parse_answer_string(row[1], src, ln, "answers"), src, ln, "answers", regex
-                    ),
-                    src,
-                    ln,
-                )
-            ),
-        )
+        yield ln, _checked_row(row, ["question", "answers"], src, ln, make)
 
 
 _TREC_COLUMNS = ("id", "type", "question", "answer_regex")
@@ -260,6 +259,12 @@ def _rows_curatedtrec(path: Path, regex: bool = True, **_: Any) -> Row:
     holds a backslash-escaped tab inside its pattern).
     """
     src = str(path)
+
+    def make(cols: list[str], ln: int) -> QAExample:
+        question = _check_question(cols[2], src, ln, "question")
+        answers = _check_answers([cols[3]], src, ln, "answer_regex", regex)
+        return QAExample(question, answers, src, ln, cols[0].strip() or None)
+
     for ln, line in read_lines(path):
         text = line.rstrip("\r\n")
         if not text.strip():
@@ -276,22 +281,7 @@ def _rows_curatedtrec(path: Path, regex: bool = True, **_: Any) -> Row:
                 ),
             )
             continue
-        bad = _bad_cell(cols, list(_TREC_COLUMNS), src, ln)
-        if bad is not None:
-            yield ln, bad
-            continue
-        yield (
-            ln,
-            _guard(
-                lambda cols=cols, ln=ln: QAExample(
-                    _check_question(cols[2], src, ln, "question"),
-                    _check_answers([cols[3]], src, ln, "answer_regex", regex),
-                    src,
-                    ln,
-                    cols[0].strip() or None,
-                )
-            ),
-        )
+        yield ln, _checked_row(cols, list(_TREC_COLUMNS), src, ln, make)
 
 
 def _rows_jsonl(
@@ -340,21 +330,17 @@ def _rows_csv(
         raise bad
     if question_field not in header:
         raise DataError(src, 1, question_field, f"missing column in header {header}")
+
+    def make(row: list[str], ln: int) -> QAExample:
+        return _from_record(dict(zip(header, row)), src, ln, question_field, answers_field, regex)
+
     for ln, row in rows:
         if not row:
             continue
         if len(row) != len(header):
             yield ln, DataError(src, ln, question_field, f"expected {len(header)} columns, got {len(row)}")
             continue
-        bad = _bad_cell(row, header, src, ln)
-        if bad is not None:
-            yield ln, bad
-            continue
-        rec = dict(zip(header, row))
-        yield (
-            ln,
-            _guard(lambda rec=rec, ln=ln: _from_record(rec, src, ln, question_field, answers_field, regex)),
-        )
+        yield ln, _checked_row(row, header, src, ln, make)
 
 
 def _json_records(path: Path, make: Callable[[Any, int], QAExample], strict_encoding: bool) -> Row:
