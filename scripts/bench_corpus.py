@@ -20,17 +20,10 @@ import time
 
 from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
 
-TABLE = Table(
-    Col("passages", 10),
-    Col("tsv MB", 9, "{:.1f}"),
-    Col("convert s", 11, "{:.1f}"),
-    Col("psg/s", 8, "{:.0f}"),
-    Col("convert peak MB", 17, "{:.0f}"),
-    Col("read-all peak MB", 18, "{:.0f}"),
-    Col("anon MB", 9, "{:.0f}"),
-    Col("file MB", 9, "{:.0f}"),
-    Col("anon vs smallest", 18, "{:.2f}x"),
-)
+TABLE = Table(Col("passages", 10), Col("tsv MB", 9, "{:.1f}"), Col("convert s", 11, "{:.1f}"),
+              Col("psg/s", 8, "{:.0f}"), Col("convert peak MB", 17, "{:.0f}"), Col("read-all peak MB", 18, "{:.0f}"),
+              Col("anon MB", 9, "{:.0f}"), Col("file MB", 9, "{:.0f}"),
+              Col("anon vs smallest", 18, "{:.2f}x"))  # fmt: skip
 WORDS = [
     "the",
     "of",
@@ -123,8 +116,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     print(TABLE.header())
     for r in rows:
         c, d = r["convert"], r["read"]
+        anon = d.get("rssanon", d["peak_rss_mb"])
         print(TABLE.row(r["n"], r["tsv_mb"], c["seconds"], r["n"] / c["seconds"], c["peak_rss_mb"], d["peak_rss_mb"],
-                        d.get("rssanon", 0), d.get("rssfile", 0), d.get("rssanon", d["peak_rss_mb"]) / base))  # fmt: skip
+                        d.get("rssanon", 0), d.get("rssfile", 0), anon / base))  # fmt: skip
     return rows
 
 

@@ -31,13 +31,8 @@ from torch import Tensor
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
 
 Answers = list[list[int]]
-TABLE = Table(
-    Col("method", 38, left=True),
-    Col("seconds", 9, "{:.2f}"),
-    Col("questions/s", 13, "{:.2f}"),
-    Col("vs baseline", 13, "{:.2f}x"),
-    Col("same answer", 13, "{:.1f}%"),
-)
+TABLE = Table(Col("method", 38, left=True), Col("seconds", 9, "{:.2f}"), Col("questions/s", 13, "{:.2f}"),
+              Col("vs baseline", 13, "{:.2f}x"), Col("same answer", 13, "{:.1f}%"))  # fmt: skip
 
 
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, int]]:

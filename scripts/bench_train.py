@@ -41,17 +41,10 @@ import torch
 from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
 
 VOCAB = 50265
-TABLE = Table(
-    Col("", 10, left=True),
-    Col("ours s", 9, "{:.3f}"),
-    Col("theirs s", 10, "{:.3f}"),
-    Col("time", 8, "{:.2f}x"),
-    Col("ours MB", 10, "{:.0f}"),
-    Col("theirs MB", 11, "{:.0f}"),
-    Col("memory", 8, "{:.2f}x"),
-    Col("loss rel diff", 15, "{:.1e}"),
-)
 START, EOS, PAD = 101, 102, 0  # the tiny WordPiece tokenizer's [CLS] / [SEP] / [PAD]
+TABLE = Table(Col("", 10, left=True), Col("ours s", 9, "{:.3f}"), Col("theirs s", 10, "{:.3f}"),
+              Col("time", 8, "{:.2f}x"), Col("ours MB", 10, "{:.0f}"), Col("theirs MB", 11, "{:.0f}"),
+              Col("memory", 8, "{:.2f}x"), Col("loss rel diff", 15, "{:.1e}"))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- inputs and models

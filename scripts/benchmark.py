@@ -29,12 +29,8 @@ from _bench import Bench, Col, Table
 
 # ============================================================================ index sub-command
 CLS, SEP, VOCAB = 101, 102, 30522
-BUILD_TABLE = Table(
-    Col("corpus embedding + index build", 50, left=True),
-    Col("seconds", 10, "{:.2f}"),
-    Col("passages/s", 12, "{:.1f}"),
-    Col("speed-up", 10, "{:.2f}x"),
-)
+BUILD_TABLE = Table(Col("corpus embedding + index build", 50, left=True), Col("seconds", 10, "{:.2f}"),
+                    Col("passages/s", 12, "{:.1f}"), Col("speed-up", 10, "{:.2f}x"))  # fmt: skip
 
 
 def synthetic_tokens(n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -163,13 +159,9 @@ def run_index(args: argparse.Namespace) -> None:
     m = max(m for m in range(1, encoder.dim // 8 + 1) if encoder.dim % m == 0)  # PQ sub-quantizers
     ivf = args.ivf_factory or f"IVF{nlist},PQ{m}np"
     exact_ids = flat.search(q, args.k)[1]
-    search_table = Table(
-        Col(f"search: batch {args.qbatch}, k={args.k}", 28, left=True),
-        Col("build s", 10, "{:.2f}"),
-        Col("ms/batch", 10, "{:.2f}"),
-        Col("vs Flat", 9, "{:.2f}x"),
-        Col(f"recall@{args.k}", 12, "{:.3f}"),
-    )
+    search_table = Table(Col(f"search: batch {args.qbatch}, k={args.k}", 28, left=True), Col("build s", 10, "{:.2f}"),
+                         Col("ms/batch", 10, "{:.2f}"), Col("vs Flat", 9, "{:.2f}x"),
+                         Col(f"recall@{args.k}", 12, "{:.3f}"))  # fmt: skip
     print("\n" + search_table.header())
     flat_ms = None
     for label, factory in (("Flat (exact)", "Flat"), ("HNSW32", "HNSW32,Flat"), (ivf, ivf)):
