@@ -504,7 +504,7 @@ class RagModule(L.LightningModule):
             raise ValueError("RagModule needs an optimizer (config group `optimizer`)")
         groups = []
         for name, module in (("generator", self.generator), ("retriever", self.retriever)):
-            params = [p for p in module.parameters() if p.requires_grad]
+            params = [] if module is None else [p for p in module.parameters() if p.requires_grad]
             extra: dict[str, Any] = {}
             if name == "retriever":
                 if self.hparams.retriever_lr is not None:
@@ -521,12 +521,27 @@ class RagModule(L.LightningModule):
                 groups.append({"params": matrices, "name": name, **extra})
             if vectors:
                 groups.append({"params": vectors, "name": f"{name}_no_decay", "weight_decay": 0.0, **extra})
-        opt = self.optimizer_factory(groups)
+        opt = self.optimizer_factory(groups, **self._unfused_if_clipping_amp())
         if self.scheduler_factory is None:
             return {"optimizer": opt}
         total = int(self.trainer.estimated_stepping_batches)
         sched = self.scheduler_factory(opt, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _unfused_if_clipping_amp(self) -> dict[str, Any]:
+        """A fused optimizer (``optimizer.fused: true``) cannot be clipped under Lightning's mixed precision
+        plugin (it unscales inside its step): fall back to the unfused update there, keep it everywhere else."""
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        wants = getattr(self.optimizer_factory, "keywords", {}).get("fused")
+        trainer = self._trainer
+        if (
+            not wants
+            or trainer is None
+            or not isinstance(getattr(trainer, "precision_plugin", None), MixedPrecision)
+        ):
+            return {}
+        return {"fused": False} if (trainer.gradient_clip_val or 0) > 0 else {}
 
 
 _DECODING = {"num_beams": 1, "max_length": 20, "min_length": 0, "length_penalty": 1.0, "mode": "fast"}

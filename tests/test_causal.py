@@ -225,3 +225,39 @@ def test_peft_wrapped_model_scores_through_its_adapters():
     with g.model.disable_adapter():  # and without them the scores differ
         plain = torch.log_softmax(g(src, mask, labels.repeat_interleave(2, 0))[row], -1)
     assert not torch.allclose(plain, got)
+
+
+def test_config_overrides_reach_the_loaded_model(tmp_path, minilm_dir):
+    """model.generator.config_overrides (e.g. no dropout for a short run) change the loaded config."""
+    drop = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    g = Generator.from_pretrained(
+        minilm_dir, kind="causal", prefix_lm=True, num_layers=1, config_overrides=drop
+    )
+    assert g.model.config.hidden_dropout_prob == 0.0 and g.model.config.attention_probs_dropout_prob == 0.0
+    p = [m.p for m in g.model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert p and all(x == 0.0 for x in p)
+    b2b = Generator.from_pretrained(minilm_dir, kind="bert2bert", num_layers=1, config_overrides=drop)
+    assert b2b.model.config.encoder.hidden_dropout_prob == b2b.model.config.decoder.hidden_dropout_prob == 0.0
+    with pytest.raises(ValueError, match="not for tiny"):
+        Generator.from_pretrained("tiny:gpt2", kind="causal", config_overrides=drop)
+
+
+@pytest.mark.parametrize("name", ["tiny:gpt2", "tiny:llama"])
+def test_frozen_layers_freeze_embeddings_and_bottom_blocks(name):
+    g = Generator.from_pretrained(name, kind="causal", max_source_length=24, frozen_layers=1)
+    lm = g._lm
+    n = lm.config.num_hidden_layers
+    assert n >= 2
+    assert not lm.get_input_embeddings().weight.requires_grad  # and the output layer when tied
+    frozen = {k for k, p in lm.named_parameters() if not p.requires_grad}
+    trainable = {k for k, p in lm.named_parameters() if p.requires_grad}
+    assert any(".0." in k for k in frozen) and not any(".0." in k for k in trainable)
+    assert any(f".{n - 1}." in k for k in trainable)
+    src, mask = g.build_sources([[5, 6]], [[7, 8, 9]], 1)
+    g(src, mask, torch.tensor([[11, 12, g.eos_token_id]])).logsumexp(-1).sum().backward()
+    assert all(p.grad is None for p in lm.parameters() if not p.requires_grad)
+    assert all(p.grad is not None for k, p in lm.named_parameters() if p.requires_grad and f".{n - 1}." in k)
+    with pytest.raises(ValueError, match="frozen_layers"):
+        Generator.from_pretrained(name, kind="causal", frozen_layers=n + 1)
+    with pytest.raises(ValueError, match="kind=causal only"):
+        Generator.from_pretrained("tiny:bart", frozen_layers=1)

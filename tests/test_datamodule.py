@@ -11,8 +11,6 @@ from torch.utils.data import RandomSampler, SequentialSampler
 from rag_lightning.data.datamodule import QADataModule
 from rag_lightning.data.registry import SETS, asset_path, resolve_corpus, resolve_set
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
-
 
 def _dm(tmp_path: Path, minilm_dir: str, **kw) -> QADataModule:
     args = dict(
@@ -128,21 +126,14 @@ def test_registry() -> None:
 
 
 @pytest.mark.parametrize("name", ["demo", "nq", "squad_open", "nq_open"])
-def test_hydra_configs(tmp_path: Path, minilm_dir: str, name: str) -> None:
+def test_hydra_configs(tmp_path: Path, minilm_dir: str, name: str, cfg_factory) -> None:
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("asset"):
-        OmegaConf.register_new_resolver("asset", asset_path)
-    enc = {"name_or_path": minilm_dir}
-    cfg = OmegaConf.create(
-        {
-            "paths": {"data_dir": str(tmp_path / "data"), "cache_dir": str(tmp_path / "cache")},
-            "retriever": {"query_encoder": enc, "doc_encoder": enc},
-            "model": {"generator": enc},
-            "data": OmegaConf.load(CONF / f"{name}.yaml"),
-        }
-    )
+    models = ("retriever.query_encoder", "retriever.doc_encoder", "model.generator")
+    cfg = cfg_factory(
+        f"data={name}", f"paths.data_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}",
+        *(f"{m}.name_or_path={minilm_dir}" for m in models),
+    )  # fmt: skip
     dm = instantiate(cfg.data)
     assert isinstance(dm, QADataModule) and dm.tokenizer_names["generator"] == minilm_dir
     if name == "demo":

@@ -7,11 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-import rag_lightning.resolvers  # noqa: F401
 from rag_lightning.models.sharding import layer_classes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +33,7 @@ def test_layer_classes_are_the_decoder_blocks():
 
 @pytest.mark.slow
 @pytest.mark.ddp
-def test_two_process_fsdp_lora(tmp_path):
+def test_two_process_fsdp_lora(tmp_path, cfg_factory):
     gen_dir = tmp_path / "tiny_llama"
     _save_tiny_llama(gen_dir)
     model = ["retriever=tiny", "model=tiny", f"model.generator.name_or_path={gen_dir}", LORA]
@@ -57,9 +54,7 @@ def test_two_process_fsdp_lora(tmp_path):
     lora_b = [v for k, v in sd.items() if "lora_B" in k]
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # initialized to 0: the adapters trained
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*model, f"paths.root_dir={tmp_path}"])  # not under hydra.main
+    cfg = cfg_factory(*model)  # not under hydra.main: paths.root_dir=tmp_path
     fresh = instantiate(cfg.model)  # one process, unsharded: the checkpoint loads strictly
     fresh.load_state_dict(sd)
     got = dict(fresh.named_parameters())

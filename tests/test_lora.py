@@ -4,16 +4,12 @@ strictly, scripts/export.py merges the adapters into a plain directory with the 
 from __future__ import annotations
 
 import importlib.util
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-import rag_lightning.resolvers  # noqa: F401
 from rag_lightning.models.generator import Generator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +20,6 @@ GENERATORS = {
     "tiny:gpt2": "GPT2LMHeadModel",
     "tiny:llama": "LlamaForCausalLM",
 }
-
-
-def _compose(name: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        # paths.root_dir stands in for ${hydra:runtime.cwd}, which the model's index.root resolves through
-        return compose(name, overrides=[f"paths.root_dir={tempfile.gettempdir()}", *overrides])
 
 
 def _perturb_adapters(module: torch.nn.Module) -> None:
@@ -54,8 +43,8 @@ def _logits(gen: Generator) -> torch.Tensor:
         return gen(src, mask, labels)  # (2, 3, V)
 
 
-def test_only_adapters_and_query_encoder_train():
-    module = instantiate(_compose("train", TINY).model)
+def test_only_adapters_and_query_encoder_train(cfg_factory):
+    module = instantiate(cfg_factory(*TINY).model)
     trainable = [n for n, p in module.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("retriever.query_encoder.") for n in trainable)
     assert any("lora_" in n for n in trainable) and any(n.startswith("retriever.") for n in trainable)
@@ -65,8 +54,8 @@ def test_only_adapters_and_query_encoder_train():
     assert in_opt == {id(p) for p in module.parameters() if p.requires_grad}
 
 
-def test_checkpoint_holds_only_trainable_and_loads_strictly():
-    cfg = _compose("train", TINY)
+def test_checkpoint_holds_only_trainable_and_loads_strictly(cfg_factory):
+    cfg = cfg_factory(*TINY)
     module = instantiate(cfg.model)
     _perturb_adapters(module)
     sd = module.state_dict()
@@ -89,17 +78,19 @@ def test_checkpoint_holds_only_trainable_and_loads_strictly():
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
-def test_export_merges_adapters(tmp_path, name):
+def test_export_merges_adapters(tmp_path, cfg_factory, name):
     spec = importlib.util.spec_from_file_location("rag_export_script", ROOT / "scripts" / "export.py")
     export = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(export)
     gen = f"model.generator.name_or_path={name}"
-    cfg = _compose("export", [*TINY, gen, f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path / 'gen'}"])
+    cfg = cfg_factory(
+        *TINY, gen, f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path / 'gen'}", config_name="export"
+    )
     module = instantiate(cfg.model)
     _perturb_adapters(module)
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, cfg.ckpt_path)
     expected = _logits(module.generator)
-    base = _logits(instantiate(_compose("train", [*TINY[:2], gen]).model).generator)
+    base = _logits(instantiate(cfg_factory(*TINY[:2], gen).model).generator)
     assert not torch.allclose(expected, base, atol=1e-4)  # the adapters change the outputs
 
     out = export.export(cfg, [])

@@ -113,3 +113,20 @@ def test_unknown_decoding_key_is_an_error():
         RagModule(None, gen, decoding={"min_len": 2})
     with pytest.raises(ValueError, match="min_length <= max_length"):
         RagModule(None, gen, decoding={"min_length": 30, "max_length": 20})
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_fused_adamw_unless_clipped_under_mixed_precision(precision, clip):
+    """Lightning refuses to clip a fused optimizer under its mixed-precision plugin: unfused there only."""
+    from functools import partial
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+    module = RagModule(None, gen, optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True))
+    plugin = MixedPrecision("bf16-mixed", "cpu") if precision == "bf16-mixed" else Precision()
+    module._trainer = SimpleNamespace(precision_plugin=plugin, gradient_clip_val=clip)
+    opt = module.configure_optimizers()["optimizer"]
+    assert opt.defaults["fused"] is (not (precision == "bf16-mixed" and clip > 0))

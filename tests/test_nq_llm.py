@@ -1,29 +1,17 @@
 """Experiment nq_llm: DPR retriever + Qwen2.5-1.5B-Instruct with LoRA, K=5, bf16."""
 
-import tempfile
-
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-import rag_lightning.resolvers  # noqa: F401
 from rag_lightning.preflight import ConfigError
 from rag_lightning.train import train
-from tests.test_configs import CONF
+
+EXP = "+experiment=nq_llm"
 
 
-def _compose(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        # paths.root_dir stands in for ${hydra:runtime.cwd}, which the model's index.root resolves through
-        root = f"paths.root_dir={tempfile.gettempdir()}"
-        return compose("train", overrides=["+experiment=nq_llm", root, *overrides], return_hydra_config=True)
-
-
-def test_composes_with_the_stated_settings():
-    cfg = _compose([])
+def test_composes_with_the_stated_settings(cfg_factory):
+    cfg = cfg_factory(EXP)
     g = cfg.model.generator
     assert g.name_or_path == "Qwen/Qwen2.5-1.5B-Instruct" and g.kind == "causal" and g._partial_
     assert g.lora.r == 16 and "q_proj" in g.lora.target_modules and g.gradient_checkpointing
@@ -32,9 +20,9 @@ def test_composes_with_the_stated_settings():
     assert "{passage}" in g.template and "{question}" in g.template
 
 
-def test_instantiates_with_tiny_models():
-    cfg = _compose(
-        ["retriever=tiny", "model.generator.name_or_path=tiny:llama", "model.decoding.num_beams=1"]
+def test_instantiates_with_tiny_models(cfg_factory):
+    cfg = cfg_factory(
+        EXP, "retriever=tiny", "model.generator.name_or_path=tiny:llama", "model.decoding.num_beams=1"
     )
     module = instantiate(cfg.model)
     assert module.generator is None  # deferred to configure_model (FSDP: only rank 0 loads the weights)
@@ -49,10 +37,10 @@ def test_instantiates_with_tiny_models():
     assert logits.shape[:2] == (5, 2) and torch.isfinite(logits).all()
 
 
-def test_offline_stops_at_once_naming_the_model(monkeypatch, tmp_path):
+def test_offline_stops_at_once_naming_the_model(monkeypatch, tmp_path, cfg_factory):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
-    cfg = _compose([f"paths.data_dir={tmp_path}"])
+    cfg = cfg_factory(EXP, f"paths.data_dir={tmp_path}")
     with pytest.raises(ConfigError) as e:
         train(cfg)
     msg = str(e.value)

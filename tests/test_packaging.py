@@ -95,6 +95,8 @@ def test_wheel_ships_conf_and_its_console_scripts_run_help(tmp_path: Path):
         shutil.copytree(ROOT / name, src / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
+    (src / "conf" / "local").mkdir(exist_ok=True)  # a machine's own paths: never shipped
+    (src / "conf" / "local" / "default.yaml").write_text("# @package _global_\npaths:\n  data_dir: /mine\n")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", str(src), "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "whl")],
                    check=True, capture_output=True, timeout=300)  # fmt: skip
@@ -111,7 +113,8 @@ def test_wheel_ships_conf_and_its_console_scripts_run_help(tmp_path: Path):
         p.relative_to(site / "rag_lightning" / "conf")
         for p in (site / "rag_lightning" / "conf").rglob("*.yaml")
     }
-    assert shipped == {p.relative_to(src / "conf") for p in (src / "conf").rglob("*.yaml")} and shipped
+    in_tree = {p.relative_to(src / "conf") for p in (src / "conf").rglob("*.yaml")}
+    assert shipped == {p for p in in_tree if p.parts[0] != "local"} and Path("data/base.yaml") in shipped
     assert (site / "hydra_plugins" / "rag_lightning_sweeper.py").is_file()
     proc = _python("import rag_lightning.cli as c; print(c.conf_dir())", tmp_path, site)
     assert proc.stdout.strip() == str(site / "rag_lightning" / "conf"), proc.stderr[-2000:]

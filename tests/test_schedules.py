@@ -46,15 +46,13 @@ def test_start_beyond_training_is_an_error():
         linear_warmup(_opt(30), num_training_steps=30, num_warmup_steps=4)
 
 
-def test_rag_module_delays_only_the_retriever():
+def test_rag_module_delays_only_the_retriever(cfg_factory):
     from types import SimpleNamespace
 
     from hydra.utils import instantiate
 
-    from tests.test_configs import compose_cfg
-
-    cfg = compose_cfg(
-        ["retriever=tiny", "model=tiny", "model.retriever_start_step=10", "scheduler.num_warmup_steps=4"]
+    cfg = cfg_factory(
+        "retriever=tiny", "model=tiny", "model.retriever_start_step=10", "scheduler.num_warmup_steps=4"
     )
     module = instantiate(cfg.model)
     module._trainer = SimpleNamespace(estimated_stepping_batches=30)
@@ -70,14 +68,12 @@ def test_rag_module_delays_only_the_retriever():
         module.configure_optimizers()
 
 
-def test_no_weight_decay_on_biases_and_layer_norms():
+def test_no_weight_decay_on_biases_and_layer_norms(cfg_factory):
     from types import SimpleNamespace
 
     from hydra.utils import instantiate
 
-    from tests.test_configs import compose_cfg
-
-    cfg = compose_cfg(["retriever=tiny", "model=tiny", "optimizer.weight_decay=0.1"])
+    cfg = cfg_factory("retriever=tiny", "model=tiny", "optimizer.weight_decay=0.1")
     module = instantiate(cfg.model)
     module._trainer = SimpleNamespace(estimated_stepping_batches=30)
     opt = module.configure_optimizers()["optimizer"]

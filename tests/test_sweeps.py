@@ -11,10 +11,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-
-import rag_lightning.resolvers  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["retriever=tiny", "model=tiny", "data.max_train_examples=8", "data.max_eval_examples=4",
@@ -107,14 +103,8 @@ def test_optuna_two_trials_then_the_study_resumes(tmp_path: Path, cache_dir: Pat
     assert job["optimizer"]["lr"] == pytest.approx(study.trials[2].params["optimizer.lr"])
 
 
-def compose_hydra(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=overrides, return_hydra_config=True)
-
-
-def test_optuna_config():
-    cfg = compose_hydra(["hparams_search=optuna"])
+def test_optuna_config(cfg_factory):
+    cfg = cfg_factory("hparams_search=optuna")
     sweeper = cfg.hydra.sweeper
     assert (
         sweeper._target_ == "hydra_plugins.rag_lightning_sweeper.OptunaSweeper"
@@ -128,9 +118,9 @@ def test_optuna_config():
     assert sweeper.params["optimizer.lr"].startswith("tag(log, interval(")
 
 
-def test_slurm_launcher_composes_without_submitting(tmp_path: Path):
-    cfg = compose_hydra(["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=4",
-                         "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}"])  # fmt: skip
+def test_slurm_launcher_composes_without_submitting(tmp_path: Path, cfg_factory):
+    cfg = cfg_factory("hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=4",
+                      "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == 4 and launcher.tasks_per_node == 4  # one DDP rank per GPU
@@ -140,7 +130,7 @@ def test_slurm_launcher_composes_without_submitting(tmp_path: Path):
     assert launcher.submitit_folder.startswith(str(tmp_path))
 
 
-def test_slurm_launcher_renders_sbatch_script(tmp_path: Path):
+def test_slurm_launcher_renders_sbatch_script(tmp_path: Path, cfg_factory):
     """The launcher's params go through submitit as-is (no typo'd keys) into a one-rank-per-GPU sbatch script."""
     from unittest import mock
 
@@ -150,8 +140,8 @@ def test_slurm_launcher_renders_sbatch_script(tmp_path: Path):
     from omegaconf import OmegaConf
     from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
 
-    cfg = compose_hydra(["hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=2",
-                         f"hydra.sweep.dir={tmp_path}"])  # fmt: skip
+    cfg = cfg_factory("hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=2",
+                      f"hydra.sweep.dir={tmp_path}")  # fmt: skip
     params = dict(instantiate(cfg.hydra.launcher).params)  # what SlurmLauncher.launch hands to submitit
     with mock.patch.object(SlurmExecutor, "affinity", return_value=1):  # pretend srun exists
         executor = submitit.AutoExecutor(cluster="slurm", folder=params.pop("submitit_folder"),

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import compose_config
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-import rag_lightning.resolvers  # noqa: F401
 from rag_lightning.callbacks import RefreshIndex, parse_schedule
 from rag_lightning.train import train
 
@@ -27,10 +25,10 @@ QUICK = [
 
 
 def run_cfg(tmp_path: Path, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[*QUICK, *overrides], return_hydra_config=True)
-    HydraConfig().set_config(cfg)
+    """The job config of `python train.py QUICK OVERRIDES` with HydraConfig set, as train() sees it inside the
+    app (conftest resets HydraConfig after each test); every output under tmp_path."""
+    cfg = compose_config(*QUICK, *overrides)
+    HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "out")
         cfg.paths.log_dir = str(tmp_path / "logs")
@@ -182,11 +180,8 @@ def test_run_without_validation_warns_and_cleans_stale_partial_checkpoints(tmp_p
 
 def test_run_without_validation_fails_inside_a_multirun(tmp_path):
     cfg = run_cfg(tmp_path, [*NO_VAL, "hydra.mode=MULTIRUN"])  # as a sweep's job: a trial needs its value
-    try:
-        with pytest.raises(KeyError, match="optimized_metric='val/em' was not logged"):
-            train(cfg)
-    finally:
-        HydraConfig.instance().cfg = None  # later tests must not see a multirun
+    with pytest.raises(KeyError, match="optimized_metric='val/em' was not logged"):
+        train(cfg)
 
 
 @pytest.mark.slow

@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from test_sweeps import ROOT, job_dirs, run_train
+from test_sweeps import job_dirs, run_train
 
 from rag_lightning import loggers
 
@@ -54,21 +51,18 @@ def test_logger_outside_hydra_has_no_group(no_key, tmp_path: Path):
     assert "WANDB_MODE" not in os.environ  # Lightning's offline flag would have set it
 
 
-def test_multirun_job_is_grouped_by_sweep(no_key, tmp_path: Path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra.mode=MULTIRUN", "hydra.job.num=3",
-                                          f"hydra.sweep.dir={tmp_path}/2026-01-01_12-00-00"],
-                      return_hydra_config=True)  # fmt: skip
-    HydraConfig.instance().set_config(cfg)
-    try:
-        lg = loggers.wandb_logger(save_dir=str(tmp_path / "out"))
-        assert lg._wandb_init["group"] == "2026-01-01_12-00-00"
-        assert lg._wandb_init["name"] == "2026-01-01_12-00-00-3"
-        lg = loggers.wandb_logger(save_dir=str(tmp_path / "out"), group="mine", name="run")
-        assert (lg._wandb_init["group"], lg._wandb_init["name"]) == ("mine", "run")
-    finally:
-        HydraConfig.instance().cfg = None
+def test_multirun_job_is_grouped_by_sweep(no_key, tmp_path: Path, cfg_factory):
+    cfg_factory(
+        "hydra.mode=MULTIRUN",
+        "hydra.job.num=3",
+        f"hydra.sweep.dir={tmp_path}/2026-01-01_12-00-00",
+        hydra_config=True,
+    )  # HydraConfig as in a sweep's job (reset after the test)
+    lg = loggers.wandb_logger(save_dir=str(tmp_path / "out"))
+    assert lg._wandb_init["group"] == "2026-01-01_12-00-00"
+    assert lg._wandb_init["name"] == "2026-01-01_12-00-00-3"
+    lg = loggers.wandb_logger(save_dir=str(tmp_path / "out"), group="mine", name="run")
+    assert (lg._wandb_init["group"], lg._wandb_init["name"]) == ("mine", "run")
 
 
 # ------------------------------------------------------------------ offline run files

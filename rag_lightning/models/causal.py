@@ -70,6 +70,27 @@ def _leading_specials(tok: PreTrainedTokenizerBase) -> list[int]:
     return full[:i]
 
 
+def freeze_bottom(model: nn.Module, n: int) -> None:
+    """Freeze the input embeddings (and, when tied, the output layer) and the first ``n`` transformer blocks:
+    every parameter registered before the blocks and those of blocks[:n]. Backward then stops at block n:
+    nothing below it needs a gradient."""
+    num = model.config.num_hidden_layers
+    blocks = next((m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == num), None)
+    if blocks is None or not 0 <= n <= num:
+        raise ValueError(
+            f"model.generator.frozen_layers={n}: need 0 <= n <= {num} and a list of {num} blocks"
+        )
+    in_blocks = {id(p) for p in blocks.parameters()}
+    first = next(p for p in blocks.parameters())
+    for p in model.parameters():  # registration order, tied weights once (where first registered)
+        if p is first:
+            break
+        if id(p) not in in_blocks:
+            p.requires_grad_(False)
+    for block in blocks[:n]:
+        block.requires_grad_(False)
+
+
 class ListSources:
     """`build_sources` from token-id lists, for both generator kinds: pads them and calls the kind's own
     vectorized `assemble_sources(q, q_len, p, p_len, n_docs)` (used by tests and decoding references; the
@@ -158,16 +179,20 @@ class CausalGenerator(ListSources, nn.Module):
         num_layers: int | None = None,
         lora: Mapping[str, Any] | None = None,
         empty_init: bool = False,
+        frozen_layers: int = 0,
         **model_kwargs: Any,
     ) -> CausalGenerator:
         """Any ``AutoModelForCausalLM`` directory or Hub id, or ``tiny:gpt2`` / ``tiny:llama``. Settings left
         None come from the directory's ``rag_generator.json`` (written by ``save_pretrained``), else defaults.
         ``prefix_lm`` loads encoder checkpoints (BERT family) with ``is_decoder=True``; ``num_layers`` keeps
-        the first N layers."""
+        the first N layers; ``frozen_layers`` freezes the embeddings and the first N blocks (`freeze_bottom`);
+        ``model_kwargs`` change attributes of the transformers config (e.g. dropout)."""
         saved: dict[str, Any] = {}
         if name_or_path.startswith("tiny:"):
             from rag_lightning.models.tiny import tiny_causal_lm
 
+            if model_kwargs:
+                raise ValueError(f"generator config overrides {sorted(model_kwargs)}: not for tiny: models")
             model, tok = tiny_causal_lm(name_or_path.removeprefix("tiny:"))
         else:
             require_model(name_or_path, "model.generator.name_or_path")
@@ -189,6 +214,8 @@ class CausalGenerator(ListSources, nn.Module):
                 model = AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if frozen_layers:
+            freeze_bottom(model, frozen_layers)
 
         def pick(value: Any, key: str, default: Any) -> Any:
             return value if value is not None else saved.get(key, default)

@@ -133,6 +133,8 @@ class Generator(ListSources, nn.Module):
         prefix_lm: bool | None = None,
         lora: Mapping[str, Any] | None = None,
         empty_init: bool = False,
+        config_overrides: Mapping[str, Any] | None = None,
+        frozen_layers: int = 0,
     ) -> Generator | CausalGenerator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
         checkpoint, e.g. MiniLM), "causal" (any decoder-only LM, or an encoder as a prefix LM with
@@ -140,28 +142,36 @@ class Generator(ListSources, nn.Module):
         encoder-decoder configs, causal for decoder-only ones, else bert2bert). bert2bert and causal:
         `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder).
         `lora`: LoRA adapters on the generator (see `apply_lora`), for every kind. `empty_init`: build causal
-        and seq2seq models on the meta device, without weights (FSDP ranks > 0, see `models/sharding.py`)."""
+        and seq2seq models on the meta device, without weights (FSDP ranks > 0, see `models/sharding.py`).
+        `config_overrides`: attributes of the transformers config to change, e.g. `{dropout: 0.0}` (BART) or
+        `{hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}` (BERT family; bert2bert: both halves).
+        `frozen_layers` (causal only): the embeddings and the first N blocks do not train (`freeze_bottom`)."""
         kind = generator_kind(name_or_path, kind)
+        overrides = dict(config_overrides or {})
         if kind == "causal":
             return CausalGenerator.from_pretrained(
                 name_or_path, max_source_length=max_source_length, template=template, prefix_lm=prefix_lm,
                 gradient_checkpointing=gradient_checkpointing, num_layers=num_layers, lora=lora,
-                empty_init=empty_init,
+                empty_init=empty_init, frozen_layers=frozen_layers, **overrides,
             )  # fmt: skip
+        if frozen_layers:
+            raise ValueError(f"model.generator.frozen_layers applies to kind=causal only, not {kind}")
         if template is not None or prefix_lm:
             raise ValueError(f"model.generator.template / prefix_lm apply to kind=causal only, not {kind}")
         if name_or_path.startswith("tiny:"):
             from rag_lightning.models.tiny import tiny_generator
 
+            if overrides:
+                raise ValueError("model.generator.config_overrides: not for tiny: models (built in code)")
             model, tok = tiny_generator()
             if gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return cls(model, tok, max_source_length, lora=lora)
         require_model(name_or_path, "model.generator.name_or_path")
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(name_or_path, **overrides)
         tok = AutoTokenizer.from_pretrained(name_or_path)
         if kind == "bert2bert" and not config.is_encoder_decoder:
-            layers = {} if num_layers is None else {"num_hidden_layers": num_layers}
+            layers = overrides if num_layers is None else {**overrides, "num_hidden_layers": num_layers}
             model = EncoderDecoderModel.from_encoder_decoder_pretrained(
                 name_or_path,
                 name_or_path,
@@ -173,12 +183,12 @@ class Generator(ListSources, nn.Module):
             model.config.pad_token_id = tok.pad_token_id
             model.config.eos_token_id = tok.sep_token_id
         elif config.model_type == "encoder-decoder":
-            model = EncoderDecoderModel.from_pretrained(name_or_path)
+            model = EncoderDecoderModel.from_pretrained(name_or_path, config=config)
         elif empty_init:
             with torch.device("meta"):
                 model = AutoModelForSeq2SeqLM.from_config(config)
         else:
-            model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path)
+            model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, config=config)
         if gradient_checkpointing:  # activations recomputed in backward, layer by layer
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return cls(model, tok, max_source_length, lora=lora)
