@@ -5,7 +5,10 @@
     python scripts/benchmark.py decode ...        (same arguments, once registered there)
 
 Inputs: B questions x K passages of random token ids (fixed seed), random doc scores, one small random BART
-(d_model 256, 3+3 layers, vocab 30522, seeded) or ``--model-dir``. Methods, all num_beams N, max_length L:
+(d_model 256, 3+3 layers, vocab 30522, seeded) or ``--model-dir``; ``--arch causal``: a random Llama (same
+width, 2 x layers, left-padded prompts, answers continue the prompt) behind ``CausalGenerator``, its baseline
+``generate`` over the K left-padded prompts and forced scoring of prompt + candidate. Methods, all num_beams
+N, max_length L:
 
 * per-example thorough (baseline), like the HF RAG example's RAG-Sequence thorough decoding: for each
   question alone, ``model.generate`` over its K passages (N beams, N returned each, early_stopping="never"),
@@ -35,10 +38,36 @@ TABLE = Table(Col("method", 38, left=True), Col("seconds", 9, "{:.2f}"), Col("qu
               Col("vs baseline", 13, "{:.2f}x"), Col("same answer", 13, "{:.1f}%"))  # fmt: skip
 
 
+def build_causal(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, int]]:
+    """A seeded random Llama (2 x ``--layers`` blocks) behind ``CausalGenerator``, and its special ids."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rag_lightning.models.causal import CausalGenerator
+    from rag_lightning.tokenization import tiny_bpe_tokenizer
+
+    tok = tiny_bpe_tokenizer()  # only its EOS (no pad token: prompts are padded with EOS)
+    torch.manual_seed(args.seed)
+    cfg = LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=4 * args.d_model,
+        num_hidden_layers=2 * args.layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=512, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=None,
+        initializer_range=args.init_std, tie_word_embeddings=False,
+    )  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # answers of varying length: the EOS row follows the mean final state
+        model.lm_head.weight[cfg.eos_token_id] = 0.0
+        model.lm_head.weight[cfg.eos_token_id, 0] = args.eos_bias / 5
+    gen = CausalGenerator(model, tok, max_source_length=10_000)
+    ids = dict(decoder_start_token_id=None, eos_token_id=gen.eos_token_id, pad_token_id=gen.pad_token_id)
+    return gen.eval().to(args.device), ids
+
+
 def build_model(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, int]]:
     """The seeded random BART (or ``--model-dir``) in eval mode, and its special token ids."""
     from transformers import AutoModelForSeq2SeqLM, BartConfig, BartForConditionalGeneration
 
+    if args.arch == "causal":
+        return build_causal(args)
     if args.model_dir:
         model = AutoModelForSeq2SeqLM.from_pretrained(args.model_dir)
     else:
@@ -83,9 +112,56 @@ def strip(seq: list[int], eos: int) -> list[int]:
     return seq[: seq.index(eos) + 1] if eos in seq else seq
 
 
+def left_pad(src: Tensor, mask: Tensor, eos: int) -> tuple[Tensor, Tensor]:
+    """Right-padded rows ending in EOS -> left-padded prompts without the EOS (decoder-only inputs)."""
+    from rag_lightning.models.causal import left_pad as pad_left
+
+    rows = [r[: int(n) - 1] for r, n in zip(src.tolist(), mask.sum(1).tolist())]
+    return pad_left(rows, eos)
+
+
+@torch.no_grad()
+def per_example_causal(gen, src: Tensor, mask: Tensor, doc_scores: Tensor, args, ids: dict) -> Answers:
+    """The baseline for decoder-only generators: per question, HF generate over its K left-padded prompts
+    (N beams, N returned each), then every candidate scored under every prompt by one forced forward."""
+    b, k = doc_scores.shape
+    eos, pad = ids["eos_token_id"], ids["pad_token_id"]
+    answers = []
+    for i in range(b):
+        s, m = src[i * k : (i + 1) * k], mask[i * k : (i + 1) * k]  # (K, S) left-padded
+        out = gen.model.generate(
+            input_ids=s,
+            attention_mask=m,
+            num_beams=args.num_beams,
+            num_return_sequences=args.num_beams,
+            max_new_tokens=args.max_length,
+            min_new_tokens=0,
+            length_penalty=1.0,
+            early_stopping="never",
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            no_repeat_ngram_size=0,
+        )  # (K*N, S + L) fmt: skip
+        cands = list({tuple(strip(r[s.shape[1] :], eos)): None for r in out.tolist()})
+        c, width = len(cands), max(map(len, cands))
+        y = torch.full((c, width), -100, dtype=torch.long)
+        for j, cand in enumerate(cands):
+            y[j, : len(cand)] = torch.tensor(cand)
+        y = y.to(src.device).repeat_interleave(k, 0)  # (C*K, T) row c*K + z
+        logits = gen(s.repeat(c, 1), m.repeat(c, 1), y)  # (C*K, T, V)
+        lp = logits.float().log_softmax(-1).gather(-1, y.clamp(min=0)[..., None]).squeeze(-1)
+        seq_lp = lp.masked_fill(y < 0, 0.0).sum(-1).view(c, k)  # (C, K) log p(y|x,z)
+        score = torch.logsumexp(seq_lp + doc_scores[i].float().log_softmax(-1), -1)  # (C,)
+        answers.append(list(cands[int(score.argmax())]))
+    return answers
+
+
 @torch.no_grad()
 def per_example_thorough(model, src: Tensor, mask: Tensor, doc_scores: Tensor, args, ids: dict) -> Answers:
     """The baseline: one question at a time, HF generate per passage, then forced-decoding scores."""
+    if args.arch == "causal":
+        return per_example_causal(model, src, mask, doc_scores, args, ids)
     b, k = doc_scores.shape
     start, eos, pad = ids["decoder_start_token_id"], ids["eos_token_id"], ids["pad_token_id"]
     answers = []
@@ -152,22 +228,17 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     model, ids = build_model(args)
-    vocab = model.config.vocab_size
-    src, mask, doc_scores = (
-        t.to(args.device)
-        for t in make_inputs(
-            args.questions,
-            args.docs,
-            vocab,
-            ids["pad_token_id"],
-            ids["eos_token_id"],
-            args.seed,
-            (args.src_min, args.src_max),
-        )
-    )
+    vocab = (model.model if args.arch == "causal" else model).config.vocab_size
+    src, mask, doc_scores = make_inputs(
+        args.questions, args.docs, vocab, ids["pad_token_id"], ids["eos_token_id"], args.seed,
+        (args.src_min, args.src_max),
+    )  # fmt: skip
+    if args.arch == "causal":
+        src, mask = left_pad(src, mask, ids["eos_token_id"])
+    src, mask, doc_scores = src.to(args.device), mask.to(args.device), doc_scores.to(args.device)
     k = args.docs
     print(
-        f"\n== decode benchmark: B={args.questions} questions x K={k} passages (src {src.shape[1]} tokens), "
+        f"\n== decode benchmark ({args.arch}): B={args.questions} questions x K={k} passages (src {src.shape[1]} tokens), "
         f"num_beams={args.num_beams}, max_length={args.max_length}, vocab={vocab}, device={args.device}, "
         f"threads={torch.get_num_threads()} =="
     )
@@ -202,6 +273,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=20, help="generated tokens, EOS included")
     p.add_argument("--src-min", type=int, default=24, help="shortest question+passage input, tokens")
     p.add_argument("--src-max", type=int, default=64, help="longest question+passage input, tokens")
+    p.add_argument("--arch", choices=["seq2seq", "causal"], default="seq2seq", help="random BART or Llama")
     p.add_argument("--model-dir", default=None, help="a saved seq2seq model instead of the random BART")
     p.add_argument("--vocab", type=int, default=30522)
     p.add_argument("--d-model", type=int, default=256)
