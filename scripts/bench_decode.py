@@ -112,6 +112,15 @@ def strip(seq: list[int], eos: int) -> list[int]:
     return seq[: seq.index(eos) + 1] if eos in seq else seq
 
 
+def hf_beams(args, eos: int, pad: int) -> dict:
+    """HF ``generate`` settings of the baselines: N beams, N returned, exact stopping, no extras."""
+    return dict(
+        num_beams=args.num_beams, num_return_sequences=args.num_beams, max_new_tokens=args.max_length,
+        min_new_tokens=0, length_penalty=1.0, early_stopping="never", do_sample=False, eos_token_id=eos,
+        pad_token_id=pad, no_repeat_ngram_size=0,
+    )  # fmt: skip
+
+
 def left_pad(src: Tensor, mask: Tensor, eos: int) -> tuple[Tensor, Tensor]:
     """Right-padded rows ending in EOS -> left-padded prompts without the EOS (decoder-only inputs)."""
     from rag_lightning.models.causal import left_pad as pad_left
@@ -129,20 +138,7 @@ def per_example_causal(gen, src: Tensor, mask: Tensor, doc_scores: Tensor, args,
     answers = []
     for i in range(b):
         s, m = src[i * k : (i + 1) * k], mask[i * k : (i + 1) * k]  # (K, S) left-padded
-        out = gen.model.generate(
-            input_ids=s,
-            attention_mask=m,
-            num_beams=args.num_beams,
-            num_return_sequences=args.num_beams,
-            max_new_tokens=args.max_length,
-            min_new_tokens=0,
-            length_penalty=1.0,
-            early_stopping="never",
-            do_sample=False,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            no_repeat_ngram_size=0,
-        )  # (K*N, S + L) fmt: skip
+        out = gen.model.generate(input_ids=s, attention_mask=m, **hf_beams(args, eos, pad))  # (K*N, S + L)
         cands = list({tuple(strip(r[s.shape[1] :], eos)): None for r in out.tolist()})
         c, width = len(cands), max(map(len, cands))
         y = torch.full((c, width), -100, dtype=torch.long)
@@ -170,19 +166,10 @@ def per_example_thorough(model, src: Tensor, mask: Tensor, doc_scores: Tensor, a
         out = model.generate(
             input_ids=s,
             attention_mask=m,
-            num_beams=args.num_beams,
-            num_return_sequences=args.num_beams,
-            max_new_tokens=args.max_length,
-            min_new_tokens=0,
-            length_penalty=1.0,
-            early_stopping="never",
-            do_sample=False,
             decoder_start_token_id=start,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            no_repeat_ngram_size=0,
             forced_bos_token_id=None,
             forced_eos_token_id=None,
+            **hf_beams(args, eos, pad),
         )  # (K*N, 1 + L) fmt: skip
         cands = list({tuple(strip(r[1:], eos)): None for r in out.tolist()})  # unique, first-seen order
         c = len(cands)

@@ -165,6 +165,12 @@ def _check_answers(value: Any, src: str, line: int, fname: str, regex: bool = Fa
     return list(value)
 
 
+def _require_object(rec: Any, src: str, line: int, fname: str) -> None:
+    """A record must be a JSON object; the error names the field the reader looked for first."""
+    if not isinstance(rec, Mapping):
+        raise DataError(src, line, fname, f"wrong type {type(rec).__name__}, expected a JSON object")
+
+
 def _check_question(value: Any, src: str, line: int, fname: str) -> str:
     if value is None:
         raise DataError(src, line, fname, "missing field")
@@ -178,8 +184,7 @@ def _check_question(value: Any, src: str, line: int, fname: str) -> str:
 
 def _from_record(rec: Any, src: str, line: int, qf: str, af: str | None, regex: bool = False) -> QAExample:
     """Build an example from a dict record; ``af=None`` tries ``answers`` then ``answer``."""
-    if not isinstance(rec, Mapping):
-        raise DataError(src, line, qf, f"wrong type {type(rec).__name__}, expected a JSON object")
+    _require_object(rec, src, line, qf)
     if qf not in rec:
         raise DataError(src, line, qf, "missing field")
     names = [af] if af else ["answers", "answer"]
@@ -413,8 +418,7 @@ def _rows_webquestions(path: Path, regex: bool = False, strict_encoding: bool = 
     src = str(path)
 
     def make(rec: Any, n: int) -> QAExample:
-        if not isinstance(rec, Mapping):
-            raise DataError(src, n, "utterance", f"wrong type {type(rec).__name__}, expected a JSON object")
+        _require_object(rec, src, n, "utterance")
         question = _check_question(rec.get("utterance"), src, n, "utterance")
         target = rec.get("targetValue")
         if not isinstance(target, str):
@@ -436,8 +440,7 @@ def _rows_triviaqa(
     src = str(path)
 
     def make(rec: Any, n: int) -> QAExample:
-        if not isinstance(rec, Mapping):
-            raise DataError(src, n, "Question", f"wrong type {type(rec).__name__}, expected a JSON object")
+        _require_object(rec, src, n, "Question")
         question = _check_question(rec.get("Question"), src, n, "Question")
         ans = rec.get("Answer")
         if not isinstance(ans, Mapping):
