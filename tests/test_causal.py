@@ -23,7 +23,7 @@ PASSAGES = [
 ANSWERS = ["Maria Skłodowska-Curie", "Poland"]
 
 
-def _prefix_bert():
+def _prefix_bert(copy: bool = False):
     """A tiny BERT as a prefix LM (is_decoder, output layer tied to the input embeddings), WordPiece vocab."""
     tok = tiny_tokenizer()
     cfg = BertConfig(
@@ -31,15 +31,21 @@ def _prefix_bert():
         intermediate_size=64, is_decoder=True, initializer_range=0.2,
     )  # fmt: skip
     torch.manual_seed(0)
-    return CausalGenerator(BertLMHeadModel(cfg), tok, max_source_length=40, prefix_lm=True)
+    return CausalGenerator(BertLMHeadModel(cfg), tok, max_source_length=40, prefix_lm=True, copy=copy)
 
 
 def _generator(arch: str) -> CausalGenerator:
+    """"gpt2" | "llama" | "bert-prefix", "-copy": with the pointer head (its attention made peaked)."""
+    arch, copy = arch.removesuffix("-copy"), arch.endswith("-copy")
     if arch == "bert-prefix":
-        return _prefix_bert().double().eval()
-    model, tok = tiny_causal_lm(arch)
-    assert tok.pad_token_id is None and tok.eos_token_id is not None  # as GPT-2 / Llama ship
-    return CausalGenerator(model, tok, max_source_length=40).double().eval()
+        g = _prefix_bert(copy)
+    else:
+        model, tok = tiny_causal_lm(arch)
+        assert tok.pad_token_id is None and tok.eos_token_id is not None  # as GPT-2 / Llama ship
+        g = CausalGenerator(model, tok, max_source_length=40, copy=copy)
+    if copy:
+        torch.nn.init.normal_(g.pointer.query.weight, std=1.0)
+    return g.double().eval()
 
 
 def _batch(g: CausalGenerator, k: int = 2):
@@ -161,7 +167,7 @@ def test_prefix_lm_roundtrip_keeps_mode(tmp_path):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert-prefix"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bert-prefix", "llama-copy", "bert-prefix-copy"])
 def test_cached_decoding_steps_equal_training_forward(arch):
     """Prompt once (bidirectional in prefix-LM mode), then one answer token at a time with the KV cache: the
     same logits as the teacher-forced training forward."""
@@ -181,6 +187,53 @@ def test_cached_decoding_steps_equal_training_forward(arch):
     got = torch.stack(got, 1)  # (R, T, V)
     real = labels >= 0
     torch.testing.assert_close(got[real], want[real].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("keep_prompt", [False, True])
+def test_copy_head_memory_follows_reordered_cache_rows(keep_prompt):
+    """Decoding with the copy head: the prompt's keys ride with the KV cache; after selecting / re-ordering
+    cache rows (beams) each row still mixes with its own prompt, as the training forward does."""
+    from rag_lightning.models.decode import CausalSteps
+
+    g = _generator("llama-copy")
+    src, mask, labels = _batch(g)
+    labels = labels.repeat_interleave(2, 0)  # (R, T)
+    want = g(src, mask, labels).float()  # (R, T, V)
+    steps = CausalSteps(g, src, mask, keep_prompt=keep_prompt)
+    rows = torch.tensor([3, 1, 2])  # cache row j <- source row rows[j]
+    with torch.no_grad():
+        logits, past = steps.first(rows)
+        torch.testing.assert_close(logits, want[rows, 0], rtol=1e-5, atol=1e-5)
+        order = torch.tensor([2, 0, 1])  # beam re-ordering: cache row j <- old row order[j]
+        past = steps.reorder(past, order, same_source=False)
+        rows = rows[order]
+        logits, past = steps.next(labels[rows, 0], rows, past, 1)
+    torch.testing.assert_close(logits, want[rows, 1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(want, g.__class__.forward(_without_copy(g), src, mask, labels).float())
+
+
+def _without_copy(g: CausalGenerator) -> CausalGenerator:
+    plain = CausalGenerator(g.model, g.tokenizer, max_source_length=g.max_source_length)
+    return plain.double().eval()
+
+
+def test_copy_head_roundtrip_and_kind_check(tmp_path):
+    g = _generator("llama-copy")
+    g.save_pretrained(tmp_path / "copy")
+    g2 = Generator.from_pretrained(str(tmp_path / "copy")).double().eval()  # the settings file says copy
+    assert g2.pointer is not None
+    for k, v in g.pointer.state_dict().items():
+        assert torch.equal(g2.pointer.state_dict()[k], v), k
+    src, mask, labels = _batch(g)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            g2(src, mask, labels.repeat_interleave(2, 0)), g(src, mask, labels.repeat_interleave(2, 0))
+        )
+    assert Generator.from_pretrained(str(tmp_path / "copy"), copy=False).pointer is None
+    fresh = Generator.from_pretrained("tiny:llama", copy=True)  # a plain LM: a new head
+    assert fresh.pointer is not None and fresh.pointer.gate.bias.item() == 0.0
+    with pytest.raises(ValueError, match="copy apply to kind=causal only"):
+        Generator.from_pretrained("tiny:bart", copy=True)
 
 
 def test_datamodule_builds_causal_targets_for_causal_generators():

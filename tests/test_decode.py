@@ -66,8 +66,10 @@ BUILDERS = {"bart": _bart, "bert2bert": _bert2bert, "t5": _t5}
 
 
 def _causal(arch: str):
-    """A decoder-only generator over V ids (GPT-2, Llama, or a BERT prefix LM); EOS 2 made likely enough that
-    lengths vary; padding 0 (masked; no pad token in the tokenizer, as GPT-2 / Llama)."""
+    """A decoder-only generator over V ids (GPT-2, Llama, or a BERT prefix LM; "-copy": with the pointer head);
+    EOS 2 made likely enough that lengths vary; padding 0 (masked; no pad token in the tokenizer, as GPT-2 /
+    Llama)."""
+    arch, copy = arch.removesuffix("-copy"), arch.endswith("-copy")
     torch.manual_seed(0)
     common = dict(vocab_size=V, initializer_range=0.1 if arch == "prefix-lm" else 0.3)
     if arch == "gpt2":
@@ -90,7 +92,9 @@ def _causal(arch: str):
             head.bias[2] += 2.0
         else:
             head.weight[2] *= 1.7
-    gen = CausalGenerator(model.eval(), tiny_bpe_tokenizer(), prefix_lm=arch == "prefix-lm")
+    gen = CausalGenerator(model.eval(), tiny_bpe_tokenizer(), prefix_lm=arch == "prefix-lm", copy=copy)
+    if copy:  # peaked attention: copying decides some tokens
+        torch.nn.init.normal_(gen.pointer.query.weight, std=1.0)
     return gen, dict(decoder_start_token_id=None, eos_token_id=2, pad_token_id=0)
 
 
@@ -128,6 +132,9 @@ def _inputs(b=2, k=3, s=9, seed=1, left=False):
 # --- references: one question at a time, full decoder recompute, no cache -----------------------------
 def _ref_forced(model, src, mask, y, start):
     """(T, V) log-probs of the positions predicting y (T tokens) after one source row (1, S), no cache."""
+    if isinstance(model, CausalGenerator) and model.pointer is not None:  # the training forward, unpadded
+        row = src[:, mask[0].bool()]
+        return model(row, torch.ones_like(row), torch.tensor([y])).float()[0]  # mixture log-probs (T, V)
     if isinstance(model, CausalGenerator):  # the unpadded prompt, then y[:-1]
         prompt = src[0][mask[0].bool()].tolist()
         ids = torch.tensor([prompt + y[:-1]])
@@ -379,7 +386,7 @@ def test_thorough_and_fast_can_differ():
 
 
 # --- decoder-only generators (prompts left-padded, the answer continues each prompt with the KV cache) --------
-@pytest.fixture(scope="module", params=["gpt2", "llama", "prefix-lm"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "prefix-lm", "llama-copy", "prefix-lm-copy"])
 def causal_setup(request):
     return _causal(request.param)
 

@@ -17,8 +17,10 @@ def _batch(gen: Generator):
     return src, mask, labels, scores
 
 
-def _loss_and_grads(variant, eps, fused, checkpointing=False, name="tiny:bart"):
-    gen = Generator.from_pretrained(name, max_source_length=24, gradient_checkpointing=checkpointing)
+def _loss_and_grads(variant, eps, fused, checkpointing=False, name="tiny:bart", copy=None):
+    gen = Generator.from_pretrained(
+        name, max_source_length=24, gradient_checkpointing=checkpointing, copy=copy
+    )
     if name == "tiny:bart":
         torch.nn.init.normal_(gen.model.final_logits_bias)
     assert gen.output_layer() is not None  # else fused=True would silently take the logits path
@@ -55,6 +57,34 @@ def test_fused_module_loss_equals_logits_path_causal(name, variant):
     assert grads.keys() == ref_grads.keys()
     for n, g in grads.items():
         torch.testing.assert_close(g, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+@pytest.mark.parametrize("name", ["tiny:gpt2", "tiny:llama"])
+@pytest.mark.parametrize("variant", ["token", "sequence"])
+def test_copy_head_fused_targets_equal_full_mixture(name, variant):
+    """With the pointer head the fused path scores the targets of the mixture (LM head fused, copy added);
+    the logits path takes the full (V,) mixture: same loss, same gradients, the copy head's included."""
+    torch.manual_seed(0)
+    loss, seq_lp, gs, grads = _loss_and_grads(variant, 0.0, fused=True, name=name, copy=True)
+    torch.manual_seed(0)
+    ref_loss, ref_seq_lp, ref_gs, ref_grads = _loss_and_grads(variant, 0.0, fused=False, name=name, copy=True)
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(seq_lp, ref_seq_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gs, ref_gs, atol=1e-5, rtol=1e-5)
+    assert grads.keys() == ref_grads.keys() and {"pointer.query.weight", "pointer.gate.bias"} <= grads.keys()
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    torch.manual_seed(0)
+    plain = _loss_and_grads(variant, 0.0, fused=True, name=name)[0]
+    assert not torch.allclose(loss, plain)  # the copy head changes the loss
+
+
+def test_copy_head_with_label_smoothing_scores_the_full_mixture():
+    """Label smoothing needs the mean log-prob over the vocabulary of the mixture: the logits path, finite."""
+    torch.manual_seed(0)
+    loss, _, gs, grads = _loss_and_grads("token", 0.1, fused=True, name="tiny:llama", copy=True)
+    assert torch.isfinite(loss) and torch.isfinite(gs).all()
+    assert all(torch.isfinite(g).all() for g in grads.values())
 
 
 def test_gradient_checkpointing_same_gradients():

@@ -11,6 +11,10 @@ so ``rag_token_nll`` / ``rag_sequence_nll`` apply unchanged.
 ``prefix_lm=True``: attention is bidirectional inside the prompt and causal over the answer (a prefix LM, e.g.
 an encoder checkpoint such as MiniLM loaded as ``BertLMHeadModel`` with its output layer tied to the input
 embeddings). Decoding runs the prompt once with the same mask and then steps the answer with the KV cache.
+
+``copy=True`` adds a pointer head (``models/pointer.py``): each answer token is written by the LM head or
+copied from the prompt, p = (1 - g) p_vocab + g p_copy. The training loss scores the targets of the mixture;
+decoding gets the full mixture as its log-probs, the prompt's keys riding along with the KV cache.
 """
 
 from __future__ import annotations
@@ -31,11 +35,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from rag_lightning.models.pointer import Pointer, PointerHead, copy_logprobs, mix, mix_distribution
 from rag_lightning.preflight import require_model
 from rag_lightning.retrieval.embed import pad_batch
 from rag_lightning.tokenization import SETTINGS_FILE
 
 DEFAULT_TEMPLATE = "context: {passage} question: {question} answer:"
+POINTER_FILE = "rag_pointer.safetensors"  # the copy head's weights, next to the transformers files
 _FIELD = re.compile(r"\{(passage|question)\}")
 
 
@@ -123,6 +129,7 @@ class CausalGenerator(ListSources, nn.Module):
         template: str = DEFAULT_TEMPLATE,
         prefix_lm: bool = False,
         lora: Mapping[str, Any] | None = None,
+        copy: bool = False,
     ):
         super().__init__()
         cfg = model.config
@@ -152,6 +159,8 @@ class CausalGenerator(ListSources, nn.Module):
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         )
         self.pieces = self._parse(template)
+        # the copy head (None: the LM head alone); outside the peft wrapper, so it trains also under LoRA
+        self.pointer = PointerHead(cfg.hidden_size).to(model.dtype) if copy else None
 
     def _parse(self, template: str) -> list[list[int] | str]:
         """Template -> [ids of literal text | "passage" | "question"], the leading specials (BOS) first."""
@@ -180,13 +189,15 @@ class CausalGenerator(ListSources, nn.Module):
         lora: Mapping[str, Any] | None = None,
         empty_init: bool = False,
         frozen_layers: int = 0,
+        copy: bool | None = None,
         **model_kwargs: Any,
     ) -> CausalGenerator:
         """Any ``AutoModelForCausalLM`` directory or Hub id, or ``tiny:gpt2`` / ``tiny:llama``. Settings left
         None come from the directory's ``rag_generator.json`` (written by ``save_pretrained``), else defaults.
         ``prefix_lm`` loads encoder checkpoints (BERT family) with ``is_decoder=True``; ``num_layers`` keeps
         the first N layers; ``frozen_layers`` freezes the embeddings and the first N blocks (`freeze_bottom`);
-        ``model_kwargs`` change attributes of the transformers config (e.g. dropout)."""
+        ``copy`` adds the pointer head (trained weights from the directory's ``rag_pointer.safetensors`` when
+        it has them, else new); ``model_kwargs`` change attributes of the transformers config (e.g. dropout)."""
         saved: dict[str, Any] = {}
         if name_or_path.startswith("tiny:"):
             from rag_lightning.models.tiny import tiny_causal_lm
@@ -220,14 +231,21 @@ class CausalGenerator(ListSources, nn.Module):
         def pick(value: Any, key: str, default: Any) -> Any:
             return value if value is not None else saved.get(key, default)
 
-        return cls(
+        gen = cls(
             model,
             tok,
             max_source_length=pick(max_source_length, "max_source_length", 256),
             template=pick(template, "template", DEFAULT_TEMPLATE),
             prefix_lm=pick(prefix_lm, "prefix_lm", False),
             lora=lora,
+            copy=pick(copy, "copy", False),
         )
+        weights = os.path.join(name_or_path, POINTER_FILE)
+        if gen.pointer is not None and not empty_init and os.path.isfile(weights):
+            from safetensors.torch import load_file
+
+            gen.pointer.load_state_dict(load_file(weights))
+        return gen
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """A plain transformers directory plus the settings file; LoRA adapters are merged first (in place)."""
@@ -237,7 +255,12 @@ class CausalGenerator(ListSources, nn.Module):
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         settings = {"kind": self.kind, "template": self.template, "prefix_lm": self.prefix_lm,
-                    "max_source_length": self.max_source_length}  # fmt: skip
+                    "max_source_length": self.max_source_length, "copy": self.pointer is not None}  # fmt: skip
+        if self.pointer is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in self.pointer.state_dict().items()},
+                      os.path.join(path, POINTER_FILE))  # fmt: skip
         with open(os.path.join(path, SETTINGS_FILE), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=1)
 
@@ -303,25 +326,51 @@ class CausalGenerator(ListSources, nn.Module):
         """The transformer without its LM head: hidden states for every position, no (R, L, V) logits."""
         return self._lm.base_model(**inputs, return_dict=True)
 
+    def _states(
+        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, Pointer | None]:
+        h = self._body(**self._teacher_forced_inputs(src, mask, labels), use_cache=False).last_hidden_state
+        s = src.shape[1]
+        answer = h[:, s - 1 :]  # (R, T, H): position S-1+t predicts labels[:, t]
+        ptr = None if self.pointer is None else self.pointer(answer, self.pointer.keys(h[:, :s]), mask, src)
+        return self._pre_head(answer), ptr
+
     def hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B*K, T, H) at the positions predicting labels (B*K, T), before the LM head."""
-        h = self._body(**self._teacher_forced_inputs(src, mask, labels), use_cache=False).last_hidden_state
-        return self._pre_head(h[:, src.shape[1] - 1 :])  # (R, T, H)
+        return self._states(src, mask, labels)[0]
+
+    def answer_states(
+        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, Pointer | None]:
+        """`hidden_states` and, with the copy head, its `Pointer` (R, T, S) at the same positions."""
+        return self._states(src, mask, labels)
+
+    def copy_mix(self, tok_lp: torch.Tensor, ptr: Pointer, targets: torch.Tensor) -> torch.Tensor:
+        """The LM head's target log-probs (R, T) -> the mixture's, targets (R, T) (negative = padding)."""
+        return mix(tok_lp, copy_logprobs(ptr, targets), ptr.gate)
 
     def forward(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced logits (B*K, T, V) for labels (B*K, T) (-100 = padding)."""
-        return self._lm.get_output_embeddings()(self.hidden_states(src, mask, labels))
+        """Teacher-forced logits (B*K, T, V) for labels (B*K, T) (-100 = padding); with the copy head, the
+        mixture's log-probs (normalized logits: their log-softmax is themselves)."""
+        hidden, ptr = self._states(src, mask, labels)
+        logits = self._lm.get_output_embeddings()(hidden)
+        return logits if ptr is None else mix_distribution(logits, ptr)
 
     # ---------------------------------------------------------------- decoding (see models/decode.py)
     def prompt_step(self, src: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, DynamicCache]:
-        """Run the prompts (R, S): next-token logits (R, V) float32 and their KV cache."""
+        """Run the prompts (R, S): next-token logits (R, V) float32 and their KV cache. With the copy head the
+        logits are the mixture's log-probs and the cache carries the prompt's keys (``cache.pointer_memory``:
+        keys (R, S, d), mask (R, S), ids (R, S); `reorder_cache` selects its rows too)."""
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
         attn = prefix_lm_mask(mask, src.shape[1], self.model.dtype) if self.prefix_lm else mask
         cache = DynamicCache(config=self.model.config)
         out = self._body(
             input_ids=src, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
         )
-        return self._logits(out.last_hidden_state[:, -1]), out.past_key_values
+        past, h = out.past_key_values, out.last_hidden_state
+        if self.pointer is not None:
+            past.pointer_memory = (self.pointer.keys(h), mask, src)
+        return self._logits(h[:, -1], past), past
 
     def answer_step(
         self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, past: DynamicCache
@@ -331,10 +380,24 @@ class CausalGenerator(ListSources, nn.Module):
             input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None], past_key_values=past,
             use_cache=True,
         )  # fmt: skip
-        return self._logits(out.last_hidden_state[:, -1]), out.past_key_values
+        return self._logits(out.last_hidden_state[:, -1], out.past_key_values), out.past_key_values
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return self._lm.get_output_embeddings()(self._pre_head(h)).float()
+    def _logits(self, h: torch.Tensor, past: DynamicCache) -> torch.Tensor:
+        """h (R, H) last states -> next-token logits (R, V) float32 (with the copy head: the mixture)."""
+        logits = self._lm.get_output_embeddings()(self._pre_head(h))
+        if self.pointer is None:
+            return logits.float()
+        keys, mask, src = past.pointer_memory
+        return mix_distribution(logits[:, None], self.pointer(h[:, None], keys, mask, src))[:, 0].float()
+
+    @staticmethod
+    def reorder_cache(past: DynamicCache, idx: torch.Tensor) -> DynamicCache:
+        """Select cache rows ``idx`` (beam re-ordering), the copy head's prompt memory with them."""
+        past.reorder_cache(idx)
+        memory = getattr(past, "pointer_memory", None)
+        if memory is not None:
+            past.pointer_memory = tuple(m.index_select(0, idx) for m in memory)
+        return past
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         from rag_lightning.models.generator import join_wordpiece_punct  # (generator.py imports this module)

@@ -136,18 +136,23 @@ class CausalSteps:
 
     def first(self, rows: Tensor | None) -> tuple[Tensor, Any]:
         if self._prompt is not None:
-            logits, kv = self._prompt  # a cache never changes these tensors in place
+            logits, kv, memory = self._prompt  # a cache never changes these tensors in place
         elif rows is None or self.keep_prompt:
             logits, cache = self.g.prompt_step(self.src_ids, self.src_mask)
             kv = [(k, v) for k, v, *_ in cache]
             if not self.keep_prompt:
                 return logits, cache
-            self._prompt = logits, kv
+            memory = getattr(cache, "pointer_memory", None)  # the copy head's prompt keys (causal.py)
+            self._prompt = logits, kv, memory
         else:
             return self.g.prompt_step(self.src_ids[rows], self.src_mask[rows])
         if rows is not None:
             logits, kv = logits[rows], [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
-        return logits, DynamicCache(ddp_cache_data=kv, config=self.g.model.config)
+            memory = memory and tuple(m.index_select(0, rows) for m in memory)
+        cache = DynamicCache(ddp_cache_data=kv, config=self.g.model.config)
+        if memory is not None:
+            cache.pointer_memory = memory
+        return logits, cache
 
     def next(self, tokens: Tensor, rows: Tensor | None, past, t: int) -> tuple[Tensor, Any]:
         if rows is not self._rows:
@@ -158,8 +163,7 @@ class CausalSteps:
         return self.g.answer_step(tokens, mask, self._pos + (t - 1), past)
 
     def reorder(self, past, idx: Tensor, same_source: bool):
-        past.reorder_cache(idx)
-        return past
+        return self.g.reorder_cache(past, idx)
 
 
 def _steps(

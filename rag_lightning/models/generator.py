@@ -135,6 +135,7 @@ class Generator(ListSources, nn.Module):
         empty_init: bool = False,
         config_overrides: Mapping[str, Any] | None = None,
         frozen_layers: int = 0,
+        copy: bool | None = None,
     ) -> Generator | CausalGenerator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
         checkpoint, e.g. MiniLM), "causal" (any decoder-only LM, or an encoder as a prefix LM with
@@ -145,17 +146,20 @@ class Generator(ListSources, nn.Module):
         and seq2seq models on the meta device, without weights (FSDP ranks > 0, see `models/sharding.py`).
         `config_overrides`: attributes of the transformers config to change, e.g. `{dropout: 0.0}` (BART) or
         `{hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}` (BERT family; bert2bert: both halves).
-        `frozen_layers` (causal only): the embeddings and the first N blocks do not train (`freeze_bottom`)."""
+        `frozen_layers` (causal only): the embeddings and the first N blocks do not train (`freeze_bottom`).
+        `copy` (causal only): a pointer head that copies answer tokens from the prompt (`models/pointer.py`)."""
         kind = generator_kind(name_or_path, kind)
         overrides = dict(config_overrides or {})
         if kind == "causal":
             return CausalGenerator.from_pretrained(
                 name_or_path, max_source_length=max_source_length, template=template, prefix_lm=prefix_lm,
                 gradient_checkpointing=gradient_checkpointing, num_layers=num_layers, lora=lora,
-                empty_init=empty_init, frozen_layers=frozen_layers, **overrides,
+                empty_init=empty_init, frozen_layers=frozen_layers, copy=copy, **overrides,
             )  # fmt: skip
-        if frozen_layers:
-            raise ValueError(f"model.generator.frozen_layers applies to kind=causal only, not {kind}")
+        if frozen_layers or copy:
+            raise ValueError(
+                f"model.generator.frozen_layers / copy apply to kind=causal only, not {kind}"
+            )
         if template is not None or prefix_lm:
             raise ValueError(f"model.generator.template / prefix_lm apply to kind=causal only, not {kind}")
         if name_or_path.startswith("tiny:"):

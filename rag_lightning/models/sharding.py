@@ -46,6 +46,8 @@ def shard_generator(
     fully_shard(generator, **kw)
     # the fused loss runs the generator through hidden_states(), not forward(): FSDP2 must unshard for it too
     register_fsdp_forward_method(generator, "hidden_states")
+    if hasattr(generator, "answer_states"):  # causal generators: hidden states + the copy head's pointer
+        register_fsdp_forward_method(generator, "answer_states")
     return generator
 
 
