@@ -101,3 +101,33 @@ def test_export_merges_adapters(tmp_path, cfg_factory, name):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gen", "x.ckpt"]  # no temporary directory left
     with pytest.raises(FileExistsError):
         export.export(cfg, [])
+
+
+def test_copy_head_trains_under_lora_and_is_exported(tmp_path, cfg_factory):
+    """The pointer head is new: it trains next to the adapters, the checkpoint holds it, and the exported
+    directory carries it (rag_pointer.safetensors) with the same outputs."""
+    spec = importlib.util.spec_from_file_location("rag_export_script", ROOT / "scripts" / "export.py")
+    export = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export)
+    over = (*TINY, "model.generator.name_or_path=tiny:llama", "+model.generator.copy=true")
+    cfg = cfg_factory(
+        *over, f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path / 'gen'}", config_name="export"
+    )
+    module = instantiate(cfg.model)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert {"generator.pointer.query.weight", "generator.pointer.gate.bias"} <= trainable
+    assert all(
+        "lora_" in n or n.startswith(("retriever.query_encoder.", "generator.pointer.")) for n in trainable
+    )
+    _perturb_adapters(module)
+    with torch.no_grad():
+        module.generator.pointer.gate.bias.fill_(1.5)  # a trained head, not the fresh one
+    sd = module.state_dict()
+    assert "generator.pointer.gate.bias" in sd
+    torch.save({"state_dict": sd, "hyper_parameters": dict(module.hparams)}, cfg.ckpt_path)
+    expected = _logits(module.generator)
+    out = export.export(cfg, [])
+    assert (out / "rag_pointer.safetensors").is_file()
+    plain = Generator.from_pretrained(str(out), max_source_length=48)
+    assert plain.pointer is not None and plain.pointer.gate.bias.item() == 1.5
+    torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-4)

@@ -77,7 +77,11 @@ def test_absent_target_gets_only_the_written_share_and_finite_gradients():
     assert torch.isfinite(logits.grad).all()
     full = mix_distribution(logits, ptr)  # log of an exact 0 copy share: finite too
     full.sum().backward()
-    assert torch.isfinite(full).all() and torch.isfinite(logits.grad).all() and torch.isfinite(ptr.gate.grad).all()
+    assert (
+        torch.isfinite(full).all()
+        and torch.isfinite(logits.grad).all()
+        and torch.isfinite(ptr.gate.grad).all()
+    )
 
 
 def test_gate_bias_starts_even():

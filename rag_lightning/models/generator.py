@@ -157,9 +157,7 @@ class Generator(ListSources, nn.Module):
                 empty_init=empty_init, frozen_layers=frozen_layers, copy=copy, **overrides,
             )  # fmt: skip
         if frozen_layers or copy:
-            raise ValueError(
-                f"model.generator.frozen_layers / copy apply to kind=causal only, not {kind}"
-            )
+            raise ValueError(f"model.generator.frozen_layers / copy apply to kind=causal only, not {kind}")
         if template is not None or prefix_lm:
             raise ValueError(f"model.generator.template / prefix_lm apply to kind=causal only, not {kind}")
         if name_or_path.startswith("tiny:"):
