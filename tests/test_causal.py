@@ -35,7 +35,7 @@ def _prefix_bert(copy: bool = False):
 
 
 def _generator(arch: str) -> CausalGenerator:
-    """ "gpt2" | "llama" | "bert-prefix", "-copy": with the pointer head (its attention made peaked)."""
+    """arch: gpt2 | llama | bert-prefix; with "-copy", the pointer head (its attention made peaked)."""
     arch, copy = arch.removesuffix("-copy"), arch.endswith("-copy")
     if arch == "bert-prefix":
         g = _prefix_bert(copy)

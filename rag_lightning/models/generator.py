@@ -21,6 +21,7 @@ from transformers import (
     AutoConfig,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    EncoderDecoderConfig,
     EncoderDecoderModel,
     PreTrainedTokenizerBase,
 )
@@ -142,8 +143,8 @@ class Generator(ListSources, nn.Module):
         `prefix_lm=True`: see `models/causal.py`, which also takes `template`), or "auto" (seq2seq for
         encoder-decoder configs, causal for decoder-only ones, else bert2bert). bert2bert and causal:
         `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder).
-        `lora`: LoRA adapters on the generator (see `apply_lora`), for every kind. `empty_init`: build causal
-        and seq2seq models on the meta device, without weights (FSDP ranks > 0, see `models/sharding.py`).
+        `lora`: LoRA adapters on the generator (see `apply_lora`), for every kind. `empty_init`: build the
+        model on the meta device, without weights (FSDP ranks > 0, see `models/sharding.py`).
         `config_overrides`: attributes of the transformers config to change, e.g. `{dropout: 0.0}` (BART) or
         `{hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}` (BERT family; bert2bert: both halves).
         `frozen_layers` (causal only): the embeddings and the first N blocks do not train (`freeze_bottom`).
@@ -174,21 +175,37 @@ class Generator(ListSources, nn.Module):
         tok = AutoTokenizer.from_pretrained(name_or_path)
         if kind == "bert2bert" and not config.is_encoder_decoder:
             layers = overrides if num_layers is None else {**overrides, "num_hidden_layers": num_layers}
-            model = EncoderDecoderModel.from_encoder_decoder_pretrained(
-                name_or_path,
-                name_or_path,
-                tie_encoder_decoder=tie_encoder_decoder,
-                **{f"encoder_{k}": v for k, v in layers.items()},
-                **{f"decoder_{k}": v for k, v in layers.items()},
-            )
+            if empty_init:  # the architecture from_encoder_decoder_pretrained builds, without weights
+                enc = AutoConfig.from_pretrained(
+                    name_or_path, **layers, is_decoder=False, add_cross_attention=False
+                )
+                dec = AutoConfig.from_pretrained(
+                    name_or_path, **layers, is_decoder=True, add_cross_attention=True
+                )
+                both = EncoderDecoderConfig.from_encoder_decoder_configs(
+                    enc, dec, tie_encoder_decoder=tie_encoder_decoder
+                )
+                with torch.device("meta"):
+                    model = EncoderDecoderModel(config=both)
+            else:
+                model = EncoderDecoderModel.from_encoder_decoder_pretrained(
+                    name_or_path,
+                    name_or_path,
+                    tie_encoder_decoder=tie_encoder_decoder,
+                    **{f"encoder_{k}": v for k, v in layers.items()},
+                    **{f"decoder_{k}": v for k, v in layers.items()},
+                )
             model.config.decoder_start_token_id = tok.cls_token_id
             model.config.pad_token_id = tok.pad_token_id
             model.config.eos_token_id = tok.sep_token_id
+        elif empty_init:  # FSDP ranks > 0: the architecture on the meta device, weights come from rank 0
+            with torch.device("meta"):
+                if config.model_type == "encoder-decoder":
+                    model = EncoderDecoderModel(config=config)
+                else:
+                    model = AutoModelForSeq2SeqLM.from_config(config)
         elif config.model_type == "encoder-decoder":
             model = EncoderDecoderModel.from_pretrained(name_or_path, config=config)
-        elif empty_init:
-            with torch.device("meta"):
-                model = AutoModelForSeq2SeqLM.from_config(config)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, config=config)
         if gradient_checkpointing:  # activations recomputed in backward, layer by layer
