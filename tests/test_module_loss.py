@@ -95,10 +95,14 @@ def test_gradient_checkpointing_same_gradients():
         torch.testing.assert_close(g, ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("fused", [True, False])
-def test_bf16_autocast_step_close_to_fp32(fused):
-    """trainer precision bf16-mixed: the step runs under CPU autocast; the loss stays float32 and close."""
-    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+@pytest.mark.parametrize(
+    "fused, name, copy", [(True, "tiny:bart", None), (False, "tiny:bart", None), (True, "tiny:llama", True)]
+)
+def test_bf16_autocast_step_close_to_fp32(fused, name, copy):
+    """trainer precision bf16-mixed: the step runs under CPU autocast; the loss stays float32 and close (also
+    with the copy head, whose attention and mixture compute in float32)."""
+    torch.manual_seed(0)
+    gen = Generator.from_pretrained(name, max_source_length=24, copy=copy)
     module = RagModule(None, gen, variant="token", fused_loss=fused)
     src, mask, labels, scores = _batch(gen)
     ref = rag_loss(module.token_logprobs(src, mask, labels), scores, "token").sum()
