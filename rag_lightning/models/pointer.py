@@ -8,10 +8,10 @@ At answer position t, with final hidden state h_t and the prompt's final states 
 
 (the pointer-generator of See et al. 2017). Extractive answers are spans of the retrieved passage: pointing
 at them is learned from a few hundred examples, where the output layer of a small model spells them out
-slowly (README "Measured: Demo"). The mixture is a normalized distribution over the vocabulary, so the RAG
-marginals (`marginalize.py`) and the decoders (`decode.py`) use it as they use the LM's own.
+slowly (README, "Measured": the demo). The mixture is a normalized distribution over the vocabulary, so
+the RAG marginals (`marginalize.py`) and the decoders (`decode.py`) use it as they use the LM's own.
 
-All functions here are pure and compute in float32 (float64 for float64 inputs).
+The head computes its attention in float32 (float64 for float64 inputs); the functions are pure.
 """
 
 from __future__ import annotations
