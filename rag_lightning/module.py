@@ -237,12 +237,11 @@ class RagModule(L.LightningModule):
         g = self.generator
         copy = getattr(g, "pointer", None) is not None  # label smoothing of a copy mixture: the full (V,) one
         if self.hparams.fused_loss and g.output_layer() is not None and not (copy and smooth):
-            if not copy:
-                hidden = g.hidden_states(src, mask, rep)  # (B*K, T, H)
-                head = g.output_layer()  # after the pass: under FSDP2 the root unit is unsharded now
-                return answer_logprobs_fused(hidden, *head, labels, k, smooth=smooth, positions=positions)
-            hidden, ptr = g.answer_states(src, mask, rep)  # (B*K, T, H), Pointer (B*K, T, S)
-            lp = answer_logprobs_fused(hidden, *g.output_layer(), labels, k, positions=positions)
+            hidden, ptr = g.answer_states(src, mask, rep)  # (B*K, T, H), Pointer (B*K, T, S) or None
+            head = g.output_layer()  # after the pass: under FSDP2 the root unit is unsharded now
+            lp = answer_logprobs_fused(hidden, *head, labels, k, smooth=smooth, positions=positions)
+            if ptr is None:
+                return lp
             tok = g.copy_mix(lp.tok_lp.flatten(0, 1), ptr, rep).view_as(lp.tok_lp)  # (B, K, T)
             return AnswerLogProbs(tok.masked_fill(~lp.mask[:, None], 0.0), None, lp.mask)
         logits = g(src, mask, rep)  # (B*K, T, V) (with a copy head: the mixture's log-probs)

@@ -327,17 +327,19 @@ class CausalGenerator(ListSources, nn.Module):
         return self._lm.base_model(**inputs, return_dict=True)
 
     def _states(
-        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pointer: bool = True
     ) -> tuple[torch.Tensor, Pointer | None]:
         h = self._body(**self._teacher_forced_inputs(src, mask, labels), use_cache=False).last_hidden_state
         s = src.shape[1]
         answer = h[:, s - 1 :]  # (R, T, H): position S-1+t predicts labels[:, t]
-        ptr = None if self.pointer is None else self.pointer(answer, self.pointer.keys(h[:, :s]), mask, src)
+        ptr = None
+        if pointer and self.pointer is not None:
+            ptr = self.pointer(answer, self.pointer.keys(h[:, :s]), mask, src)  # (R, T, S)
         return self._pre_head(answer), ptr
 
     def hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B*K, T, H) at the positions predicting labels (B*K, T), before the LM head."""
-        return self._states(src, mask, labels)[0]
+        return self._states(src, mask, labels, pointer=False)[0]
 
     def answer_states(
         self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor

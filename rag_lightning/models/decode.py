@@ -146,12 +146,11 @@ class CausalSteps:
             self._prompt = logits, kv, memory
         else:
             return self.g.prompt_step(self.src_ids[rows], self.src_mask[rows])
-        if rows is not None:
-            logits, kv = logits[rows], [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in kv]
-            memory = memory and tuple(m.index_select(0, rows) for m in memory)
         cache = DynamicCache(ddp_cache_data=kv, config=self.g.model.config)
         if memory is not None:
             cache.pointer_memory = memory
+        if rows is not None:  # selects new tensors: the kept prompt's stay as they are
+            logits, cache = logits[rows], self.g.reorder_cache(cache, rows)
         return logits, cache
 
     def next(self, tokens: Tensor, rows: Tensor | None, past, t: int) -> tuple[Tensor, Any]:

@@ -269,6 +269,16 @@ class Generator(ListSources, nn.Module):
     def hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final decoder states (B*K, T, H) as the LM head sees them (after T5's d_model**-0.5 rescaling, after
         BERT's prediction-head transform), for labels (B*K, T) (-100 = padding)."""
+        return self._hidden_states(src, mask, labels)
+
+    def answer_states(
+        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        """What RagModule's fused loss reads: `hidden_states` and the copy head's pointer, which seq2seq
+        generators do not have (causal.py)."""
+        return self._hidden_states(src, mask, labels), None
+
+    def _hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dec = shift_right(labels, self.decoder_start_token_id, self.pad_token_id)
         m = self.model
         if self._head == "bart":

@@ -44,10 +44,10 @@ def shard_generator(
         if isinstance(module, classes):
             fully_shard(module, **kw)
     fully_shard(generator, **kw)
-    # the fused loss runs the generator through hidden_states(), not forward(): FSDP2 must unshard for it too
-    register_fsdp_forward_method(generator, "hidden_states")
-    if hasattr(generator, "answer_states"):  # causal generators: hidden states + the copy head's pointer
-        register_fsdp_forward_method(generator, "answer_states")
+    # the fused loss runs the generator through answer_states(), not forward(): FSDP2 must unshard for it too
+    # (hidden_states() as well, for callers that want the states alone; neither calls the other)
+    for method in ("answer_states", "hidden_states"):
+        register_fsdp_forward_method(generator, method)
     return generator
 
 
