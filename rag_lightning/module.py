@@ -1,14 +1,16 @@
-"""RagModule: wires retriever, generator and the marginal likelihood into a LightningModule.
+"""RagModule: wires retriever, reader (the generator) and the losses into a LightningModule.
 
-No math lives here: the losses are `models.marginalize` and `models.objectives`, decoding `models.decode`,
-metrics `metrics`. One training step (B questions, K passages each):
+No math lives here: the losses are `models.marginalize` and `models.objectives`, reading and decoding the
+reader's (`readers/`), metrics `metrics`. One training step (B questions, K passages each):
     doc_scores, ids = retriever(question)                  # (B, K) with grad, (B, K) passage ids
-    src = template(question, passage[ids])                 # (B*K, S) token ids, question first
-    lp = answer_logprobs(src, labels)                      # tok_lp (B, K, T), seq_lp (B, K): one generator pass;
-                                                           #   fused output layer + log-probs (no (B*K, T, V) logits)
-    loss = rag_loss(lp, doc_scores, generator_loss)        # RAG-Token / RAG-Sequence marginal: trains the generator
-           + sum_name w_name * objective_name(lp.seq_lp, doc_scores)   # retriever objectives, same pass
+    src = reader.assemble_sources(question, passage[ids])  # marginal readers: (B*K, S); one prompt: (B, S)
+    lp = reader.score(src, labels)                         # tok_lp (B, K', T): K' = K per-passage rows, 1 for
+                                                           #   fusion readers; fused output layer + log-probs
+    loss = rag_loss(lp, *reader.marginal_inputs(doc_scores, variant))   # the marginal (K' = 1: plain NLL)
+           + sum_name w_name * objective_name(seq_lp | attention | loop pass, doc_scores)
 The marginal's gradient reaches the retriever only with `marginal` in `retriever_loss` (the RAG paper's setup).
+A fusion reader trains the retriever with `adist` (its attention on each passage, same pass) or with pdist /
+emdr2 / lsr on per-passage likelihoods from one extra no-grad pass over single-passage inputs (`loop_logprobs`).
 """
 
 from __future__ import annotations
@@ -22,21 +24,20 @@ import torch
 from torchmetrics import MeanMetric
 
 from rag_lightning import metrics
-from rag_lightning.models.causal import CausalGenerator
-from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
-from rag_lightning.models.generator import Generator
-from rag_lightning.models.marginalize import (
-    AnswerLogProbs,
-    answer_logprobs,
-    answer_logprobs_fused,
-    rag_loss,
+from rag_lightning.models.marginalize import AnswerLogProbs, rag_loss
+from rag_lightning.models.objectives import (
+    OBJECTIVE_INPUTS,
+    OBJECTIVES,
+    contrastive_loss,
+    entropy,
+    scale_grad,
 )
-from rag_lightning.models.objectives import OBJECTIVES, contrastive_loss, entropy, scale_grad
 from rag_lightning.models.retriever import Retriever
+from rag_lightning.readers import FUSION, VARIANTS, Reader
+from rag_lightning.readers.base import Read
 from rag_lightning.retrieval.embed import pad_batch
 
 log = logging.getLogger(__name__)
-VARIANTS = ("token", "sequence")
 GENERATOR_LOSSES = (*VARIANTS, "none")
 RETRIEVER_LOSSES = ("marginal", *OBJECTIVES, "contrastive")
 
@@ -45,11 +46,11 @@ class RagModule(L.LightningModule):
     def __init__(
         self,
         retriever: Retriever,
-        generator: Generator | CausalGenerator | Callable[..., Generator | CausalGenerator],
+        generator: Reader | Callable[..., Reader],
         variant: str = "token",
         label_smoothing: float = 0.0,
         generator_loss: str | None = None,
-        retriever_loss: str | dict[str, float] = "marginal",
+        retriever_loss: str | dict[str, float] | None = None,
         objective_args: dict[str, dict[str, Any]] | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
@@ -60,11 +61,14 @@ class RagModule(L.LightningModule):
         n_samples: int = 16,
         fused_loss: bool = True,
     ):
-        """variant: token | sequence, the marginal used for decoding and (by default) the generator loss.
-        generator_loss: token | sequence | none (a frozen generator); null = `variant`.
-        retriever_loss: what trains the retriever, a name (`marginal | emdr2 | pdist | lsr | contrastive`) or
-        weights `{emdr2: 1.0, contrastive: 0.1}`; `marginal` sends the generator loss's gradient into the
-        retrieval scores (the RAG paper), the others are `models.objectives` on the same generator pass.
+        """variant: the reader (`readers.READERS`): token | sequence, the marginal used for decoding and (by
+        default) the generator loss; fid | concat, a fusion reader (all passages read at once, no marginal).
+        generator_loss: the variant's loss or none (a frozen generator); null = `variant`.
+        retriever_loss: what trains the retriever, a name (`marginal | emdr2 | pdist | lsr | adist |
+        contrastive`) or weights `{emdr2: 1.0, contrastive: 0.1}`; null = marginal for the marginal readers,
+        adist for fusion readers. `marginal` sends the generator loss's gradient into the retrieval scores (the
+        RAG paper), the others are `models.objectives` on the same generator pass (fusion readers: adist on
+        its attention, the likelihood objectives on one extra no-grad pass, see `loop_logprobs`).
         objective_args: keyword arguments per objective, e.g. `{pdist: {temperature: 0.1}}`."""
         super().__init__()
         # plain containers in hparams, so checkpoints load with torch.load(weights_only=True)
@@ -77,7 +81,10 @@ class RagModule(L.LightningModule):
             raise ValueError(
                 f"model.generator_loss must be one of {GENERATOR_LOSSES}, got {generator_loss!r}"
             )
+        if retriever_loss is None:
+            retriever_loss = "adist" if variant in FUSION else "marginal"
         retriever_loss = _retriever_weights(retriever_loss)
+        _check_fusion(variant, retriever_loss)
         objective_args = _plain(objective_args or {})
         for name in objective_args:
             if name not in RETRIEVER_LOSSES or name == "marginal":
@@ -96,7 +103,7 @@ class RagModule(L.LightningModule):
             objective_args,
         )
         if self.generator is not None:
-            self._freeze_generator()
+            self._prepare_generator()
         self.corpus = None  # set in setup() from the datamodule, or by hand
         self.decoding = _decoding(decoding)
         names = ["loss", "em", "f1", "p_entropy"] + [f"recall@{k}" for k in eval_ks]
@@ -116,7 +123,19 @@ class RagModule(L.LightningModule):
             self.generator.eval()  # frozen: no dropout, so the target distribution is the model's own
         return self
 
-    def _freeze_generator(self) -> None:
+    def needs(self, what: str) -> bool:
+        """Whether a configured retriever objective reads the reader's `likelihood` or `attention`."""
+        return any(OBJECTIVE_INPUTS.get(name) == what for name in self.retriever_weights)
+
+    def _prepare_generator(self) -> None:
+        variant, g = self.hparams.variant, self.generator
+        if variant not in type(g).variants:
+            raise ValueError(
+                f"model.variant={variant} needs another reader than {type(g).__name__} {type(g).variants}: "
+                f"build the generator with readers.from_pretrained(..., variant={variant})"
+            )
+        if self.needs("attention"):
+            g.use_eager_attention()  # attention probabilities (adist) come from the eager implementation
         if self.generator_loss == "none":
             self.generator.requires_grad_(False)  # frozen (REPLUG LSR): scores the answer, never trains
             self.generator.eval()
@@ -157,7 +176,7 @@ class RagModule(L.LightningModule):
         if lazy:
             meta = mesh is not None and mesh.get_rank() != 0
             self.generator = self.generator_factory(empty_init=True) if meta else self.generator_factory()
-            self._freeze_generator()
+            self._prepare_generator()
         if mesh is None or is_sharded(self.generator):
             return
         full = self.generator.state_dict() if lazy and mesh.get_rank() == 0 else {}
@@ -207,13 +226,17 @@ class RagModule(L.LightningModule):
     def retrieve(self, batch: dict[str, Any], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.retriever(batch["q_input_ids"], batch["q_attention_mask"], k, corpus=self.corpus)
 
-    def sources(self, batch: dict[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K) passage ids -> generator inputs (B*K, S) on this device, assembled with tensor ops."""
+    def sources(
+        self, batch: dict[str, Any], ids: torch.Tensor, single: bool = False
+    ) -> tuple[torch.Tensor, ...]:
+        """(B, K) passage ids -> the reader's inputs on this device (src, mask[, segments]), assembled with
+        tensor ops; ``single``: a fusion reader's single-passage inputs (the loop pass)."""
         g = self.generator
         passages, p_len = self.corpus.gen_token_rows(ids.detach().flatten())  # (B*K, L), (B*K,) on the CPU
         q, q_mask = pad_batch(batch["g_question"], g.pad_token_id)  # (B, Lq)
-        src, mask = g.assemble_sources(q, q_mask.sum(1), passages, p_len, ids.shape[1])
-        return src.to(self.device, non_blocking=True), mask.to(self.device, non_blocking=True)
+        assemble = g.single_sources if single else g.assemble_sources
+        out = assemble(q, q_mask.sum(1), passages, p_len, ids.shape[1])
+        return tuple(t.to(self.device, non_blocking=True) for t in out)
 
     def token_logprobs(
         self,
@@ -222,42 +245,61 @@ class RagModule(L.LightningModule):
         labels: torch.Tensor,
         positions: torch.Tensor | None = None,
         smooth: bool | None = None,
+        segments: torch.Tensor | None = None,
+        attention: bool = False,
     ) -> AnswerLogProbs:
-        """Per-passage answer log-probs for generator inputs (B*K, S) and labels (B, T), one generator pass.
+        """Answer log-probs (B, K', T) for the reader's inputs and labels (B, T), one reader pass (``read``)."""
+        return self.read(src, mask, labels, positions, smooth, segments, attention).lp
 
-        With ``model.fused_loss`` and a generator that exposes its output layer (``Generator.output_layer()``),
-        the decoder's final states go straight into the fused output-layer + log-prob kernel and the
-        (B*K, T, V) logits never exist; otherwise the log-probs come from ``generator(src, mask, labels)``.
-        ``positions``: ``batch["label_positions"]`` (non-padding targets, from the collator). ``smooth``: also
-        the label-smoothing statistics (default: when ``label_smoothing > 0``)."""
-        k = src.shape[0] // labels.shape[0]
-        rep = labels.repeat_interleave(k, 0)  # (B*K, T)
+    def read(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        smooth: bool | None = None,
+        segments: torch.Tensor | None = None,
+        attention: bool = False,
+    ) -> Read:
+        """The reader's ``score``: with ``model.fused_loss`` and a reader that exposes its output layer, the
+        final states go straight into the fused output-layer + log-prob kernel and the (rows, T, V) logits
+        never exist. ``positions``: ``batch["label_positions"]`` (non-padding targets, from the collator).
+        ``smooth``: also the label-smoothing statistics (default: when ``label_smoothing > 0``)."""
         if smooth is None:
             smooth = self.hparams.label_smoothing > 0
-        g = self.generator
-        copy = getattr(g, "pointer", None) is not None  # label smoothing of a copy mixture: the full (V,) one
-        if self.hparams.fused_loss and g.output_layer() is not None and not (copy and smooth):
-            hidden, ptr = g.answer_states(src, mask, rep)  # (B*K, T, H), Pointer (B*K, T, S) or None
-            head = g.output_layer()  # after the pass: under FSDP2 the root unit is unsharded now
-            lp = answer_logprobs_fused(hidden, *head, labels, k, smooth=smooth, positions=positions)
-            if ptr is None:
-                return lp
-            tok = g.copy_mix(lp.tok_lp.flatten(0, 1), ptr, rep).view_as(lp.tok_lp)  # (B, K, T)
-            return AnswerLogProbs(tok.masked_fill(~lp.mask[:, None], 0.0), None, lp.mask)
-        logits = g(src, mask, rep)  # (B*K, T, V) (with a copy head: the mixture's log-probs)
-        return answer_logprobs(logits, labels, k, smooth=smooth, positions=positions)
+        return self.generator.score(
+            src, mask, labels, fused=self.hparams.fused_loss, smooth=smooth, positions=positions,
+            segments=segments, attention=attention,
+        )  # fmt: skip
 
     def answer_logprobs(
-        self, batch: dict[str, Any], ids: torch.Tensor, smooth: bool | None = None
-    ) -> AnswerLogProbs:
-        """The generator's answer log-likelihoods under each retrieved passage, differentiable:
-        ``.tok_lp`` (B, K, T) = log p(y_t | x, z_k, y_<t) (0 at padding), ``.seq_lp`` (B, K) = their sum,
-        ``.smooth_lp`` (label smoothing). Retriever objectives (EMDR2, perplexity distillation, LSR) use
-        ``seq_lp`` from the same pass as the loss: ``rag_loss(lp, doc_scores, variant)``. A frozen generator
-        (``generator_loss=none``) runs without gradient."""
-        src, mask = self.sources(batch, ids)
+        self, batch: dict[str, Any], ids: torch.Tensor, smooth: bool | None = None, attention: bool = False
+    ) -> AnswerLogProbs | Read:
+        """The reader's answer log-likelihoods given the retrieved passages, differentiable: ``.tok_lp``
+        (B, K', T) = log p(y_t | x, z_k, y_<t) (0 at padding; K' = 1 for a fusion reader), ``.seq_lp`` (B, K')
+        their sum, ``.smooth_lp`` (label smoothing). Retriever objectives (EMDR2, perplexity distillation, LSR)
+        use a marginal reader's ``seq_lp`` from the same pass as the loss. A frozen generator
+        (``generator_loss=none``) runs without gradient. ``attention``: the whole ``Read``, with the passage
+        attention (B, K) of a fusion reader."""
+        src, mask, *segments = self.sources(batch, ids)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.generator_loss != "none"):
-            return self.token_logprobs(src, mask, batch["labels"], batch.get("label_positions"), smooth)
+            out = self.read(
+                src,
+                mask,
+                batch["labels"],
+                batch.get("label_positions"),
+                smooth,
+                *segments,
+                attention=attention,
+            )
+        return out if attention else out.lp
+
+    @torch.no_grad()
+    def loop_logprobs(self, batch: dict[str, Any], ids: torch.Tensor) -> torch.Tensor:
+        """A fusion reader's per-passage answer log-likelihoods (B, K), log p(y | x, z_k): one extra batched
+        pass with single-passage inputs, no gradient (Atlas's "loop" mode), for pdist / emdr2 / lsr."""
+        src, mask = self.sources(batch, ids, single=True)
+        return self.generator.score_each(src, mask, batch["labels"], batch.get("label_positions")).seq_lp
 
     def marginal_nll(
         self,
@@ -270,6 +312,7 @@ class RagModule(L.LightningModule):
         smoothing ``epsilon`` (default: ``label_smoothing``, the training loss)."""
         variant = variant or self.hparams.variant
         epsilon = self.hparams.label_smoothing if epsilon is None else epsilon
+        doc_scores, variant = self.generator.marginal_inputs(doc_scores, variant)
         return rag_loss(lp, doc_scores, variant, epsilon=epsilon)
 
     def nll(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -281,8 +324,9 @@ class RagModule(L.LightningModule):
         doc_scores, ids, q, d = self.retriever(
             batch["q_input_ids"], batch["q_attention_mask"], self.retriever.n_docs, self.corpus, True
         )
-        lp = self.answer_logprobs(batch, ids)
-        loss, parts = self.training_loss(batch, lp, doc_scores, ids, q, d)
+        out = self.answer_logprobs(batch, ids, attention=self.needs("attention"))
+        lp, attn = (out.lp, out.attention) if isinstance(out, Read) else (out, None)
+        loss, parts = self.training_loss(batch, lp, doc_scores, ids, q, d, attn)
         bs = len(batch["questions"])
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         for name, value in parts.items():
@@ -300,19 +344,25 @@ class RagModule(L.LightningModule):
         ids: torch.Tensor,
         q: torch.Tensor,
         d: torch.Tensor,
+        attention: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Generator loss + weighted retriever objectives -> (loss, {term name: detached mean}).
 
         The marginal trains the generator (unless it is frozen) and, with weight w = retriever_loss["marginal"],
-        the retriever: its gradient into the scores is scaled by w (0: the scores are detached)."""
+        the retriever: its gradient into the scores is scaled by w (0: the scores are detached). A fusion
+        reader's objectives read ``attention`` (B, K) (adist) or the loop pass's likelihoods (``loop_logprobs``)."""
         w = self.retriever_weights
         variant = self.hparams.variant if self.generator_loss == "none" else self.generator_loss
         nll = self.marginal_nll(lp, scale_grad(doc_scores, w.get("marginal", 0.0)), variant).mean()
         parts = {"nll": nll.detach()}
         terms = [nll] if nll.requires_grad else []
+        inputs = {"attention": attention}
+        if self.needs("likelihood"):
+            inputs["likelihood"] = self.loop_logprobs(batch, ids) if self.generator.fusion else lp.seq_lp
         for name, weight in w.items():
             if name in OBJECTIVES:
-                term = OBJECTIVES[name](lp.seq_lp, doc_scores, **self.objective_args.get(name, {})).mean()
+                x = inputs[OBJECTIVE_INPUTS[name]]  # (B, K)
+                term = OBJECTIVES[name](x, doc_scores, **self.objective_args.get(name, {})).mean()
             elif name == "contrastive":
                 term = self.contrastive(batch, ids, q, d)
             else:
@@ -363,9 +413,8 @@ class RagModule(L.LightningModule):
             self.generator.reshard()
 
     def _generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
-        src, mask = self.sources(batch, ids)
+        src, mask, *_ = self.sources(batch, ids)
         g, d = self.generator, self.decoding
-        model = g if g.kind == "causal" else g.model  # decoder-only: the generator runs its own prompt steps
         kw = dict(
             num_beams=d["num_beams"],
             max_length=d["max_length"],
@@ -375,10 +424,7 @@ class RagModule(L.LightningModule):
             eos_token_id=g.eos_token_id,
             pad_token_id=g.pad_token_id,
         )
-        if self.hparams.variant == "token":
-            out = rag_token_generate(model, src, mask, doc_scores, **kw)
-        else:
-            out = rag_sequence_generate(model, src, mask, doc_scores, mode=d["mode"], **kw)
+        out = g.generate(src, mask, doc_scores, self.hparams.variant, mode=d["mode"], **kw)
         return g.decode(out)
 
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -575,6 +621,19 @@ def _retriever_weights(spec: Any) -> dict[str, float]:
         if not w >= 0:
             raise ValueError(f"model.retriever_loss: weight of {name} must be >= 0, got {w}")
     return weights
+
+
+def _check_fusion(variant: str, weights: dict[str, float]) -> None:
+    """A fusion reader has no per-passage marginal; attention distillation needs one."""
+    if variant in FUSION and "marginal" in weights:
+        raise ValueError(
+            f"model.retriever_loss: marginal needs a per-passage reader, model.variant={variant} reads all "
+            f"passages at once; use adist (its attention), pdist, emdr2, lsr or contrastive"
+        )
+    if variant not in FUSION and "adist" in weights:
+        raise ValueError(
+            f"model.retriever_loss: adist needs a fusion reader ({FUSION}), not variant={variant}"
+        )
 
 
 def _first_hit(texts: list[str], answers: list[str], regex: bool) -> float:

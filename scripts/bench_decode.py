@@ -42,7 +42,7 @@ def build_causal(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, i
     """A seeded random Llama (2 x ``--layers`` blocks) behind ``CausalGenerator``, and its special ids."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rag_lightning.models.causal import CausalGenerator
+    from rag_lightning.readers.causal import CausalGenerator
     from rag_lightning.tokenization import tiny_bpe_tokenizer
 
     tok = tiny_bpe_tokenizer()  # only its EOS (no pad token: prompts are padded with EOS)
@@ -123,7 +123,7 @@ def hf_beams(args, eos: int, pad: int) -> dict:
 
 def left_pad(src: Tensor, mask: Tensor, eos: int) -> tuple[Tensor, Tensor]:
     """Right-padded rows ending in EOS -> left-padded prompts without the EOS (decoder-only inputs)."""
-    from rag_lightning.models.causal import left_pad as pad_left
+    from rag_lightning.readers.causal import left_pad as pad_left
 
     rows = [r[: int(n) - 1] for r, n in zip(src.tolist(), mask.sum(1).tolist())]
     return pad_left(rows, eos)

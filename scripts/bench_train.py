@@ -77,8 +77,8 @@ def make_inputs(a: argparse.Namespace, device: torch.device) -> dict[str, torch.
 def make_generator(a: argparse.Namespace):
     from transformers import BartConfig, BartForConditionalGeneration
 
-    from rag_lightning.models.generator import Generator
     from rag_lightning.models.tiny import tiny_tokenizer
+    from rag_lightning.readers.seq2seq import Generator
 
     d = a.d_model
     cfg = BartConfig(

@@ -7,10 +7,10 @@ import torch
 from transformers import BertConfig, BertLMHeadModel
 
 from rag_lightning.data.collate import causal_labels
-from rag_lightning.models.causal import CausalGenerator, prefix_lm_mask
-from rag_lightning.models.generator import Generator
 from rag_lightning.models.marginalize import rag_sequence_nll, rag_token_nll
 from rag_lightning.models.tiny import tiny_causal_lm, tiny_generator, tiny_tokenizer
+from rag_lightning.readers import from_pretrained
+from rag_lightning.readers.causal import CausalGenerator, prefix_lm_mask
 from rag_lightning.tokenization import generator_kind
 
 QUESTIONS = ["who was the first female nobel laureate?", "where is warsaw"]
@@ -145,14 +145,14 @@ def test_kind_auto_and_save_roundtrip(tmp_path):
     tiny_generator()[0].save_pretrained(bart)
     assert generator_kind(str(plain)) == "causal" and generator_kind(str(tmp_path / "gpt2")) == "causal"
     assert generator_kind(str(bart)) == "seq2seq" and generator_kind("tiny:llama") == "causal"
-    g2 = Generator.from_pretrained(str(tmp_path / "gpt2"), max_source_length=40).eval()
+    g2 = from_pretrained(str(tmp_path / "gpt2"), max_source_length=40).eval()
     assert isinstance(g2, CausalGenerator) and g2.template == template and g2.tokenizer.pad_token_id is None
     src, mask, labels = _batch(g)
     with torch.no_grad():
         torch.testing.assert_close(
             g2(src, mask, labels.repeat_interleave(2, 0)), g(src, mask, labels.repeat_interleave(2, 0))
         )
-    assert isinstance(Generator.from_pretrained(str(plain), kind="causal"), CausalGenerator)
+    assert isinstance(from_pretrained(str(plain), kind="causal"), CausalGenerator)
     with pytest.raises(ValueError, match="kind"):
         generator_kind(str(plain), "decoder")
 
@@ -160,7 +160,7 @@ def test_kind_auto_and_save_roundtrip(tmp_path):
 def test_prefix_lm_roundtrip_keeps_mode(tmp_path):
     g = _prefix_bert()
     g.save_pretrained(tmp_path)
-    g2 = Generator.from_pretrained(str(tmp_path), max_source_length=40)  # auto: the saved settings say causal
+    g2 = from_pretrained(str(tmp_path), max_source_length=40)  # auto: the saved settings say causal
     assert isinstance(g2, CausalGenerator) and g2.prefix_lm and g2.model.config.is_decoder
     w, _ = g2.output_layer()
     assert w.data_ptr() == g2.model.get_input_embeddings().weight.data_ptr()  # tied to the input embeddings
@@ -220,7 +220,7 @@ def _without_copy(g: CausalGenerator) -> CausalGenerator:
 def test_copy_head_roundtrip_and_kind_check(tmp_path):
     g = _generator("llama-copy")
     g.save_pretrained(tmp_path / "copy")
-    g2 = Generator.from_pretrained(str(tmp_path / "copy")).double().eval()  # the settings file says copy
+    g2 = from_pretrained(str(tmp_path / "copy")).double().eval()  # the settings file says copy
     assert g2.pointer is not None
     for k, v in g.pointer.state_dict().items():
         assert torch.equal(g2.pointer.state_dict()[k], v), k
@@ -229,11 +229,11 @@ def test_copy_head_roundtrip_and_kind_check(tmp_path):
         torch.testing.assert_close(
             g2(src, mask, labels.repeat_interleave(2, 0)), g(src, mask, labels.repeat_interleave(2, 0))
         )
-    assert Generator.from_pretrained(str(tmp_path / "copy"), copy=False).pointer is None
-    fresh = Generator.from_pretrained("tiny:llama", copy=True)  # a plain LM: a new head
+    assert from_pretrained(str(tmp_path / "copy"), copy=False).pointer is None
+    fresh = from_pretrained("tiny:llama", copy=True)  # a plain LM: a new head
     assert fresh.pointer is not None and fresh.pointer.gate.bias.item() == 0.0
     with pytest.raises(ValueError, match="copy apply to kind=causal only"):
-        Generator.from_pretrained("tiny:bart", copy=True)
+        from_pretrained("tiny:bart", copy=True)
 
 
 def test_datamodule_builds_causal_targets_for_causal_generators():
@@ -283,21 +283,19 @@ def test_peft_wrapped_model_scores_through_its_adapters():
 def test_config_overrides_reach_the_loaded_model(tmp_path, minilm_dir):
     """model.generator.config_overrides (e.g. no dropout for a short run) change the loaded config."""
     drop = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
-    g = Generator.from_pretrained(
-        minilm_dir, kind="causal", prefix_lm=True, num_layers=1, config_overrides=drop
-    )
+    g = from_pretrained(minilm_dir, kind="causal", prefix_lm=True, num_layers=1, config_overrides=drop)
     assert g.model.config.hidden_dropout_prob == 0.0 and g.model.config.attention_probs_dropout_prob == 0.0
     p = [m.p for m in g.model.modules() if isinstance(m, torch.nn.Dropout)]
     assert p and all(x == 0.0 for x in p)
-    b2b = Generator.from_pretrained(minilm_dir, kind="bert2bert", num_layers=1, config_overrides=drop)
+    b2b = from_pretrained(minilm_dir, kind="bert2bert", num_layers=1, config_overrides=drop)
     assert b2b.model.config.encoder.hidden_dropout_prob == b2b.model.config.decoder.hidden_dropout_prob == 0.0
     with pytest.raises(ValueError, match="not for tiny"):
-        Generator.from_pretrained("tiny:gpt2", kind="causal", config_overrides=drop)
+        from_pretrained("tiny:gpt2", kind="causal", config_overrides=drop)
 
 
 @pytest.mark.parametrize("name", ["tiny:gpt2", "tiny:llama"])
 def test_frozen_layers_freeze_embeddings_and_bottom_blocks(name):
-    g = Generator.from_pretrained(name, kind="causal", max_source_length=24, frozen_layers=1)
+    g = from_pretrained(name, kind="causal", max_source_length=24, frozen_layers=1)
     lm = g._lm
     n = lm.config.num_hidden_layers
     assert n >= 2
@@ -311,6 +309,6 @@ def test_frozen_layers_freeze_embeddings_and_bottom_blocks(name):
     assert all(p.grad is None for p in lm.parameters() if not p.requires_grad)
     assert all(p.grad is not None for k, p in lm.named_parameters() if p.requires_grad and f".{n - 1}." in k)
     with pytest.raises(ValueError, match="frozen_layers"):
-        Generator.from_pretrained(name, kind="causal", frozen_layers=n + 1)
+        from_pretrained(name, kind="causal", frozen_layers=n + 1)
     with pytest.raises(ValueError, match="kind=causal only"):
-        Generator.from_pretrained("tiny:bart", frozen_layers=1)
+        from_pretrained("tiny:bart", frozen_layers=1)

@@ -20,9 +20,9 @@ from transformers import (
 )
 
 from rag_lightning.models import decode as D
-from rag_lightning.models.causal import CausalGenerator, prefix_lm_mask
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.tiny import tiny_bpe_tokenizer
+from rag_lightning.readers.causal import CausalGenerator, prefix_lm_mask
 
 V = 96
 

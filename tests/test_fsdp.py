@@ -10,14 +10,15 @@ import torch
 from hydra.utils import instantiate
 
 from rag_lightning.models.sharding import layer_classes
+from rag_lightning.readers import from_pretrained
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "+model.generator.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: null}"
 
 
 def _save_tiny_llama(path: Path) -> None:
-    from rag_lightning.models.causal import CausalGenerator
     from rag_lightning.models.tiny import tiny_causal_lm
+    from rag_lightning.readers.causal import CausalGenerator
 
     CausalGenerator(*tiny_causal_lm("llama")).save_pretrained(path)
 
@@ -35,7 +36,6 @@ def _saved_generators(root: Path) -> dict[str, tuple[Path, str]]:
     """name -> (directory, kind): BART, Llama, a BERT warm-started as bert2bert, and that bert2bert saved."""
     from transformers import BertConfig, BertModel
 
-    from rag_lightning.models.generator import Generator
     from rag_lightning.models.tiny import tiny_generator, tiny_tokenizer
 
     out = {"bart": (root / "bart", "seq2seq"), "llama": (root / "llama", "causal")}
@@ -50,7 +50,7 @@ def _saved_generators(root: Path) -> dict[str, tuple[Path, str]]:
     BertModel(cfg).save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     out["bert2bert"] = (root / "bert", "bert2bert")
-    Generator.from_pretrained(str(root / "bert"), kind="bert2bert").save_pretrained(root / "enc-dec")
+    from_pretrained(str(root / "bert"), kind="bert2bert").save_pretrained(root / "enc-dec")
     out["encoder-decoder"] = (root / "enc-dec", "seq2seq")
     return out
 
@@ -58,11 +58,10 @@ def _saved_generators(root: Path) -> dict[str, tuple[Path, str]]:
 def test_meta_built_generators_match_the_loaded_ones(tmp_path):
     """FSDP ranks > 0 build the generator on the meta device (empty_init) and receive rank 0's weights: every
     kind must build the same parameters (names, shapes, dtypes) and, filled with them, the same outputs."""
-    from rag_lightning.models.generator import Generator
 
     for name, (path, kind) in _saved_generators(tmp_path).items():
-        real = Generator.from_pretrained(str(path), kind=kind, max_source_length=24).eval()
-        meta = Generator.from_pretrained(str(path), kind=kind, max_source_length=24, empty_init=True).eval()
+        real = from_pretrained(str(path), kind=kind, max_source_length=24).eval()
+        meta = from_pretrained(str(path), kind=kind, max_source_length=24, empty_init=True).eval()
         assert all(p.is_meta for p in meta.parameters()), name
         want = real.state_dict()
         got = {k: (v.shape, v.dtype) for k, v in meta.state_dict().items()}

@@ -10,7 +10,8 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from rag_lightning.models.generator import Generator
+from rag_lightning.readers import from_pretrained
+from rag_lightning.readers.seq2seq import Generator
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "+model.generator.lora={r: 4, alpha: 8, dropout: 0.0, target_modules: null}"  # peft default modules
@@ -94,7 +95,7 @@ def test_export_merges_adapters(tmp_path, cfg_factory, name):
     assert not torch.allclose(expected, base, atol=1e-4)  # the adapters change the outputs
 
     out = export.export(cfg, [])
-    plain = Generator.from_pretrained(str(out), max_source_length=48)
+    plain = from_pretrained(str(out), max_source_length=48)
     assert type(plain.model).__name__ == GENERATORS[name]
     assert not any("lora" in k for k in plain.model.state_dict())
     torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-4)
@@ -128,6 +129,6 @@ def test_copy_head_trains_under_lora_and_is_exported(tmp_path, cfg_factory):
     expected = _logits(module.generator)
     out = export.export(cfg, [])
     assert (out / "rag_pointer.safetensors").is_file()
-    plain = Generator.from_pretrained(str(out), max_source_length=48)
+    plain = from_pretrained(str(out), max_source_length=48)
     assert plain.pointer is not None and plain.pointer.gate.bias.item() == 1.5
     torch.testing.assert_close(_logits(plain), expected, atol=1e-5, rtol=1e-4)

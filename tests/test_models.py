@@ -12,8 +12,9 @@ from transformers import (
 )
 
 from rag_lightning.models.encoders import Encoder
-from rag_lightning.models.generator import Generator, join_wordpiece_punct, pair_template, shift_right
 from rag_lightning.models.tiny import tiny_tokenizer
+from rag_lightning.readers import from_pretrained
+from rag_lightning.readers.seq2seq import Generator, join_wordpiece_punct, pair_template, shift_right
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,7 @@ def test_pair_templates(tok):
 
 
 def test_build_sources_truncates_passage_never_question(tok):
-    gen = Generator.from_pretrained("tiny:bart", max_source_length=10)
+    gen = from_pretrained("tiny:bart", max_source_length=10)
     q = [[11, 12, 13]]
     src, mask = gen.build_sources(q, [list(range(100, 120)), [7]], n_docs=2)  # (B*K, S)
     assert src.shape == (2, 10)
@@ -94,7 +95,7 @@ def test_generator_seq2seq_roundtrip(tmp_path, tok):
                      pad_token_id=0, bos_token_id=101, eos_token_id=102, decoder_start_token_id=102)  # fmt: skip
     BartForConditionalGeneration(cfg).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    gen = Generator.from_pretrained(str(tmp_path), max_source_length=16)
+    gen = from_pretrained(str(tmp_path), max_source_length=16)
     assert isinstance(gen.model, BartForConditionalGeneration)
     assert gen.decoder_start_token_id == 102 and gen.eos_token_id == 102
     src, mask = gen.build_sources([[5, 6]], [[7, 8, 9]], 1)
@@ -105,14 +106,14 @@ def test_generator_seq2seq_roundtrip(tmp_path, tok):
 def test_generator_bert2bert_warm_start(tmp_path, tok):
     _tiny_bert(tok).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    gen = Generator.from_pretrained(str(tmp_path), kind="auto", max_source_length=16)
+    gen = from_pretrained(str(tmp_path), kind="auto", max_source_length=16)
     assert gen.model.config.model_type == "encoder-decoder"
     assert gen.decoder_start_token_id == tok.cls_token_id
     src, mask = gen.build_sources([[5, 6]], [[7, 8, 9]], 1)
     assert gen(src, mask, torch.tensor([[5, 102]])).shape == (1, 2, tok.vocab_size)
     out = tmp_path / "saved"
     gen.save_pretrained(out)  # an EncoderDecoderModel dir loads back as one
-    again = Generator.from_pretrained(str(out))
+    again = from_pretrained(str(out))
     assert again.model.config.model_type == "encoder-decoder"
 
 
@@ -127,7 +128,7 @@ def test_join_wordpiece_punct(raw, joined):
 
 
 def test_wordpiece_decode_round_trips_numbers(tok):
-    gen = Generator.from_pretrained("tiny:bart")
+    gen = from_pretrained("tiny:bart")
     ids = torch.tensor([tok("0.2 and mid-14th", add_special_tokens=False).input_ids])
     assert gen.decode(ids) == ["0.2 and mid-14th"]
 
@@ -145,12 +146,12 @@ def _t5(tok):
 def test_hidden_states_times_output_layer_is_forward(arch, tok, tmp_path):
     """The fused loss's split: hidden_states @ W.T + bias == forward's logits, for each supported family."""
     if arch == "bart":
-        gen = Generator.from_pretrained("tiny:bart", max_source_length=16)
+        gen = from_pretrained("tiny:bart", max_source_length=16)
         torch.nn.init.normal_(gen.model.final_logits_bias)  # non-zero, so a missing bias would show
     elif arch == "bert2bert":
         _tiny_bert(tok).save_pretrained(tmp_path)
         tok.save_pretrained(tmp_path)
-        gen = Generator.from_pretrained(str(tmp_path), kind="bert2bert", max_source_length=16)
+        gen = from_pretrained(str(tmp_path), kind="bert2bert", max_source_length=16)
     else:
         gen = Generator(_t5(tok), tok, max_source_length=16)
     gen.eval()
@@ -165,7 +166,7 @@ def test_hidden_states_times_output_layer_is_forward(arch, tok, tmp_path):
 
 
 def test_assemble_sources_matches_lists(tok):
-    gen = Generator.from_pretrained("tiny:bart", max_source_length=12)
+    gen = from_pretrained("tiny:bart", max_source_length=12)
     qs = [[11, 12, 13], list(range(30, 45))]
     ps = [list(range(100, 120)), [7], [], [1, 2]]
     src, mask = gen.build_sources(qs, ps, 2)

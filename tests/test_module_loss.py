@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rag_lightning.models.generator import Generator
 from rag_lightning.models.marginalize import label_positions, rag_loss
 from rag_lightning.module import RagModule
+from rag_lightning.readers import from_pretrained
+from rag_lightning.readers.seq2seq import Generator
 
 
 def _batch(gen: Generator):
@@ -18,9 +19,7 @@ def _batch(gen: Generator):
 
 
 def _loss_and_grads(variant, eps, fused, checkpointing=False, name="tiny:bart", copy=None):
-    gen = Generator.from_pretrained(
-        name, max_source_length=24, gradient_checkpointing=checkpointing, copy=copy
-    )
+    gen = from_pretrained(name, max_source_length=24, gradient_checkpointing=checkpointing, copy=copy)
     if name == "tiny:bart":
         torch.nn.init.normal_(gen.model.final_logits_bias)
     assert gen.output_layer() is not None  # else fused=True would silently take the logits path
@@ -102,7 +101,7 @@ def test_bf16_autocast_step_close_to_fp32(fused, name, copy):
     """trainer precision bf16-mixed: the step runs under CPU autocast; the loss stays float32 and close (also
     with the copy head, whose attention and mixture compute in float32)."""
     torch.manual_seed(0)
-    gen = Generator.from_pretrained(name, max_source_length=24, copy=copy)
+    gen = from_pretrained(name, max_source_length=24, copy=copy)
     module = RagModule(None, gen, variant="token", fused_loss=fused)
     src, mask, labels, scores = _batch(gen)
     ref = rag_loss(module.token_logprobs(src, mask, labels), scores, "token").sum()
@@ -123,7 +122,7 @@ def test_cpu_precision_resolver():
 
 @pytest.mark.parametrize("variant", ["token", "sequence"])
 def test_decoding_settings_reach_the_decoder(variant, monkeypatch):
-    import rag_lightning.module as mod
+    import rag_lightning.models.decode as mod
 
     seen = {}
 
@@ -132,7 +131,7 @@ def test_decoding_settings_reach_the_decoder(variant, monkeypatch):
         return torch.full((scores.shape[0], 1), gen.eos_token_id)
 
     monkeypatch.setattr(mod, f"rag_{variant}_generate", fake)
-    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+    gen = from_pretrained("tiny:bart", max_source_length=24)
     decoding = {"num_beams": 3, "max_length": 9, "min_length": 2, "length_penalty": 0.5, "mode": "thorough"}
     module = RagModule(None, gen, variant=variant, decoding=decoding)
     module.sources = lambda batch, ids: _batch(gen)[:2]
@@ -142,7 +141,7 @@ def test_decoding_settings_reach_the_decoder(variant, monkeypatch):
 
 
 def test_unknown_decoding_key_is_an_error():
-    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+    gen = from_pretrained("tiny:bart", max_source_length=24)
     with pytest.raises(ValueError, match="unknown keys \\['min_len'\\]"):
         RagModule(None, gen, decoding={"min_len": 2})
     with pytest.raises(ValueError, match="min_length <= max_length"):
@@ -158,7 +157,7 @@ def test_fused_adamw_unless_clipped_under_mixed_precision(precision, clip):
 
     from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 
-    gen = Generator.from_pretrained("tiny:bart", max_source_length=24)
+    gen = from_pretrained("tiny:bart", max_source_length=24)
     module = RagModule(None, gen, optimizer=partial(torch.optim.AdamW, lr=1e-3, fused=True))
     plugin = MixedPrecision("bf16-mixed", "cpu") if precision == "bf16-mixed" else Precision()
     module._trainer = SimpleNamespace(precision_plugin=plugin, gradient_clip_val=clip)

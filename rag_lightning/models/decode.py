@@ -5,7 +5,7 @@ its K passages; ``doc_scores`` (B, K) unnormalized, p(z|x) = softmax_K(doc_score
 sits behind a small adapter (``Seq2SeqSteps``, ``CausalSteps``): run the sources once, step the decoder one
 token with ``past_key_values`` (a transformers ``Cache``), re-order cache rows. Seq2seq: any
 ``AutoModelForSeq2SeqLM`` (BART, T5) or ``EncoderDecoderModel``; the encoder runs once on the B*K rows and
-each answer starts from the decoder start token. Decoder-only: a ``models.causal.CausalGenerator``; its
+each answer starts from the decoder start token. Decoder-only: a ``readers.causal.CausalGenerator``; its
 left-padded prompts run once (bidirectionally in prefix-LM mode), the answer continues each prompt with the
 KV cache. Call under ``model.eval()`` (dropout is not switched off here).
 Step 0 of a beam search runs one beam per problem and then expands the cache; beam re-ordering leaves the
@@ -39,14 +39,15 @@ hypotheses and no running one can still beat the worst of them (exact bound, as 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 from transformers import DynamicCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from rag_lightning.models.causal import CausalGenerator
+if TYPE_CHECKING:  # readers import this module: the type only, no import at run time
+    from rag_lightning.readers.causal import CausalGenerator
 
 __all__ = ["rag_token_generate", "rag_sequence_generate", "CausalSteps", "Seq2SeqSteps"]
 
@@ -169,7 +170,7 @@ def _steps(
     model, src_ids: Tensor, src_mask: Tensor, start: int | None, keep_prompt: bool = False
 ) -> Seq2SeqSteps | CausalSteps:
     """The adapter for ``model``: a ``CausalGenerator``, or a Hugging Face seq2seq model."""
-    if isinstance(model, CausalGenerator):
+    if hasattr(model, "prompt_step"):  # a causal reader
         return CausalSteps(model, src_ids, src_mask, keep_prompt)
     return Seq2SeqSteps(model, src_ids, src_mask, start)
 

@@ -30,6 +30,13 @@ marginal, see ``marginalize.py``) or not at all (a frozen generator).
   retrieved for the batch: in-batch negatives) and ``gold`` (B, N) bool,
       contrastive = -log sum_{j: gold_bj} softmax_N(scores / temperature)_j.
   With one gold passage this is DPR's loss; rows with no gold candidate give 0 (see ``has_gold``).
+* Attention distillation (``adist``, Izacard & Grave 2021, Atlas's default): for a reader that reads all K
+  passages at once (Fusion-in-Decoder, one prompt), the attention mass ``mass`` (B, K) its decoder puts on
+  each passage (``passage_attention``: averaged over layers, heads and target tokens) is the target,
+      adist = KL(A || p_R),   A = SG(mass) / sum_k SG(mass)   (or softmax(SG(mass) / target_temperature)).
+
+``OBJECTIVES[name]`` is the function and ``OBJECTIVE_INPUTS[name]`` what it reads from the reader:
+``likelihood`` (``seq_lp`` (B, K)) or ``attention`` (``mass`` (B, K)).
 """
 
 from __future__ import annotations
@@ -39,6 +46,9 @@ from torch import Tensor
 
 __all__ = [
     "OBJECTIVES",
+    "OBJECTIVE_INPUTS",
+    "adist_loss",
+    "passage_attention",
     "contrastive_loss",
     "emdr2_loss",
     "entropy",
@@ -131,5 +141,36 @@ def scale_grad(x: Tensor, weight: float) -> Tensor:
     return weight * x + (1.0 - weight) * x.detach()
 
 
-# objectives on per-passage answer log-likelihoods: name -> fn(seq_lp, scores, **kwargs) -> (B,)
-OBJECTIVES = {"emdr2": emdr2_loss, "pdist": pdist_loss, "lsr": lsr_loss}
+def passage_attention(attn: Tensor, segments: Tensor, n_docs: int, target_mask: Tensor) -> Tensor:
+    """Attention mass on each passage, averaged over layers, heads and target tokens -> (B, K).
+
+    attn (L, B, heads, T, N): attention probabilities of the T target positions over N keys per layer;
+    segments (B, N) long: the passage of each key (0..K-1, -1 for none); target_mask (B, T) bool: non-padding
+    targets. mass_bk = mean_{l, h, t: target} sum_{n: segments_bn = k} attn_lbhtn."""
+    a = attn.to(_dtype(attn)).mean(dim=(0, 2))  # (B, T, N)
+    onehot = torch.nn.functional.one_hot(segments.clamp(min=-1) + 1, n_docs + 1)[..., 1:].to(
+        a.dtype
+    )  # (B, N, K)
+    per_token = torch.bmm(a, onehot)  # (B, T, K)
+    m = target_mask.to(a.dtype)[..., None]  # (B, T, 1)
+    return (per_token * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+def adist_loss(
+    mass: Tensor, scores: Tensor, temperature: float = 1.0, target_temperature: float | None = None
+) -> Tensor:
+    """KL(A || p_R) with A = SG(mass) normalized over the K passages (or softmax(SG(mass) / target_temperature)),
+    p_R = softmax(scores / temperature) -> (B,). Gradient: scores only."""
+    _check(mass, scores, temperature, *(() if target_temperature is None else (target_temperature,)))
+    log_pr = _retriever_logp(scores, temperature)  # (B, K)
+    a = mass.detach().to(log_pr.dtype)
+    if target_temperature is None:
+        target = a / a.sum(-1, keepdim=True)  # (B, K)
+    else:
+        target = torch.softmax(a / target_temperature, dim=-1)
+    return (torch.special.xlogy(target, target) - target * log_pr).sum(-1)
+
+
+# retriever objectives: name -> fn(reader output (B, K), scores (B, K), **kwargs) -> (B,), and which output
+OBJECTIVES = {"emdr2": emdr2_loss, "pdist": pdist_loss, "lsr": lsr_loss, "adist": adist_loss}
+OBJECTIVE_INPUTS = {"emdr2": "likelihood", "pdist": "likelihood", "lsr": "likelihood", "adist": "attention"}

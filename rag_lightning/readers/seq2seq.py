@@ -1,17 +1,14 @@
-"""Seq2seq generator: assembles (question, passage) inputs from token ids and scores targets.
-
-``Generator.from_pretrained`` is the one factory (Hydra ``_target_``) for every kind: decoder-only models
-(``kind=causal``, or ``auto`` on a decoder-only config) come back as a ``models.causal.CausalGenerator``.
+"""Seq2seq reader (RAG-Token / RAG-Sequence marginal): one encoder-decoder pass per (question, passage) row.
 
 Input of row b*K + k is `template(question_b, passage_{b,k})`, the tokenizer's own sentence-pair template
 (BERT: [CLS] q [SEP] p [SEP]; BART: <s> q </s></s> p </s>; T5: q </s> p </s>), truncated to
-`max_source_length` from the passage side so the question is never cut.
+`max_source_length` from the passage side so the question is never cut. Any ``AutoModelForSeq2SeqLM`` (BART,
+T5, ...) or a bert2bert ``EncoderDecoderModel``; ``readers.from_pretrained`` picks the reader class.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,8 +23,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rag_lightning.models.causal import CausalGenerator, ListSources
 from rag_lightning.preflight import require_model
+from rag_lightning.readers.base import ReaderBase, States, join_wordpiece_punct  # noqa: F401 (re-exported)
+from rag_lightning.readers.lora import apply_lora, merge_lora
 from rag_lightning.tokenization import generator_kind
 
 
@@ -49,50 +47,8 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int) -> torch.Tenso
     return out.masked_fill_(out == -100, pad_id)
 
 
-def apply_lora(model: nn.Module, lora: Mapping[str, Any] | None) -> nn.Module:
-    """Add peft LoRA adapters to `model` in place (`lora`: r, alpha, dropout, target_modules; None = no LoRA)
-    and return it: the same transformers class (so `base_model`, `get_encoder`, `get_output_embeddings` and
-    decoding work unchanged), the base weights frozen, only the adapters train. `target_modules: null` takes
-    peft's default for the architecture (e.g. q_proj, v_proj; query, value for BERT)."""
-    if not lora:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    unknown = set(lora) - {"r", "alpha", "dropout", "target_modules"}
-    if unknown:
-        raise ValueError(
-            f"model.generator.lora: unknown keys {sorted(unknown)} (r, alpha, dropout, target_modules)"
-        )
-    targets = lora.get("target_modules")
-    config = LoraConfig(
-        r=int(lora.get("r", 8)),
-        lora_alpha=float(lora.get("alpha", 16)),
-        lora_dropout=float(lora.get("dropout", 0.0)),
-        target_modules=list(targets) if targets is not None else None,
-    )
-    get_peft_model(model, config)  # injects the adapters into `model` and freezes everything else
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.enable_input_require_grads()  # frozen embeddings + reentrant checkpointing: keep the graph
-    return model
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA adapter into its base layer and put the plain layer back (in place); returns `model`."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
-    for attr in ("peft_config", "_hf_peft_config_loaded"):
-        if attr in vars(model):
-            delattr(model, attr)
-    return model
-
-
-class Generator(ListSources, nn.Module):
-    """A Hugging Face seq2seq model plus the input assembly RAG needs."""
+class Generator(ReaderBase, nn.Module):
+    """A Hugging Face seq2seq model plus the input assembly RAG needs (the marginal seq2seq reader)."""
 
     kind = "seq2seq"
 
@@ -137,36 +93,33 @@ class Generator(ListSources, nn.Module):
         config_overrides: Mapping[str, Any] | None = None,
         frozen_layers: int = 0,
         copy: bool | None = None,
-    ) -> Generator | CausalGenerator:
+    ) -> Generator:
         """`kind`: "seq2seq" (BART, T5, ...), "bert2bert" (warm-start an EncoderDecoderModel from one encoder
-        checkpoint, e.g. MiniLM), "causal" (any decoder-only LM, or an encoder as a prefix LM with
-        `prefix_lm=True`: see `models/causal.py`, which also takes `template`), or "auto" (seq2seq for
-        encoder-decoder configs, causal for decoder-only ones, else bert2bert). bert2bert and causal:
-        `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder).
+        checkpoint, e.g. MiniLM) or "auto" (seq2seq for encoder-decoder configs, else bert2bert; decoder-only
+        models are `readers.causal`'s, and `readers.from_pretrained` picks the class for every kind).
+        bert2bert: `num_layers` keeps the first N layers of the checkpoint (in both encoder and decoder).
         `lora`: LoRA adapters on the generator (see `apply_lora`), for every kind. `empty_init`: build the
         model on the meta device, without weights (FSDP ranks > 0, see `models/sharding.py`).
         `config_overrides`: attributes of the transformers config to change, e.g. `{dropout: 0.0}` (BART) or
         `{hidden_dropout_prob: 0.0, attention_probs_dropout_prob: 0.0}` (BERT family; bert2bert: both halves).
-        `frozen_layers` (causal only): the embeddings and the first N blocks do not train (`freeze_bottom`).
-        `copy` (causal only): a pointer head that copies answer tokens from the prompt (`models/pointer.py`)."""
+        `frozen_layers`, `copy`, `template`, `prefix_lm`: causal readers only (an error here)."""
         kind = generator_kind(name_or_path, kind)
         overrides = dict(config_overrides or {})
         if kind == "causal":
-            return CausalGenerator.from_pretrained(
-                name_or_path, max_source_length=max_source_length, template=template, prefix_lm=prefix_lm,
-                gradient_checkpointing=gradient_checkpointing, num_layers=num_layers, lora=lora,
-                empty_init=empty_init, frozen_layers=frozen_layers, copy=copy, **overrides,
-            )  # fmt: skip
+            raise ValueError(f"{name_or_path}: a decoder-only model; build it with readers.from_pretrained")
         if frozen_layers or copy:
             raise ValueError(f"model.generator.frozen_layers / copy apply to kind=causal only, not {kind}")
         if template is not None or prefix_lm:
             raise ValueError(f"model.generator.template / prefix_lm apply to kind=causal only, not {kind}")
         if name_or_path.startswith("tiny:"):
-            from rag_lightning.models.tiny import tiny_generator
+            from rag_lightning.models.tiny import tiny_generator, tiny_t5
 
             if overrides:
                 raise ValueError("model.generator.config_overrides: not for tiny: models (built in code)")
-            model, tok = tiny_generator()
+            builders = {"tiny:bart": tiny_generator, "tiny:t5": tiny_t5}
+            if name_or_path not in builders:
+                raise ValueError(f"unknown tiny seq2seq model {name_or_path!r}: {sorted(builders)}")
+            model, tok = builders[name_or_path]()
             if gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             return cls(model, tok, max_source_length, lora=lora)
@@ -269,46 +222,51 @@ class Generator(ListSources, nn.Module):
     def hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Final decoder states (B*K, T, H) as the LM head sees them (after T5's d_model**-0.5 rescaling, after
         BERT's prediction-head transform), for labels (B*K, T) (-100 = padding)."""
-        return self._hidden_states(src, mask, labels)
+        return self._read_states(src, mask, labels).hidden
 
-    def answer_states(
-        self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, None]:
-        """What RagModule's fused loss reads: `hidden_states` and the copy head's pointer, which seq2seq
-        generators do not have (causal.py)."""
-        return self._hidden_states(src, mask, labels), None
+    def _read_states(
+        self,
+        src: torch.Tensor,
+        mask: torch.Tensor,
+        labels: torch.Tensor,
+        segments: torch.Tensor | None = None,
+        attention: bool = False,
+    ) -> States:
+        """What the fused loss reads: `hidden_states`; no copy head, no passage attention (one per row)."""
+        return States(self.decoder_states(self.encode(src, mask), mask, labels)[0], None)
 
-    def _hidden_states(self, src: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def encode(self, src: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encoder states (R, S, H) of sources (R, S), as the decoder's cross-attention reads them."""
+        m = self.model
+        if self._head is None:
+            raise NotImplementedError(
+                f"{type(m).__name__}: no hidden-states / output-layer split (output_layer() is None)"
+            )
+        enc = m.get_encoder()(input_ids=src, attention_mask=mask)[0]
+        if self._head == "bert2bert" and hasattr(m, "enc_to_dec_proj"):
+            enc = m.enc_to_dec_proj(enc)
+        return enc
+
+    def decoder_states(
+        self, enc: torch.Tensor, enc_mask: torch.Tensor, labels: torch.Tensor, attention: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Teacher-forced decoder over encoder states enc (R, N, H) / enc_mask (R, N) for labels (R, T): final
+        states (R, T, H) as the LM head sees them and, with ``attention``, the cross-attention probabilities
+        per layer ((R, heads, T, N) each; needs the eager attention implementation)."""
         dec = shift_right(labels, self.decoder_start_token_id, self.pad_token_id)
         m = self.model
-        if self._head == "bart":
-            return m.base_model(input_ids=src, attention_mask=mask, decoder_input_ids=dec, use_cache=False)[0]
-        if self._head == "t5":
-            enc = m.get_encoder()(input_ids=src, attention_mask=mask)[0]
-            h = m.get_decoder()(
-                input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask, use_cache=False
-            )[0]
-            return h * (m.model_dim**-0.5) if m.config.scale_decoder_outputs else h
+        kw = dict(encoder_hidden_states=enc, encoder_attention_mask=enc_mask, use_cache=False)
+        if attention:
+            kw.update(output_attentions=True, return_dict=True)
         if self._head == "bert2bert":
-            enc = m.encoder(input_ids=src, attention_mask=mask)[0]
-            if hasattr(m, "enc_to_dec_proj"):
-                enc = m.enc_to_dec_proj(enc)
-            h = m.decoder.bert(
-                input_ids=dec, encoder_hidden_states=enc, encoder_attention_mask=mask, use_cache=False
-            )[0]
-            return m.decoder.cls.predictions.transform(h)
-        raise NotImplementedError(
-            f"{type(m).__name__}: no hidden-states / output-layer split (output_layer() is None)"
-        )
-
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=True)
-        return [join_wordpiece_punct(t) for t in texts] if self._wordpiece else texts
-
-    @property
-    def _wordpiece(self) -> bool:
-        model = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "model", None)
-        return type(model).__name__ == "WordPiece"
+            out = m.decoder.bert(input_ids=dec, **kw)
+            h = m.decoder.cls.predictions.transform(out[0])
+        else:
+            out = m.get_decoder()(input_ids=dec, **kw)
+            h = out[0]
+            if self._head == "t5" and m.config.scale_decoder_outputs:
+                h = h * (m.model_dim**-0.5)
+        return h, (out.cross_attentions if attention else None)
 
 
 def _head_kind(model: nn.Module) -> str | None:
@@ -322,14 +280,3 @@ def _head_kind(model: nn.Module) -> str | None:
     if model.config.model_type in ("t5", "mt5") and hasattr(model.config, "scale_decoder_outputs"):
         return "t5"
     return None
-
-
-_NUM_PUNCT = re.compile(r"(?<=\d) ?([.,:]) ?(?=\d)")  # 0. 2 -> 0.2, 1, 000 -> 1,000, 10 : 30 -> 10:30
-_WORD_PUNCT = re.compile(r"(?<=\w) ?([-/]) ?(?=\w)")  # mid - 14th -> mid-14th, and / or -> and/or
-
-
-def join_wordpiece_punct(text: str) -> str:
-    """WordPiece loses the spacing around punctuation ("0.2" decodes as "0. 2", "mid-14th" as "mid - 14th");
-    SQuAD normalization then drops the punctuation and splits the token. Rejoin punctuation between word
-    characters where that is unambiguous: `.,:` between digits, `-/` between word characters."""
-    return _WORD_PUNCT.sub(r"\1", _NUM_PUNCT.sub(r"\1", text))
