@@ -38,7 +38,7 @@ def tiny_tokenizer() -> Any:
 TINY_CAUSAL = ("tiny:gpt2", "tiny:llama")  # the tiny decoder-only generators (models/tiny.py)
 EOS = "<|endoftext|>"
 BPE_VOCAB = 1024
-SETTINGS_FILE = "rag_generator.json"  # generator settings saved next to its weights (models/causal.py)
+SETTINGS_FILE = "rag_generator.json"  # generator settings saved next to its weights (readers/causal.py)
 KINDS = ("auto", "seq2seq", "bert2bert", "causal")
 
 

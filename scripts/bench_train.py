@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py train-step [--json PATH] [--device cpu|cuda] [--d-model 256] [--layers 2]
     python scripts/benchmark.py train-step --loss-only      (the loss alone vs transformers' get_nll)
+    python scripts/benchmark.py train-step --fid            (our Fusion-in-Decoder step vs our RAG-Token step)
 
 One random BART-style generator (seeded: identical weights on both sides; vocab 50,265, d_model ``--d-model``,
 ``--layers`` + ``--layers`` layers), B questions x K passages of random token ids (source ``--source`` tokens,
@@ -23,6 +24,9 @@ is kept, since other work on a shared machine only ever adds time). Memory, each
 exist (``/proc/self/clear_refs`` resets the peak), GPU = ``torch.cuda.max_memory_allocated`` over the same
 baseline. Label smoothing is off: transformers smooths differently (sum over V scaled by eps / V).
 ``--loss-only`` times the loss alone on random logits (B*K, T, V) against ``get_nll``.
+``--fid``: both sides ours on the same generator and inputs, the RAG-Token reader (K decoder passes over
+(B*K, T), marginal) against Fusion-in-Decoder (``readers/fid.py``: the same B*K encoder rows, one decoder pass
+over (B, T) reading the K*S concatenated states, no marginal).
 """
 
 from __future__ import annotations
@@ -152,7 +156,17 @@ def worker(a: argparse.Namespace) -> dict[str, Any]:
         from rag_lightning.module import RagModule
 
         gen = make_generator(a).to(device)
-        if a.side == "ours":
+        if a.variant == "fid":
+            from rag_lightning.readers.fid import FidGenerator
+
+            gen = FidGenerator(gen.model, gen.tokenizer, max_source_length=a.source)
+            module = RagModule(None, gen, variant="fid", fused_loss=not a.no_fused).to(device)
+
+            def step():
+                with amp:
+                    lp = module.token_logprobs(x["src"], x["mask"], x["labels"], x["positions"])  # (B, 1, T)
+                    return module.marginal_nll(lp, scores).mean()
+        elif a.side == "ours":
             module = RagModule(None, gen, variant=a.variant, fused_loss=not a.no_fused).to(device)
 
             def step():
@@ -206,6 +220,29 @@ def _measure(a: argparse.Namespace, side: str, variant: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+FID_TABLE = Table(Col("", 10, left=True), Col("token s", 9, "{:.3f}"), Col("fid s", 9, "{:.3f}"),
+                  Col("time", 8, "{:.2f}x"), Col("token MB", 10, "{:.0f}"), Col("fid MB", 9, "{:.0f}"),
+                  Col("memory", 8, "{:.2f}x"))  # fmt: skip
+
+
+def run_fid(a: argparse.Namespace) -> dict[str, Any]:
+    """Ours RAG-Token vs ours Fusion-in-Decoder, same generator, inputs and processes scheme."""
+    runs: dict[str, list[dict[str, Any]]] = {"token": [], "fid": []}
+    for r in range(a.rounds):
+        for variant in ("token", "fid") if r % 2 == 0 else ("fid", "token"):
+            runs[variant].append(_measure(a, "ours", variant))
+    tok, fid = (min(runs[v], key=lambda m: m["seconds"]) for v in ("token", "fid"))
+    for v, m in (("token", tok), ("fid", fid)):
+        m["peak_bytes"] = min(x["peak_bytes"] for x in runs[v])
+    r = {"time_ratio": fid["seconds"] / tok["seconds"], "peak_memory_ratio": fid["peak_bytes"] / max(tok["peak_bytes"], 1),
+         "token": tok, "fid": fid}  # fmt: skip
+    mem = "peak extra GPU memory" if a.device == "cuda" else "peak extra RSS"
+    print(f"{FID_TABLE.header()}   ({mem}; fid / token)")
+    print(FID_TABLE.row("step", tok["seconds"], fid["seconds"], r["time_ratio"], tok["peak_bytes"] / 2**20,
+                        fid["peak_bytes"] / 2**20, r["peak_memory_ratio"]))  # fmt: skip
+    return {"fid_vs_token": r}
+
+
 def run(a: argparse.Namespace) -> dict[str, Any]:
     a.device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     a.passthrough = _passthrough(a)
@@ -215,10 +252,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         f"B={a.batch} K={a.docs} source {a.source} target {a.target}, {a.precision}, device {a.device}, "
         f"threads {torch.get_num_threads()} =="
     )
+    result: dict[str, Any] = run_fid(a) if a.fid else {}
     mem = "peak extra GPU memory" if a.device == "cuda" else "peak extra RSS"
-    print(f"{TABLE.header()}   ({mem})")
-    result: dict[str, Any] = {}
-    for variant in a.variants:
+    if not a.fid:
+        print(f"{TABLE.header()}   ({mem})")
+    for variant in [] if a.fid else a.variants:
         runs: dict[str, list[dict[str, Any]]] = {"ours": [], "theirs": []}
         for r in range(a.rounds):  # alternate the order: load from other processes hits both sides alike
             for side in ("ours", "theirs") if r % 2 == 0 else ("theirs", "ours"):
@@ -256,6 +294,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         "vocab": VOCAB,
         "fused": not a.no_fused,
         "loss_only": a.loss_only,
+        "fid": a.fid,
         "threads": torch.get_num_threads(),
     }
     if a.json:
@@ -293,6 +332,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", nargs="+", default=["token", "sequence"], choices=["token", "sequence"])
     p.add_argument("--no-fused", action="store_true", help="ours from the logits (model.fused_loss=false)")
     p.add_argument("--loss-only", action="store_true", help="the loss alone on random logits vs get_nll")
+    p.add_argument("--fid", action="store_true", help="ours: Fusion-in-Decoder vs RAG-Token, same shape")
 
 
 BENCH = Bench(

@@ -160,12 +160,14 @@ def adist_loss(
     mass: Tensor, scores: Tensor, temperature: float = 1.0, target_temperature: float | None = None
 ) -> Tensor:
     """KL(A || p_R) with A = SG(mass) normalized over the K passages (or softmax(SG(mass) / target_temperature)),
-    p_R = softmax(scores / temperature) -> (B,). Gradient: scores only."""
+    p_R = softmax(scores / temperature) -> (B,); 0 for a row whose mass is 0 (no passage token was read).
+    Gradient: scores only."""
     _check(mass, scores, temperature, *(() if target_temperature is None else (target_temperature,)))
     log_pr = _retriever_logp(scores, temperature)  # (B, K)
     a = mass.detach().to(log_pr.dtype)
-    if target_temperature is None:
-        target = a / a.sum(-1, keepdim=True)  # (B, K)
+    if target_temperature is None:  # a row without mass on any passage (none kept) gives no target: loss 0
+        total = a.sum(-1, keepdim=True)  # (B, 1)
+        target = torch.where(total > 0, a / total.clamp(min=torch.finfo(a.dtype).tiny), 0.0)  # (B, K)
     else:
         target = torch.softmax(a / target_temperature, dim=-1)
     return (torch.special.xlogy(target, target) - target * log_pr).sum(-1)

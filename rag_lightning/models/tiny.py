@@ -59,13 +59,13 @@ def tiny_generator(seed: int = 0) -> tuple[BartForConditionalGeneration, BertTok
 
 
 def tiny_t5(seed: int = 0) -> tuple[T5ForConditionalGeneration, BertTokenizerFast]:
-    """T5 (relative position buckets, RMS norm, d_model**-0.5 rescaled tied head) over the WordPiece vocabulary;
-    the decoder starts from the pad token, as T5 does."""
+    """T5 v1.1 style, as Atlas reads with (relative position buckets, RMS norm, gated-GELU feed-forward, output
+    layer untied from the embeddings) over the WordPiece vocabulary; the decoder starts from the pad token."""
     tok = tiny_tokenizer()
     cfg = T5Config(
         vocab_size=tok.vocab_size, d_model=D, d_kv=D // 2, d_ff=2 * D, num_layers=1, num_decoder_layers=1,
         num_heads=2, pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id,
-        decoder_start_token_id=tok.pad_token_id,
+        decoder_start_token_id=tok.pad_token_id, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(cfg), tok
