@@ -144,7 +144,8 @@ def test_passage_attention_and_adist_by_hand():
     torch.testing.assert_close(sharp, (q * (q.log() - torch.log_softmax(scores, -1))).sum(-1))
     zero = adist_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]))  # a passage never attended to
     torch.testing.assert_close(zero, torch.tensor([2.0]).log())
-    none = torch.zeros(1, 2, requires_grad=True)  # no passage token in the prompt (all cut): no target, no NaN
+    # no passage token in the prompt (all cut): no target, loss 0, no NaN
+    none = torch.zeros(1, 2, requires_grad=True)
     assert adist_loss(torch.zeros(1, 2), none).item() == 0.0
     adist_loss(torch.zeros(1, 2), none).sum().backward()
     assert torch.equal(none.grad, torch.zeros(1, 2))
