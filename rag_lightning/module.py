@@ -238,18 +238,9 @@ class RagModule(L.LightningModule):
         out = assemble(q, q_mask.sum(1), passages, p_len, ids.shape[1])
         return tuple(t.to(self.device, non_blocking=True) for t in out)
 
-    def token_logprobs(
-        self,
-        src: torch.Tensor,
-        mask: torch.Tensor,
-        labels: torch.Tensor,
-        positions: torch.Tensor | None = None,
-        smooth: bool | None = None,
-        segments: torch.Tensor | None = None,
-        attention: bool = False,
-    ) -> AnswerLogProbs:
-        """Answer log-probs (B, K', T) for the reader's inputs and labels (B, T), one reader pass (``read``)."""
-        return self.read(src, mask, labels, positions, smooth, segments, attention).lp
+    def token_logprobs(self, *args: Any, **kwargs: Any) -> AnswerLogProbs:
+        """Answer log-probs (B, K', T) for the reader's inputs and labels (B, T): ``read(...).lp``."""
+        return self.read(*args, **kwargs).lp
 
     def read(
         self,

@@ -15,6 +15,7 @@ from rag_lightning.readers import FUSION, READERS, VARIANTS, from_pretrained, re
 from rag_lightning.readers.causal import CausalGenerator, prefix_lm_mask
 from rag_lightning.readers.concat import ConcatGenerator
 from rag_lightning.readers.fid import FidGenerator
+from rag_lightning.readers.lora import merge_lora
 
 BUILDERS = {"t5": tiny_t5, "bart": tiny_generator}
 QS = [[5000, 5001, 5002], [6000, 6001]]
@@ -304,19 +305,10 @@ def test_fusion_and_objectives_are_checked(tmp_path):
 
 
 def _fit_module(tmp_path, overrides):
-    import hydra
-    import lightning as L
-    from test_train import run_cfg
+    from test_retriever_objectives import _module
 
-    cfg = run_cfg(tmp_path, ["data.max_train_examples=4", *overrides])
-    L.seed_everything(0)
-    dm = hydra.utils.instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    model = hydra.utils.instantiate(cfg.model)
-    model.corpus = dm.corpus
-    model.retriever.ensure_index(model.corpus, progress=False)
-    return model, next(iter(dm._loader(dm.train_items, train=False)))
+    _, _, model, batch = _module(tmp_path, overrides)
+    return model, batch
 
 
 @pytest.mark.slow
@@ -360,3 +352,45 @@ def test_loop_pass_equals_the_marginal_readers_likelihoods(tmp_path):
         want = plain.score(src, mask, batch["labels"]).lp.seq_lp
     assert got.shape == scores.shape and not got.requires_grad
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("arch", ["t5", "bart"])
+def test_fid_with_lora_checkpointing_and_bf16(arch):
+    """LoRA adapters train (the base stays frozen), gradient checkpointing changes neither loss nor gradients,
+    bf16 autocast stays close to float32, and the merged export reads the same."""
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": None}
+    name = f"tiny:{arch}"
+    src, mask = _fid(arch).build_sources(QS, PS, 3)
+    labels = _labels(_fid(arch))
+    runs = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        g = from_pretrained(name, variant="fid", max_source_length=9, lora=lora, gradient_checkpointing=ckpt)
+        for n, p in g.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.1)  # lora_B starts at 0: give the adapters an update
+        g.train()
+        for m in g.modules():  # no dropout: the two runs must see the same computation
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        loss = -g.score(src, mask, labels).lp.tok_lp.sum()
+        loss.backward()
+        trainable = {n: p.grad for n, p in g.named_parameters() if p.requires_grad}
+        assert (
+            trainable
+            and all("lora_" in n for n in trainable)
+            and all(v is not None for v in trainable.values())
+        )
+        runs.append((loss.detach(), trainable, g))
+    torch.testing.assert_close(runs[0][0], runs[1][0])
+    for n, grad in runs[0][1].items():
+        torch.testing.assert_close(grad, runs[1][1][n], rtol=1e-4, atol=1e-6)
+    g = runs[0][2].eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        half = -g.score(src, mask, labels).lp.tok_lp.sum()
+    with torch.no_grad():
+        full = -g.score(src, mask, labels).lp.tok_lp.sum()
+        g.model = merge_lora(g.model)
+        merged = -g.score(src, mask, labels).lp.tok_lp.sum()
+    assert half.dtype == torch.float32 and abs(half - full) < 0.02 * abs(full)
+    torch.testing.assert_close(merged, full, rtol=1e-5, atol=1e-5)
