@@ -8,7 +8,7 @@ checkpoint when there is one, as in scripts/evaluate.py), so frozen base weights
 `model.generator.name_or_path`; the checkpoint's trainable weights (LoRA adapters, or the whole generator)
 are loaded strictly on top. The adapters are then folded into the base weights and the plain transformers
 model and its tokenizer are written to a temporary directory next to `out`, renamed to `out` when complete.
-`Generator.from_pretrained(out)` (or `AutoModelFor...from_pretrained(out)`) loads it with the same outputs.
+`rag_lightning.readers.from_pretrained(out)` (or `AutoModelFor...from_pretrained(out)`) loads it with the same outputs.
 """
 
 from __future__ import annotations

@@ -278,6 +278,16 @@ def test_concat_attention_mass_is_the_answers_attention_on_each_span():
         torch.testing.assert_close(mass[b], (a @ onehot).mean(dim=(0, 1, 2)))
 
 
+def test_concat_settings_roundtrip(tmp_path):
+    g = _concat("gpt2", copy=True, passage_length=5)
+    g.set_passages(5, " || ")
+    g.save_pretrained(tmp_path)
+    again = from_pretrained(str(tmp_path), variant="concat")
+    assert isinstance(again, ConcatGenerator) and again.pointer is not None
+    assert (again.passage_length, again.separator, again.separator_ids) == (5, " || ", g.separator_ids)
+    assert from_pretrained(str(tmp_path), variant="concat", passage_length=2).passage_length == 2
+
+
 # ---------------------------------------------------------------- registry and the loop pass
 def test_registry_dispatches_every_variant():
     assert set(FUSION) == {"fid", "concat"} and set(VARIANTS) == {"token", "sequence", "fid", "concat"}

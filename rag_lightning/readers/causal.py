@@ -250,8 +250,7 @@ class CausalGenerator(ReaderBase, nn.Module):
         self.model = merge_lora(self.model)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
-        settings = {"kind": self.kind, "template": self.template, "prefix_lm": self.prefix_lm,
-                    "max_source_length": self.max_source_length, "copy": self.pointer is not None}  # fmt: skip
+        settings = self.settings()
         if self.pointer is not None:
             from safetensors.torch import save_file
 
@@ -259,6 +258,11 @@ class CausalGenerator(ReaderBase, nn.Module):
                       os.path.join(path, POINTER_FILE))  # fmt: skip
         with open(os.path.join(path, SETTINGS_FILE), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=1)
+
+    def settings(self) -> dict[str, Any]:
+        """What ``save_pretrained`` writes next to the weights (``rag_generator.json``)."""
+        return {"kind": self.kind, "template": self.template, "prefix_lm": self.prefix_lm,
+                "max_source_length": self.max_source_length, "copy": self.pointer is not None}  # fmt: skip
 
     # ---------------------------------------------------------------- inputs
     def assemble_sources(

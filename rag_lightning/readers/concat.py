@@ -17,6 +17,8 @@ of single-passage prompts (the causal reader's), one extra batched pass (Atlas's
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from torch import Tensor
 from rag_lightning.models.marginalize import AnswerLogProbs
 from rag_lightning.readers.base import one_read
 from rag_lightning.readers.causal import CausalGenerator
+from rag_lightning.tokenization import SETTINGS_FILE
 
 
 class ConcatGenerator(CausalGenerator):
@@ -49,8 +52,19 @@ class ConcatGenerator(CausalGenerator):
         single-passage prompt leaves); ``separator``: text between passages (null: the tokenizer's SEP token
         if it has one, else a newline)."""
         gen = super().from_pretrained(name_or_path, **kw)
-        gen.set_passages(passage_length, separator)
+        saved = {}
+        path = os.path.join(name_or_path, SETTINGS_FILE)
+        if os.path.isfile(path):  # a directory saved by a concat reader: its settings unless given
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+        gen.set_passages(
+            passage_length if passage_length is not None else saved.get("passage_length"),
+            separator if separator is not None else saved.get("separator"),
+        )
         return gen
+
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "passage_length": self.passage_length, "separator": self.separator}
 
     def set_passages(self, passage_length: int | None, separator: str | None) -> None:
         if passage_length is not None and passage_length < 1:
