@@ -301,6 +301,24 @@ def test_registry_dispatches_every_variant():
         from_pretrained("tiny:bart", variant="concat")
 
 
+def test_reader_modules_import_no_other_reader_but_their_parent():
+    """No import loop: a reader module imports base, lora and models/, plus the reader it extends; decode.py
+    imports no reader at run time."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "rag_lightning"
+    allowed = {"seq2seq": set(), "causal": set(), "fid": {"seq2seq"}, "concat": {"causal"}}
+    for name, parents in allowed.items():
+        tree = ast.parse((root / "readers" / f"{name}.py").read_text())
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        readers = {m.rsplit(".", 1)[1] for m in mods if m.startswith("rag_lightning.readers.")}
+        assert readers - {"base", "lora"} == parents, name
+    decode = ast.parse((root / "models" / "decode.py").read_text())
+    top = {n.module for n in decode.body if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(m.startswith("rag_lightning.readers") for m in top)
+
+
 def test_fusion_and_objectives_are_checked(tmp_path):
     from rag_lightning.module import RagModule
 
