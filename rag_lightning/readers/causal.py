@@ -356,7 +356,7 @@ class CausalGenerator(ReaderBase, nn.Module):
         if attention:
             from rag_lightning.models.objectives import passage_attention
 
-            attn = torch.stack([a[:, :, s - 1 :, :s] for a in out.attentions])  # (L, R, heads, T, S)
+            attn = torch.stack([a[:, :, s - 1 :, :s].detach() for a in out.attentions])  # (L, R, heads, T, S)
             mass = passage_attention(attn, segments, int(segments.max()) + 1, labels != -100)
         return States(self._pre_head(answer), ptr, mass)
 

@@ -62,7 +62,7 @@ class FidGenerator(Generator):
         mass = None
         if attention:
             seg = (torch.arange(k * s, device=src.device) // s).expand(b, -1)  # (B, K*S): the row's passage
-            mass = passage_attention(torch.stack(cross), seg, k, labels != -100)
+            mass = passage_attention(torch.stack(cross).detach(), seg, k, labels != -100)  # a target: no grad
         return States(h, None, mass)
 
     def forward(self, src: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
