@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate import find_run_config, load_weights, merge_run_config  # noqa: E402
+from evaluate import apply_run_config, load_weights  # noqa: E402
 
 from rag_lightning import resolvers  # noqa: E402, F401  (registers ${minilm:} and ${asset:...})
 from rag_lightning.preflight import require_model  # noqa: E402
@@ -38,10 +38,7 @@ def export(cfg: DictConfig, overrides: list[str]) -> Path:
     out = Path(cfg.out)
     if out.exists():
         raise FileExistsError(f"out={str(out)!r} exists; choose a new directory")
-    run_cfg_path = find_run_config(cfg.ckpt_path) if cfg.get("use_run_config", True) else None
-    if run_cfg_path is not None:
-        log.info("using the run config %s (with your overrides on top)", run_cfg_path)
-        cfg = merge_run_config(cfg, OmegaConf.load(run_cfg_path), overrides)
+    cfg = apply_run_config(cfg, overrides)  # refuses a _target_ that is not a known constructor
     for key in ("model.generator.name_or_path", "retriever.query_encoder.name_or_path"):
         require_model(str(OmegaConf.select(cfg, key)), key)
     model = hydra.utils.instantiate(cfg.model)
@@ -61,7 +58,13 @@ def export(cfg: DictConfig, overrides: list[str]) -> Path:
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    export(cfg, list(HydraConfig.get().overrides.task))
+    from rag_lightning.preflight import ConfigError
+
+    try:
+        export(cfg, list(HydraConfig.get().overrides.task))
+    except (ConfigError, FileExistsError) as e:  # a refused run config, a missing model, `out` exists
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
