@@ -108,12 +108,21 @@ def test_demo_debug_preset_finishes(tmp_path: Path, cache: Path, preset: str):
     assert warning < out.index("datamodule <")  # checked when the config is built
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("preset", PRESETS)
-def test_tiny_debug_preset_finishes(tmp_path: Path, cache: Path, preset: str):
+def test_tiny_debug_preset_finishes(tmp_path: Path, preset: str, capsys):
+    """In process (train() as the app calls it): tiny models, each preset as shipped (overfit cut to 3 steps)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    from rag_lightning.train import train
+
     short = (
         ["trainer.max_steps=3"] if preset == "overfit" else []
     )  # overfit's 100 steps are not the point here
-    proc = _train([*TINY, f"debug={preset}", *short], tmp_path, cache)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "rag-lightning run summary" in proc.stdout
+    cfg = compose_config(*TINY, "logger=csv", f"debug={preset}", *short, root=tmp_path)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "out")
+        del cfg["hydra"]
+    train(cfg)
+    assert "rag-lightning run summary" in capsys.readouterr().out
