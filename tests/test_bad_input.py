@@ -112,7 +112,7 @@ def test_unknown_corpus_format_lists_the_valid_ones(tmp_path: Path):
 
 @pytest.mark.slow
 def test_unknown_format_from_the_command_line_is_one_line_exit_2(tmp_path: Path):
-    proc = _run_train(["+data.val_sets.0.format=foo", "debug=fdr"], tmp_path)
+    proc = _run_train(["data.val_sets.0.format=foo", "debug=fdr"], tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert (
