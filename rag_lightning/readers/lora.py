@@ -1,4 +1,5 @@
-"""LoRA adapters (peft) for every reader: added in place, merged back into plain layers for export."""
+"""LoRA adapters (peft) for every reader: added in place, merged back into plain layers for export; the
+special ids an exported directory needs."""
 
 from __future__ import annotations
 
@@ -48,3 +49,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
         if attr in vars(model):
             delattr(model, attr)
     return model
+
+
+def set_special_ids(model: nn.Module, eos: int, pad: int, decoder_start: int | None = None) -> None:
+    """EOS / pad (/ decoder start) ids in the model's config and generation config, so that a saved directory
+    stops and pads in `generate` as the generator did (a BERT config, e.g., has no EOS)."""
+    from transformers import GenerationConfig
+
+    model.config.eos_token_id, model.config.pad_token_id = eos, pad
+    gen_cfg = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    gen_cfg.eos_token_id, gen_cfg.pad_token_id = eos, pad
+    if decoder_start is not None:
+        gen_cfg.decoder_start_token_id = decoder_start
+    model.generation_config = gen_cfg

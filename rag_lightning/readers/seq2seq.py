@@ -25,7 +25,7 @@ from transformers import (
 
 from rag_lightning.preflight import require_model
 from rag_lightning.readers.base import ReaderBase, States, join_wordpiece_punct  # noqa: F401 (re-exported)
-from rag_lightning.readers.lora import apply_lora, merge_lora
+from rag_lightning.readers.lora import apply_lora, merge_lora, set_special_ids
 from rag_lightning.tokenization import generator_kind
 
 
@@ -81,7 +81,7 @@ class Generator(ReaderBase, nn.Module):
     def from_pretrained(
         cls,
         name_or_path: str,
-        max_source_length: int = 128,
+        max_source_length: int | None = None,
         kind: str = "auto",
         tie_encoder_decoder: bool = False,
         gradient_checkpointing: bool = False,
@@ -122,7 +122,7 @@ class Generator(ReaderBase, nn.Module):
             model, tok = builders[name_or_path]()
             if gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return cls(model, tok, max_source_length, lora=lora)
+            return cls(model, tok, max_source_length or 128, lora=lora)
         require_model(name_or_path, "model.generator.name_or_path")
         config = AutoConfig.from_pretrained(name_or_path, **overrides)
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -163,14 +163,19 @@ class Generator(ReaderBase, nn.Module):
             model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, config=config)
         if gradient_checkpointing:  # activations recomputed in backward, layer by layer
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return cls(model, tok, max_source_length, lora=lora)
+        return cls(model, tok, max_source_length or 128, lora=lora)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """A plain transformers directory (`from_pretrained` loads it); LoRA adapters are merged first, in
         place, so the generator is a plain model afterwards."""
         self.model = merge_lora(self.model)
+        set_special_ids(self.model, self.eos_token_id, self.pad_token_id, self.decoder_start_token_id)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+    def unsupported_by_transformers(self) -> list[str]:
+        """What a plain transformers model loaded from `save_pretrained`'s directory would not do: nothing."""
+        return []
 
     def assemble_sources(
         self, q: torch.Tensor, q_len: torch.Tensor, p: torch.Tensor, p_len: torch.Tensor, n_docs: int
