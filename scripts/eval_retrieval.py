@@ -2,7 +2,7 @@
 """Retrieval alone (no generator): recall@k, gold-passage recall@k, entropy of p(z|x) and distinct top-1.
 
     python scripts/eval_retrieval.py [+experiment=squad_open paths.data_dir=...] [retriever.similarity=cosine]
-        [+ckpt_path=<run>/checkpoints/last.ckpt] [+eval_ks=[1,5,20]]
+        [retriever.mode=dense|bm25|hybrid] [+ckpt_path=<run>/checkpoints/last.ckpt] [+eval_ks=[1,5,20]]
 
 Composes the training config (conf/train.yaml, same overrides as train.py), builds the data module and the
 retriever only, embeds the corpus and searches every val and test question. With ``+ckpt_path`` the
@@ -31,7 +31,7 @@ def eval_set(retriever, corpus, loader, ks: list[int], n_docs: int) -> dict[str,
     ent, top1, n = 0.0, set(), 0
     for batch in loader:
         scores, ids = retriever(
-            batch["q_input_ids"], batch["q_attention_mask"], kmax, corpus=corpus
+            batch["q_input_ids"], batch["q_attention_mask"], kmax, corpus=corpus, questions=batch["questions"]
         )  # (B, kmax)
         ent += entropy(scores[:, :n_docs]).sum().item()
         top1.update(ids[:, 0].tolist())
@@ -63,7 +63,8 @@ def main(cfg: DictConfig) -> None:
     ks = [int(k) for k in cfg.get("eval_ks", [1, 5, 20])]
     for name, items in [*dm.val_sets, *dm.test_sets]:
         res = eval_set(retriever, dm.corpus, dm._loader(items, train=False), ks, retriever.n_docs)
-        print(json.dumps({"set": name, "similarity": retriever.similarity, **res}), flush=True)
+        head = {"set": name, "mode": retriever.retrieval_mode, "similarity": retriever.similarity}
+        print(json.dumps({**head, **res}), flush=True)
 
 
 if __name__ == "__main__":
