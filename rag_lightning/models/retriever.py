@@ -369,7 +369,10 @@ class Retriever(nn.Module):
         if self.retrieval_mode == "dense":
             _, ids, vecs = self.index.search_with_vectors(q.detach(), depth)  # (B, depth), (B, depth, d)
         else:
-            ids, vecs = self.candidates(q.detach(), questions, depth), None
+            ids = self.candidates(q.detach(), questions, depth)
+            # the index's vectors where this rank holds them all (hybrid, not sharded); else re-encoded below
+            whole = self.index is not None and (self.index_mode == "replicated" or rank_world()[1] == 1)
+            vecs = self.index.vectors(ids) if whole else None
         ids = ids.to(q.device)
         if depth > k:
             ids, vecs = self.rerank(q.detach(), ids, vecs, k, corpus)
