@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 SIMILARITIES = ("dot", "cosine")
 MODES = ("dense", "bm25", "hybrid")
 BM25_DEFAULTS = {"k1": 0.9, "b": 0.4, "method": "lucene", "stopwords": "en"}  # Pyserini's k1, b
+DOC_CACHE_ROWS = 200_000  # frozen document vectors kept for BM25 / hybrid candidates (768-d: 600 MB)
 HYBRID_DEFAULTS = {"fusion": "rrf", "rrf_k": 60.0, "dense_weight": 0.5, "depth": None}
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: a learned temperature never goes below 0.01
 
@@ -131,6 +132,7 @@ class Retriever(nn.Module):
             )
         self.use_bm25 = mode != "dense"  # also set by RagModule for BM25 hard negatives
         self.bm25: BM25Index | None = None
+        self._frozen_vectors: dict[int, torch.Tensor] = {}  # row -> vector of the frozen document encoder
         self.index_kwargs = dict(index or {})
         # sharded | replicated | auto (sharded when the world size is above 1)
         self.mode = self.index_kwargs.pop("mode", "auto")
@@ -381,9 +383,7 @@ class Retriever(nn.Module):
             tokens = corpus.doc_tokens(ids.flatten().tolist())
             d = self._encode_docs(tokens, q.device).view(*ids.shape, -1)  # (B, k, d), with grad
         elif vecs is None:
-            d = self.encode_passages(ids.flatten().tolist(), corpus, q.device).view(
-                *ids.shape, -1
-            )  # (B, k, d)
+            d = self.candidate_vectors(ids, corpus, q.device)  # (B, k, d)
         else:
             d = vecs.to(q.device)
         scores = self.score(q, d).masked_fill(ids < 0, float("-inf"))  # (B, k) float32
@@ -433,6 +433,22 @@ class Retriever(nn.Module):
             scale = self.logit_scale.float().clamp(max=MAX_LOGIT_SCALE).exp()
             eq = "bd,bkd->bk" if d.dim() == 3 else "bd,nd->bn"
             return torch.einsum(eq, q.float(), d.float()) * scale
+
+    def candidate_vectors(self, ids: torch.Tensor, corpus, device: torch.device) -> torch.Tensor:
+        """(B, k) ids -> (B, k, d) current document vectors. A frozen encoder's vectors are a function of the
+        row: they are kept (up to DOC_CACHE_ROWS rows), so BM25 candidates seen before are not re-encoded."""
+        rows = ids.flatten().tolist()
+        if self.train_doc_encoder:
+            return self.encode_passages(rows, corpus, device).view(*ids.shape, -1)
+        cache = self._frozen_vectors
+        missing = sorted({r for r in rows if r not in cache})
+        if missing:
+            with torch.no_grad():
+                new = self._encode_docs(corpus.doc_tokens(missing), device).float().cpu()  # (M, d)
+            if len(cache) + len(missing) > DOC_CACHE_ROWS:
+                cache.clear()
+            cache.update(zip(missing, new))
+        return torch.stack([cache[r] for r in rows]).to(device).view(*ids.shape, -1)
 
     def encode_passages(self, rows: list[int], corpus, device: torch.device) -> torch.Tensor:
         """Document vectors (len(rows), d) of corpus rows, with gradient only if the document encoder trains."""
