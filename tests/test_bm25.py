@@ -14,7 +14,23 @@ from rag_lightning.retrieval import fusion
 from rag_lightning.retrieval.bm25 import BM25Index, merge_topk, topk_rows
 from rag_lightning.retrieval.sharded import shard_range
 
-WORDS = "paris france capital river seine tower eiffel london thames bridge rome tiber city art museum".split()
+WORDS = [
+    "paris",
+    "france",
+    "capital",
+    "river",
+    "seine",
+    "tower",
+    "eiffel",
+    "london",
+    "thames",
+    "bridge",
+    "rome",
+    "tiber",
+    "city",
+    "art",
+    "museum",
+]
 QUERIES = ["capital of france", "which river flows through london", "eiffel tower paris", "art museum rome",
            "zebra", "the bridge over the thames river"]  # fmt: skip
 K = 7

@@ -41,7 +41,9 @@ def test_query_prefix_reaches_the_query_tokenizer_only():
 
 def test_passage_prefix_reaches_the_doc_tokenizer_only_and_keys_the_cache(tmp_path):
     src = tmp_path / "p.jsonl"
-    src.write_text('{"id": "a", "title": "Paris", "text": "capital of france"}\n{"id": "b", "text": "rome"}\n')
+    src.write_text(
+        '{"id": "a", "title": "Paris", "text": "capital of france"}\n{"id": "b", "text": "rome"}\n'
+    )
     tok = tiny_tokenizer()
     kw = dict(cache_dir=tmp_path / "cache", gen_tokenizer=tok, doc_tokenizer=tok, max_passage_tokens=32)
     plain = Corpus.from_file(src, **kw)
@@ -147,7 +149,9 @@ def test_shared_tower_in_the_module_optimizer_and_checkpoint(tmp_path):
     assert not any(".doc_encoder." in k for k in model.state_dict())
     model.train()
     model.training_step(batch, 0).backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.retriever.query_encoder.parameters())
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.retriever.query_encoder.parameters()
+    )
 
 
 # ------------------------------------------------------------------------------------------ candidates
@@ -160,7 +164,9 @@ def _bm25_reference(corpus, questions: list[str]) -> np.ndarray:
     """(Q, N) BM25 scores of every passage by bm25s alone (the configured k1, b, stopwords)."""
     tok = bm25s.tokenization.Tokenizer(stopwords="en")
     model = bm25s.BM25(k1=0.9, b=0.4, method="lucene")
-    model.index(tok.tokenize(passage_texts(corpus), return_as="ids", show_progress=False), show_progress=False)
+    model.index(
+        tok.tokenize(passage_texts(corpus), return_as="ids", show_progress=False), show_progress=False
+    )
     q = tok.tokenize(questions, update_vocab=False, return_as="ids", show_progress=False)
     return np.stack([model.get_scores_from_ids(ids) for ids in q])
 
@@ -222,12 +228,48 @@ def test_contrastive_with_bm25_negatives_against_brute_force(setup):
             negs = []
             for row, answers, g in zip(ref, batch["answers"], gold):
                 order = sorted(range(len(row)), key=lambda i: (-row[i], i))
-                negs.append(next(p for p in order if p != g and not has_answer(model.corpus.texts([p])[0], answers)))
+                negs.append(
+                    next(p for p in order if p != g and not has_answer(model.corpus.texts([p])[0], answers))
+                )
             cand = sorted(set(ids.flatten().tolist()) | set(gold) | set(negs))
             assert set(negs) - set(ids.flatten().tolist()) - set(gold)  # the negatives add columns
             vecs = r.doc_encoder(*_pad(model, cand))
             s = q @ vecs.T
-            want = torch.stack([-torch.log_softmax(s[i], -1)[cand.index(g)] for i, g in enumerate(gold)]).mean()
+            want = torch.stack(
+                [-torch.log_softmax(s[i], -1)[cand.index(g)] for i, g in enumerate(gold)]
+            ).mean()
         torch.testing.assert_close(loss, want, atol=1e-4, rtol=1e-4)
     finally:
         model.bm25_negatives, r.use_bm25 = 0, False
+
+
+# ------------------------------------------------------------------------------------------ staleness
+def test_stale_overlap_is_the_mean_shared_fraction():
+    from rag_lightning.callbacks.refresh import stale_overlap
+
+    stale = torch.tensor([[1, 2, 3], [4, 5, -1]])
+    fresh = torch.tensor([[3, 2, 9], [7, 8, 9]])
+    assert stale_overlap(stale, fresh) == pytest.approx((2 / 3 + 0) / 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["retriever.rerank_k=4"], ["retriever.mode=hybrid", "retriever.shared_encoder=true",
+                                                             "retriever.doc_encoder=null"]])  # fmt: skip
+def test_training_logs_how_stale_the_index_was(tmp_path, extra):
+    import csv
+    from pathlib import Path
+
+    from test_train import run_cfg
+
+    from rag_lightning.train import train
+
+    overrides = ["retriever.train_doc_encoder=true", "callbacks.refresh_index.every_n_steps=2", "test=false",
+                 "trainer.max_steps=4", "trainer.val_check_interval=4", "trainer.limit_val_batches=1",
+                 "trainer.log_every_n_steps=1", *extra]  # fmt: skip
+    cfg = run_cfg(tmp_path, overrides)
+    train(cfg)
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+        vals = [
+            float(r["refresh/stale_overlap@2"]) for r in csv.DictReader(f) if r.get("refresh/stale_overlap@2")
+        ]
+    assert len(vals) == 2 and all(0.0 <= v <= 1.0 for v in vals)

@@ -413,8 +413,10 @@ class Retriever(nn.Module):
         """Keep the k best of (B, K') candidates by the current document encoder: its vectors are re-encoded
         (no gradient) when it trains or when the candidates came without vectors; index vectors otherwise.
         -> (ids (B, k), vectors (B, k, d))."""
-        if vecs is None or self.doc_encoder_changes:
+        if self.doc_encoder_changes:
             vecs = self._encode_docs(corpus.doc_tokens(ids.flatten().tolist()), q.device).view(*ids.shape, -1)
+        elif vecs is None:
+            vecs = self.candidate_vectors(ids, corpus, q.device)  # (B, K', d)
         vecs = vecs.to(q.device)
         s = self.score(q, vecs).masked_fill(ids < 0, float("-inf"))  # (B, K')
         top = s.topk(k, dim=1).indices  # (B, k)
