@@ -112,7 +112,12 @@ class Retriever(nn.Module):
                 )
             # the same tower under the passage side's conventions; kept out of _modules: one copy of the weights
             # in the state_dict, the optimizer and on the device (it moves with query_encoder)
-            self.__dict__["doc_encoder"] = query_encoder.sibling(**dict(doc_encoder or {}))
+            conventions = dict(doc_encoder or {})
+            unknown = sorted(set(conventions) - {"prefix", "pooling", "normalize", "max_length"})
+            if unknown:
+                raise ValueError(f"retriever.doc_encoder with shared_encoder: unknown keys {unknown}; expected "
+                                 "prefix, pooling, normalize, max_length")  # fmt: skip
+            self.__dict__["doc_encoder"] = query_encoder.sibling(**conventions)
             train_doc_encoder = train_query_encoder  # one tower: the passage side trains iff it does
         elif isinstance(doc_encoder, Mapping):
             raise ValueError("retriever.doc_encoder is conventions only: set retriever.shared_encoder=true")

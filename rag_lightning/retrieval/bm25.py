@@ -111,7 +111,8 @@ class BM25Index:
         ids = tok.tokenize(list(texts), update_vocab=True, return_as="ids", show_progress=False)
         model = bm25s.BM25(k1=k1, b=b, method=method)
         model.index(ids, show_progress=False)
-        model.vocab_dict = {str(k): v for k, v in model.vocab_dict.items()}  # built from ids (unused): JSON keys
+        # built from ids, the model's own vocabulary is unused; bm25s saves it as JSON: string keys
+        model.vocab_dict = {str(k): v for k, v in model.vocab_dict.items()}
         return cls(model, tok, 0, "replicated", {"stopwords": stopwords, **(meta or {})})
 
     def save(self, path: str | os.PathLike) -> Path:
