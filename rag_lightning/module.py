@@ -35,6 +35,7 @@ from rag_lightning.models.objectives import (
 from rag_lightning.models.retriever import Retriever
 from rag_lightning.readers import FUSION, VARIANTS, Reader
 from rag_lightning.readers.base import Read
+from rag_lightning.retrieval.bm25 import hard_negatives
 from rag_lightning.retrieval.embed import pad_batch
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,14 @@ class RagModule(L.LightningModule):
         self.save_hyperparameters(logger=False, ignore=["retriever", "generator", "optimizer", "scheduler"])
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.retriever = retriever
+        contrastive = dict(objective_args.get("contrastive", {}))  # a copy: the hparams keep the key
+        self.bm25_negatives = int(contrastive.pop("bm25_negatives", 0) or 0)
+        objective_args = {
+            **objective_args,
+            **({"contrastive": contrastive} if "contrastive" in objective_args else {}),
+        }
+        if self.bm25_negatives:
+            retriever.use_bm25 = True  # DPR's hard negatives come from BM25
         # a factory (Hydra `_partial_: true`) defers building the generator to configure_model, where under
         # FSDP ranks > 0 build it on the meta device and receive only their shards of rank 0's weights
         self.generator_factory = None if isinstance(generator, torch.nn.Module) else generator
@@ -224,7 +233,9 @@ class RagModule(L.LightningModule):
 
     # ---------------------------------------------------------------- forward
     def retrieve(self, batch: dict[str, Any], k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.retriever(batch["q_input_ids"], batch["q_attention_mask"], k, corpus=self.corpus)
+        return self.retriever(
+            batch["q_input_ids"], batch["q_attention_mask"], k, self.corpus, questions=batch.get("questions")
+        )
 
     def sources(
         self, batch: dict[str, Any], ids: torch.Tensor, single: bool = False
@@ -313,8 +324,9 @@ class RagModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         doc_scores, ids, q, d = self.retriever(
-            batch["q_input_ids"], batch["q_attention_mask"], self.retriever.n_docs, self.corpus, True
-        )
+            batch["q_input_ids"], batch["q_attention_mask"], self.retriever.n_docs, self.corpus, True,
+            questions=batch.get("questions"),
+        )  # fmt: skip
         out = self.answer_logprobs(batch, ids, attention=self.needs("attention"))
         lp, attn = (out.lp, out.attention) if isinstance(out, Read) else (out, None)
         loss, parts = self.training_loss(batch, lp, doc_scores, ids, q, d, attn)
@@ -366,12 +378,19 @@ class RagModule(L.LightningModule):
 
     def contrastive(self, batch: dict[str, Any], ids: torch.Tensor, q: torch.Tensor, d: torch.Tensor):
         """DPR's loss with in-batch negatives: every question against every passage retrieved for the batch
-        plus the batch's gold passages (`gold_ids`, encoded when not retrieved); mean over questions with a
-        gold passage in the corpus (0 when none has)."""
+        plus the batch's gold passages (`gold_ids`, encoded when not retrieved) and, with
+        `objective_args.contrastive.bm25_negatives=N`, each question's N best BM25 passages without an answer
+        (DPR's hard negatives, shared by the batch); mean over questions with a gold passage in the corpus (0
+        when none has)."""
         flat = ids.flatten().tolist()  # (B*K,)
         gold = [{r for g in gl if (r := self._row(g)) is not None} for gl in batch["gold_ids"]]
         first = {r: i for i, r in reversed(list(enumerate(flat)))}  # one column per distinct passage
-        extra = sorted(set().union(*gold) - first.keys())
+        extra = set().union(*gold)
+        if self.bm25_negatives:
+            negs = hard_negatives(self.retriever.bm25, self.corpus, batch["questions"], batch["answers"],
+                                  self.bm25_negatives, gold, batch.get("regex", False))  # fmt: skip
+            extra = extra.union(*negs)
+        extra = sorted(extra - first.keys())
         cand = [flat[i] for i in sorted(first.values())] + extra  # (N,) passage rows
         vecs = d.reshape(len(flat), -1)[sorted(first.values())]  # (N - len(extra), dim)
         if extra:

@@ -8,6 +8,7 @@ corpus  Arrow corpus conversion speed and reader memory (bench_corpus.py)
 train-step  RagModule training step (fused output layer + marginal loss) vs transformers' RagToken /
         RagSequenceForGeneration: time, peak memory, loss; --loss-only: the loss alone vs get_nll (bench_train.py)
 profile-step  where a training step's time goes, --setting demo | nq (bench_profile.py)
+bm25    BM25 index build time, size on disk, memory-mapped load and search at 100k and 1M passages (bench_bm25.py)
 scale   prepare (2 processes) + 2-process sharded train.py on a synthetic DPR corpus at N and 4N (bench_scale.py)
 """
 
@@ -18,6 +19,7 @@ import math
 import time
 from collections.abc import Callable
 
+import bench_bm25
 import bench_corpus  # scripts/ is sys.path[0] when run as a script
 import bench_decode
 import bench_profile
@@ -223,6 +225,7 @@ BENCHES = [
     bench_train.BENCH,
     bench_profile.BENCH,
     bench_scale.BENCH,
+    bench_bm25.BENCH,
 ]
 
 

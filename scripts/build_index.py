@@ -13,7 +13,9 @@ overrides that select the corpus, tokenizers, document encoder and index mean th
        torchrun --nproc-per-node 8 scripts/build_index.py +experiment=nq paths.data_dir=D
    each rank embeds on `cuda:LOCAL_RANK` (CPU without CUDA);
 3. the process that completes the last chunk merges them into `<index.root>/<stamp hash>/vectors.npy` with
-   `stamp.json` (corpus fingerprint, document-encoder weights fingerprint, factory, dtype), atomically.
+   `stamp.json` (corpus fingerprint, document-encoder weights fingerprint, factory, dtype), atomically;
+4. with `retriever.mode=bm25|hybrid` or BM25 hard negatives (`model.objective_args.contrastive.bm25_negatives`),
+   shard 0 also builds the BM25 index under `<index.root>/bm25-<stamp hash>` (bm25 mode embeds nothing).
 `train.py` and `scripts/evaluate.py` with the same overrides compute the same stamp and load that directory
 (`index: loaded <path> (<N> passages, <stamp>)`); nothing is converted or embedded at train time.
 """
@@ -31,7 +33,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
 from rag_lightning.retrieval import embed_chunks, store
@@ -105,6 +107,13 @@ def prepare(cfg: DictConfig) -> Path | None:
     retriever = hydra.utils.instantiate(cfg.retriever)
     if not retriever.index_root:
         raise ValueError("index.root is not set: where should the prepared index go?")
+    negatives = OmegaConf.select(cfg, "model.objective_args.contrastive.bm25_negatives", default=0)
+    if (retriever.retrieval_mode != "dense" or negatives) and shard == 0:
+        t0 = time.perf_counter()
+        retriever.ensure_bm25(corpus)
+        log.info("bm25: ready at %s in %.1fs", retriever.bm25_path(corpus), time.perf_counter() - t0)
+    if retriever.retrieval_mode == "bm25":
+        return retriever.bm25_path(corpus)
     device = resolve_device(cfg.get("device") or "auto")
     retriever.doc_encoder.to(device)
     stamp = retriever.index_stamp(corpus)

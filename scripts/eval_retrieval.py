@@ -2,13 +2,15 @@
 """Retrieval alone (no generator): recall@k, gold-passage recall@k, entropy of p(z|x) and distinct top-1.
 
     python scripts/eval_retrieval.py [+experiment=squad_open paths.data_dir=...] [retriever.similarity=cosine]
+        [retriever.mode=dense|bm25|hybrid] [+modes=[dense,bm25,hybrid,hybrid-weighted]]
         [+ckpt_path=<run>/checkpoints/last.ckpt] [+eval_ks=[1,5,20]]
 
 Composes the training config (conf/train.yaml, same overrides as train.py), builds the data module and the
 retriever only, embeds the corpus and searches every val and test question. With ``+ckpt_path`` the
 retriever's weights (``retriever.*`` of a RagModule checkpoint) are loaded first. recall@k: a gold answer
 occurs in one of the top-k passages (what training logs as val/recall@k); gold@k: one of the question's
-gold passages (``gold_ids``) is among the top-k. Prints one JSON line per question set.
+gold passages (``gold_ids``) is among the top-k. Prints one JSON line per question set (and mode). ``+modes``
+evaluates several candidate modes in one process, over one dense index (embedded once).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from omegaconf import DictConfig
 
 from rag_lightning import metrics, resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
 from rag_lightning.models.objectives import entropy
+from rag_lightning.models.retriever import MODES
 
 
 @torch.no_grad()
@@ -31,7 +34,7 @@ def eval_set(retriever, corpus, loader, ks: list[int], n_docs: int) -> dict[str,
     ent, top1, n = 0.0, set(), 0
     for batch in loader:
         scores, ids = retriever(
-            batch["q_input_ids"], batch["q_attention_mask"], kmax, corpus=corpus
+            batch["q_input_ids"], batch["q_attention_mask"], kmax, corpus=corpus, questions=batch["questions"]
         )  # (B, kmax)
         ent += entropy(scores[:, :n_docs]).sum().item()
         top1.update(ids[:, 0].tolist())
@@ -59,11 +62,25 @@ def main(cfg: DictConfig) -> None:
         sub = {k[len("retriever.") :]: v for k, v in state.items() if k.startswith("retriever.")}
         retriever.load_state_dict(sub, strict=False)
     retriever.eval()
-    retriever.ensure_index(dm.corpus, progress=False)
     ks = [int(k) for k in cfg.get("eval_ks", [1, 5, 20])]
-    for name, items in [*dm.val_sets, *dm.test_sets]:
-        res = eval_set(retriever, dm.corpus, dm._loader(items, train=False), ks, retriever.n_docs)
-        print(json.dumps({"set": name, "similarity": retriever.similarity, **res}), flush=True)
+    modes = [str(m) for m in cfg.get("modes") or [retriever.retrieval_mode]]
+    if any(m != "bm25" for m in modes):  # one dense index for every mode (BM25's candidates take its vectors)
+        retriever.retrieval_mode, retriever.use_bm25 = "dense", False
+        retriever.ensure_index(dm.corpus, progress=False)
+    for mode in modes:
+        name_mode, _, fusion = mode.partition("-")  # "hybrid-weighted": hybrid with that fusion
+        if name_mode not in MODES:
+            raise SystemExit(
+                f"+modes: unknown mode {mode!r}; expected {MODES} or hybrid-rrf / hybrid-weighted"
+            )
+        retriever.retrieval_mode, retriever.use_bm25 = name_mode, name_mode != "dense"
+        if fusion:
+            retriever.hybrid["fusion"] = fusion
+        retriever.ensure_index(dm.corpus, progress=False)
+        for name, items in [*dm.val_sets, *dm.test_sets]:
+            res = eval_set(retriever, dm.corpus, dm._loader(items, train=False), ks, retriever.n_docs)
+            head = {"set": name, "mode": mode, "similarity": retriever.similarity}
+            print(json.dumps({**head, **res}), flush=True)
 
 
 if __name__ == "__main__":

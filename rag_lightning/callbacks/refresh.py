@@ -7,6 +7,10 @@ The callback only decides when, saves and restores; the retriever builds, swaps 
 with its cause and every rank goes on with the old index until the next scheduled refresh. With a frozen
 document encoder the embeddings cannot change, so the callback says so once and does nothing.
 
+Staleness: before each refresh the callback searches a fixed sample of `stale_sample` training questions in
+the old index and again in the new one, and logs `refresh/stale_overlap@k` = mean |old top-k & new top-k| / k
+(k = retriever.n_docs): 1 means the refresh changed nothing the loss sees, so refreshes can be spaced out.
+
 What it needs from the LightningModule: ``pl_module.corpus`` and ``pl_module.retriever``, a
 :class:`~rag_lightning.models.retriever.Retriever` (``ensure_index``, ``load_index``, ``refresh_index``,
 ``save_index``, ``index_version``, ``index_source``, ``doc_encoder_changes``). Its checkpoint state records
@@ -20,6 +24,7 @@ import logging
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from rag_lightning.models.retriever import IndexRefreshError
@@ -55,6 +60,7 @@ class RefreshIndex(Callback):
         at_fit_start: bool = False,
         save_dir: str | None = None,
         progress: bool = True,
+        stale_sample: int = 64,
     ):
         if every_n_steps is not None and schedule is not None:
             raise ValueError("give every_n_steps or schedule, not both")
@@ -64,6 +70,8 @@ class RefreshIndex(Callback):
         self.at_fit_start = at_fit_start
         self.save_dir = save_dir
         self.progress = progress
+        self.stale_sample = stale_sample
+        self._sample: dict[str, Any] | None = None  # the tokenized staleness sample, made once
         self.version = 0
         self.last_refresh_step = -1
         self.last_attempt_step = -1
@@ -121,6 +129,8 @@ class RefreshIndex(Callback):
                 )
                 self._said_frozen = True
             return False
+        sample = self._staleness_sample(trainer, pl_module)
+        stale = None if sample is None else self._top_ids(pl_module, sample)
         try:
             stats = retriever.refresh_index(
                 pl_module.corpus, progress=self.progress and trainer.is_global_zero
@@ -132,6 +142,11 @@ class RefreshIndex(Callback):
             pl_module.log("index/failures", float(self.failures), rank_zero_only=True)
             return False
         self.last_refresh_step = step
+        if stale is not None:
+            k = stale.shape[1]
+            overlap = stale_overlap(stale, self._top_ids(pl_module, sample))
+            log.info("index refresh at step %d: stale top-%d overlap %.3f", step, k, overlap)
+            pl_module.log(f"refresh/stale_overlap@{k}", overlap, rank_zero_only=True)
         retriever.index.meta["step"] = step
         self._save(retriever)
         self._record(retriever)
@@ -144,6 +159,34 @@ class RefreshIndex(Callback):
             rank_zero_only=True,
         )
         return True
+
+    def _staleness_sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
+        """A fixed, seeded sample of training questions, collated once (None: disabled or no train items)."""
+        dm = getattr(trainer, "datamodule", None)
+        if (
+            self.stale_sample <= 0
+            or pl_module.retriever.index is None
+            or not getattr(dm, "train_items", None)
+        ):
+            return None
+        if self._sample is None:
+            items = dm.train_items
+            pick = torch.randperm(len(items), generator=torch.Generator().manual_seed(0))[: self.stale_sample]
+            self._sample = dm.collator(train=False)([items[i] for i in sorted(pick.tolist())])
+        return self._sample
+
+    @staticmethod
+    def _top_ids(pl_module: L.LightningModule, batch: dict[str, Any]) -> torch.Tensor:
+        """(S, n_docs) dense top ids of the sample under the current index, the query encoder in eval mode."""
+        retriever = pl_module.retriever
+        enc, device = retriever.query_encoder, pl_module.device
+        was_training = enc.training
+        enc.eval()
+        try:
+            ids = batch["q_input_ids"].to(device), batch["q_attention_mask"].to(device)
+            return retriever.dense_top_ids(*ids, retriever.n_docs).cpu()
+        finally:
+            enc.train(was_training)
 
     def _save(self, retriever) -> None:
         if self.save_dir:
@@ -174,3 +217,10 @@ class RefreshIndex(Callback):
         self.corpus_fingerprint = state.get("corpus_fingerprint")
         self.index_path, self.index_stamp = state.get("index_path"), state.get("index_stamp")
         self._restored = True
+
+
+def stale_overlap(stale: torch.Tensor, fresh: torch.Tensor) -> float:
+    """Mean over rows of |stale_row & fresh_row| / k for (S, k) id lists (ids -1 never count)."""
+    k = stale.shape[1]
+    hits = [len({i for i in a if i >= 0} & set(b)) for a, b in zip(stale.tolist(), fresh.tolist())]
+    return sum(hits) / (k * max(1, len(hits)))

@@ -24,7 +24,8 @@ class Item:
 class QACollator:
     """Turns a list of :class:`Item` into the batch dict of the data contract.
 
-    Keys: ``q_input_ids`` (B, Lq) / ``q_attention_mask`` (B, Lq) (query tokenizer, with specials);
+    Keys: ``q_input_ids`` (B, Lq) / ``q_attention_mask`` (B, Lq) (query tokenizer, with specials, of
+    ``query_prefix + question``, at most ``query_max_length`` (default ``max_question_length``) tokens);
     ``g_question`` list[list[int]] (generator tokenizer, no specials, truncated to max_question_length);
     ``labels`` (B, T) int64 (padding = -100): seq2seq generators, the generator's ``text_target`` encoding of
     the target answer; causal generators (``causal=True``), the answer's tokens as they continue the prompt
@@ -44,6 +45,8 @@ class QACollator:
         max_target_length: int = 25,
         answer: str = "first",
         causal: bool = False,
+        query_prefix: str = "",
+        query_max_length: int | None = None,
     ) -> None:
         if answer not in ("first", "random"):
             raise ValueError(f"train_answer must be 'first' or 'random', got {answer!r}")
@@ -53,13 +56,19 @@ class QACollator:
             max_target_length,
             answer,
         )
+        # the query encoder's conventions (retriever.query_encoder.prefix / max_length): its tokenizer only
+        self.query_prefix, self.query_max_length = query_prefix or "", query_max_length
 
     def __call__(self, items: Sequence[Item]) -> dict[str, Any]:
         exs = [it.example for it in items]
         questions = [e.question for e in exs]
         targets = [random.choice(e.answers) if self.answer == "random" else e.answers[0] for e in exs]
         q = self.query_tokenizer(
-            questions, padding=True, truncation=True, max_length=self.max_question_length, return_tensors="pt"
+            [self.query_prefix + x for x in questions] if self.query_prefix else questions,
+            padding=True,
+            truncation=True,
+            max_length=self.query_max_length or self.max_question_length,
+            return_tensors="pt",
         )
         g = self.gen_tokenizer(
             questions, add_special_tokens=False, truncation=True, max_length=self.max_question_length

@@ -200,7 +200,7 @@ def _check_unique(table: pa.Table, src: str) -> None:
         )
 
 
-def _tokenize_fn(gen_tok: Any, doc_tok: Any, max_len: int, sep: str):
+def _tokenize_fn(gen_tok: Any, doc_tok: Any, max_len: int, sep: str, doc_prefix: str = "", doc_max: int = 0):
     def fn(batch: dict[str, list]) -> dict[str, list]:
         out = {}
         if gen_tok is not None:
@@ -213,7 +213,10 @@ def _tokenize_fn(gen_tok: Any, doc_tok: Any, max_len: int, sep: str):
             titles, texts, ids = batch["title"], batch["text"], [None] * len(batch["text"])
             with_t = [i for i, t in enumerate(titles) if t]
             without = [i for i, t in enumerate(titles) if not t]
-            kw = {"truncation": "longest_first", "max_length": max_len}
+            kw = {"truncation": "longest_first", "max_length": doc_max or max_len}
+            if doc_prefix:  # the document encoder's prefix (E5's "passage: "), before the first segment
+                titles = [doc_prefix + t if t else t for t in titles]
+                texts = [x if titles[i] else doc_prefix + x for i, x in enumerate(texts)]
             if with_t:
                 enc = doc_tok([titles[i] for i in with_t], [texts[i] for i in with_t], **kw)["input_ids"]
                 for i, e in zip(with_t, enc):
@@ -256,6 +259,8 @@ class Corpus:
         fields: Mapping[str, str] | None = None,
         title_sep: str = " / ",
         num_proc: int | None = None,
+        doc_prefix: str = "",
+        doc_max_length: int | None = None,
     ) -> Path:
         """Convert the source once; return ``cache_dir/<fingerprint>`` (existing cache is reused).
 
@@ -275,9 +280,11 @@ class Corpus:
                 f"unknown corpus format {fmt!r}; valid formats: {', '.join(CORPUS_FORMATS)}",
             )
         fields = {"id": "id", "title": "title", "text": "text", **(fields or {})}
+        doc_side = {k: v for k, v in (("doc_prefix", doc_prefix), ("doc_max_length", doc_max_length)) if v}
         fp = corpus_fingerprint(
-            path, gen_tokenizer, doc_tokenizer, max_passage_tokens, fmt=fmt, fields=fields, sep=title_sep
-        )
+            path, gen_tokenizer, doc_tokenizer, max_passage_tokens, fmt=fmt, fields=fields, sep=title_sep,
+            **doc_side,
+        )  # fmt: skip
         target = Path(cache_dir) / fp
         if (target / "corpus_meta.json").exists():
             return target
@@ -311,7 +318,14 @@ class Corpus:
                 if tok is not None:
                     feats[col] = datasets.List(datasets.Value("int32"))
             ds = raw.map(
-                _tokenize_fn(gen_tokenizer, doc_tokenizer, max_passage_tokens, title_sep),
+                _tokenize_fn(
+                    gen_tokenizer,
+                    doc_tokenizer,
+                    max_passage_tokens,
+                    title_sep,
+                    doc_prefix,
+                    doc_max_length or 0,
+                ),
                 batched=True,
                 features=feats,
                 num_proc=num_proc,
@@ -330,6 +344,7 @@ class Corpus:
                 "doc_tokenizer": _tok_name(doc_tokenizer),
                 "max_passage_tokens": max_passage_tokens,
                 "title_sep": title_sep,
+                **doc_side,
             }
             (work / "out" / "corpus_meta.json").write_text(json.dumps(meta, indent=1))
             del ds, raw
@@ -349,6 +364,7 @@ class Corpus:
         fp = corpus_fingerprint(
             path, kwargs.get("gen_tokenizer"), kwargs.get("doc_tokenizer"), kwargs.get("max_passage_tokens", 256),
             fmt=fmt, fields=fields, sep=kwargs.get("title_sep", " / "),
+            **{k: kwargs[k] for k in ("doc_prefix", "doc_max_length") if kwargs.get(k)},
         )  # fmt: skip
         target, t0 = Path(cache_dir) / fp, time.monotonic()
         while not (target / "corpus_meta.json").exists():

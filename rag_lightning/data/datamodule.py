@@ -62,6 +62,10 @@ class QADataModule(L.LightningDataModule):
         data_dir: str | os.PathLike | None = None,
         corpus_num_proc: int | None = None,
         pin_memory: bool = False,
+        query_prefix: str = "",
+        doc_prefix: str = "",
+        query_max_length: int | None = None,
+        doc_max_length: int | None = None,
     ) -> None:
         super().__init__()
         if train_answer not in ("first", "random"):
@@ -87,6 +91,10 @@ class QADataModule(L.LightningDataModule):
         self.max_train_examples, self.max_eval_examples = max_train_examples, max_eval_examples
         self.val_split_fraction = val_split_fraction
         self.generator_kind = generator_kind  # causal generators need other targets (data/collate.py)
+        # the retriever encoders' text conventions, applied where each side is tokenized (query: collator,
+        # passages: corpus conversion, in the corpus fingerprint); the generator never sees them
+        self.query_prefix, self.query_max_length = query_prefix or "", query_max_length
+        self.doc_prefix, self.doc_max_length = doc_prefix or "", doc_max_length
         self.query_tokenizer = self.gen_tokenizer = self.doc_tokenizer = None
         self.corpus: Corpus | None = None
         self.train_items: list[Item] = []
@@ -119,6 +127,8 @@ class QADataModule(L.LightningDataModule):
             "doc_tokenizer": self.doc_tokenizer,
             "max_passage_tokens": self.max_passage_tokens,
             "num_proc": self.corpus_num_proc,
+            **({"doc_prefix": self.doc_prefix} if self.doc_prefix else {}),
+            **({"doc_max_length": self.doc_max_length} if self.doc_max_length else {}),
         }
 
     def prepare_corpus(self) -> None:
@@ -206,6 +216,8 @@ class QADataModule(L.LightningDataModule):
             self.max_target_length,
             self.train_answer if train else "first",
             causal=self._causal,
+            query_prefix=self.query_prefix,
+            query_max_length=self.query_max_length,
         )
 
     @property

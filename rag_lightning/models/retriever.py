@@ -12,6 +12,13 @@ The retriever owns the index lifecycle, and is the only place the index version 
 (re-embed, build aside, swap on every rank or on none), `save_index`. Every decision is the same on all DDP
 ranks: the candidate path is rank 0's, and a load or refresh that fails on any rank fails on all of them
 (an all-reduce after the local work, which every rank reaches), so the old index stays everywhere.
+
+Candidates (`mode`): `dense` (the index above), `bm25` (retrieval/bm25.py over the question texts) or `hybrid`
+(both lists fused, retrieval/fusion.py). Whatever proposes them, the K scores are the trainable dense ones.
+`rerank_k: K'` retrieves K' candidates and keeps the K best by the current document encoder (re-encoding them
+without gradient when the document side trains, so a stale index still yields fresh top-K passages).
+`shared_encoder: true` uses the query tower for passages too (one module; `doc_encoder` then only states the
+passage side's conventions: prefix, pooling, normalize, max_length).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +36,8 @@ import torch
 from torch import nn
 
 from rag_lightning.models.encoders import Encoder
-from rag_lightning.retrieval import store
+from rag_lightning.retrieval import fusion, store
+from rag_lightning.retrieval.bm25 import BM25Index, passage_texts
 from rag_lightning.retrieval.embed import RowSlice, amp_dtype_for, embed_passages, pad_batch
 from rag_lightning.retrieval.index import DenseIndex, resolve_device, resolve_store_dtype
 from rag_lightning.retrieval.sharded import (
@@ -41,6 +50,10 @@ from rag_lightning.retrieval.sharded import (
 
 log = logging.getLogger(__name__)
 SIMILARITIES = ("dot", "cosine")
+MODES = ("dense", "bm25", "hybrid")
+BM25_DEFAULTS = {"k1": 0.9, "b": 0.4, "method": "lucene", "stopwords": "en"}  # Pyserini's k1, b
+DOC_CACHE_ROWS = 200_000  # frozen document vectors kept for BM25 / hybrid candidates (768-d: 600 MB)
+HYBRID_DEFAULTS = {"fusion": "rrf", "rrf_k": 60.0, "dense_weight": 0.5, "depth": None}
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: a learned temperature never goes below 0.01
 
 
@@ -52,7 +65,7 @@ class Retriever(nn.Module):
     def __init__(
         self,
         query_encoder: Encoder,
-        doc_encoder: Encoder | None = None,
+        doc_encoder: Encoder | Mapping[str, Any] | None = None,
         n_docs: int = 5,
         train_query_encoder: bool = True,
         train_doc_encoder: bool = False,
@@ -62,8 +75,18 @@ class Retriever(nn.Module):
         similarity: str = "dot",
         temperature: float = 1.0,
         learn_temperature: bool = False,
+        shared_encoder: bool = False,
+        mode: str = "dense",
+        rerank_k: int | None = None,
+        bm25: Mapping[str, Any] | None = None,
+        hybrid: Mapping[str, Any] | None = None,
     ):
         """`doc_encoder=None` uses a copy of the query encoder (DPR-style two towers from one checkpoint).
+        shared_encoder: one tower for both sides (trained by both sides' gradients when the query side trains);
+        `doc_encoder` is then None or the passage side's conventions {prefix, pooling, normalize, max_length}.
+        mode: dense | bm25 | hybrid candidates; bm25: {k1, b, method, stopwords}; hybrid: {fusion: rrf |
+        weighted, rrf_k, dense_weight, depth (candidates per list, default the number kept)}.
+        rerank_k: retrieve this many and keep the n_docs (or k) best by the current document encoder.
 
         embed_precision: autocast dtype for re-embedding the corpus, "auto" (bf16 on CUDA and on CPUs with
         native bf16, else fp32), "bf16", "fp16" or "fp32"; vectors are stored in ``index.store_dtype``.
@@ -77,10 +100,44 @@ class Retriever(nn.Module):
             raise ValueError(f"retriever.similarity must be one of {SIMILARITIES}, got {similarity!r}")
         if not temperature > 0:
             raise ValueError(f"retriever.temperature must be > 0, got {temperature}")
+        if mode not in MODES:
+            raise ValueError(f"retriever.mode must be one of {MODES}, got {mode!r}")
         self.query_encoder = query_encoder
-        self.doc_encoder = doc_encoder if doc_encoder is not None else copy.deepcopy(query_encoder)
+        self.shared_encoder = shared_encoder
+        if shared_encoder:
+            if isinstance(doc_encoder, nn.Module):
+                raise ValueError(
+                    "retriever.shared_encoder: give retriever.doc_encoder as the passage side's conventions "
+                    "{prefix, pooling, normalize, max_length} (or null), not a second model"
+                )
+            # the same tower under the passage side's conventions; kept out of _modules: one copy of the weights
+            # in the state_dict, the optimizer and on the device (it moves with query_encoder)
+            conventions = dict(doc_encoder or {})
+            unknown = sorted(set(conventions) - {"prefix", "pooling", "normalize", "max_length"})
+            if unknown:
+                raise ValueError(f"retriever.doc_encoder with shared_encoder: unknown keys {unknown}; expected "
+                                 "prefix, pooling, normalize, max_length")  # fmt: skip
+            self.__dict__["doc_encoder"] = query_encoder.sibling(**conventions)
+            train_doc_encoder = train_query_encoder  # one tower: the passage side trains iff it does
+        elif isinstance(doc_encoder, Mapping):
+            raise ValueError("retriever.doc_encoder is conventions only: set retriever.shared_encoder=true")
+        else:
+            self.doc_encoder = doc_encoder if doc_encoder is not None else copy.deepcopy(query_encoder)
         self.n_docs = n_docs
         self.train_doc_encoder = train_doc_encoder
+        self.retrieval_mode = mode
+        if rerank_k is not None and rerank_k < 1:
+            raise ValueError(f"retriever.rerank_k must be >= 1 (or null), got {rerank_k}")
+        self.rerank_k = rerank_k
+        self.bm25_kwargs = {**BM25_DEFAULTS, **dict(bm25 or {})}
+        self.hybrid = {**HYBRID_DEFAULTS, **dict(hybrid or {})}
+        if self.hybrid["fusion"] not in fusion.FUSIONS:
+            raise ValueError(
+                f"retriever.hybrid.fusion must be one of {fusion.FUSIONS}, got {self.hybrid['fusion']!r}"
+            )
+        self.use_bm25 = mode != "dense"  # also set by RagModule for BM25 hard negatives
+        self.bm25: BM25Index | None = None
+        self._frozen_vectors: dict[int, torch.Tensor] = {}  # row -> vector of the frozen document encoder
         self.index_kwargs = dict(index or {})
         # sharded | replicated | auto (sharded when the world size is above 1)
         self.mode = self.index_kwargs.pop("mode", "auto")
@@ -88,14 +145,16 @@ class Retriever(nn.Module):
         self.embed_batch_size = embed_batch_size
         self.embed_precision = embed_precision
         self.similarity = similarity
-        self.query_encoder.normalize = self.doc_encoder.normalize = similarity == "cosine"
+        for enc in (self.query_encoder, self.doc_encoder):
+            enc.normalize = enc.normalize or similarity == "cosine"
         scale = torch.tensor(-math.log(temperature), dtype=torch.float32)  # log(1 / temperature)
         if learn_temperature:
             self.logit_scale = nn.Parameter(scale)
         else:
             self.register_buffer("logit_scale", scale, persistent=False)
         self.query_encoder.requires_grad_(train_query_encoder)
-        self.doc_encoder.requires_grad_(train_doc_encoder)
+        if not shared_encoder:
+            self.doc_encoder.requires_grad_(train_doc_encoder)
         if not train_doc_encoder:
             self.doc_encoder.eval()
         self.index: ShardedIndex | None = None  # not a parameter: built or loaded, never in state_dict
@@ -113,8 +172,8 @@ class Retriever(nn.Module):
 
     @property
     def doc_encoder_changes(self) -> bool:
-        """Whether re-embedding the corpus can give anything new."""
-        return self.train_doc_encoder
+        """Whether re-embedding the corpus can give anything new (nothing to re-embed with BM25 alone)."""
+        return self.train_doc_encoder and self.retrieval_mode != "bm25"
 
     @property
     def index_mode(self) -> str:
@@ -157,7 +216,9 @@ class Retriever(nn.Module):
     def ensure_index(self, corpus, progress: bool = True, match_weights: bool = False) -> None:
         """Have an index: keep the current one (unless ``match_weights`` and the document encoder's weights
         changed since it was made), else load a prepared / known one whose stamp matches, else build one."""
-        if self.index is not None and not match_weights:
+        if self.use_bm25:
+            self.ensure_bm25(corpus)
+        if self.retrieval_mode == "bm25" or (self.index is not None and not match_weights):
             return
         stamp = self.index_stamp(corpus)
         if self.index is not None and self.index_source.get("stamp") == stamp:
@@ -223,6 +284,46 @@ class Retriever(nn.Module):
                  store.stamp_text(stamp), stats["seconds"])  # fmt: skip
         return stats
 
+    # ---------------------------------------------------------------- BM25
+    def bm25_stamp(self, corpus) -> dict[str, Any]:
+        """What the BM25 index depends on: corpus, BM25 parameters, bm25s version."""
+        import bm25s
+
+        return {"kind": "bm25", "corpus": getattr(corpus, "fingerprint", None), **self.bm25_kwargs,
+                "bm25s": bm25s.__version__}  # fmt: skip
+
+    def bm25_path(self, corpus) -> Path | None:
+        """Beside the dense indexes: ``<index.root>/bm25-<stamp hash>``."""
+        if not self.index_root:
+            return None
+        return Path(self.index_root) / f"bm25-{store.stamp_key(self.bm25_stamp(corpus))}"
+
+    def ensure_bm25(self, corpus) -> None:
+        """Have the BM25 index: load the saved one whose stamp matches (memory-mapped; this rank's rows when
+        sharded), else build it (rank 0, saved under ``index.root`` when set; the other ranks then load it)."""
+        if self.bm25 is not None:
+            return
+        t0, stamp, path = time.perf_counter(), self.bm25_stamp(corpus), self.bm25_path(corpus)
+        mode, err = self.index_mode, None
+        if path is not None:
+            if rank_world()[0] == 0 and not _bm25_matches(path, stamp):
+                try:
+                    build_bm25(corpus, self.bm25_kwargs, stamp).save(path)
+                except Exception as e:  # noqa: BLE001 - decided below, on every rank alike
+                    err = e
+            if not all_ranks_ok(err is None):
+                raise RuntimeError(f"BM25 index build failed on rank 0 (here: {err or 'ok'})") from err
+            index = BM25Index.load(path, mode)
+        else:  # nowhere to save: every rank builds the whole index, then keeps its rows
+            index = build_bm25(corpus, self.bm25_kwargs, stamp)
+            index.mode = mode
+            rank, world = rank_world()
+            if mode == "sharded" and world > 1:
+                index.keep_rows(*shard_range(len(corpus), rank, world))
+        self.bm25 = index
+        log.info("bm25: %s (%d passages, rows %d.., %s) in %.1fs", path or "built in memory", len(corpus),
+                 index.start, mode, time.perf_counter() - t0)  # fmt: skip
+
     def save_index(self, path: str | os.PathLike) -> None:
         """Atomic save (sharded: every rank writes its own shard dir; replicated: rank 0 writes)."""
         if self.index_mode == "sharded" or rank_world()[0] == 0:
@@ -257,22 +358,79 @@ class Retriever(nn.Module):
         return ShardedIndex(local, start, mode)
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int, corpus=None, return_vectors=False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        k: int,
+        corpus=None,
+        return_vectors=False,
+        questions: list[str] | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """Top-k for a batch of questions -> (doc_scores (B, k) with grad, ids (B, k) global passage ids), and
-        with `return_vectors` also the query vectors (B, d) and passage vectors (B, k, d) that scored them."""
-        if self.index is None:
+        with `return_vectors` also the query vectors (B, d) and passage vectors (B, k, d) that scored them.
+        ``questions`` (the texts) are needed by the bm25 and hybrid modes."""
+        if self.index is None and self.retrieval_mode != "bm25":
             raise RuntimeError("the retriever has no index yet: ensure_index(corpus) first")
         q = self.query_encoder(input_ids, attention_mask)  # (B, d)
-        _, ids, vecs = self.index.search_with_vectors(q.detach(), k)  # (B, k), (B, k, d)
+        depth = max(k, self.rerank_k or 0)
+        if self.retrieval_mode == "dense":
+            _, ids, vecs = self.index.search_with_vectors(q.detach(), depth)  # (B, depth), (B, depth, d)
+        else:
+            ids = self.candidates(q.detach(), questions, depth)
+            # the index's vectors where this rank holds them all (hybrid, not sharded); else re-encoded below
+            whole = self.index is not None and (self.index_mode == "replicated" or rank_world()[1] == 1)
+            vecs = self.index.vectors(ids) if whole else None
         ids = ids.to(q.device)
-        if self.train_doc_encoder and (self.training or self.index.local.lossy):
+        if depth > k:
+            ids, vecs = self.rerank(q.detach(), ids, vecs, k, corpus)
+        lossy = self.index is not None and self.index.local.lossy
+        if self.train_doc_encoder and (self.training or lossy):
             tokens = corpus.doc_tokens(ids.flatten().tolist())
             d = self._encode_docs(tokens, q.device).view(*ids.shape, -1)  # (B, k, d), with grad
+        elif vecs is None:
+            d = self.candidate_vectors(ids, corpus, q.device)  # (B, k, d)
         else:
             d = vecs.to(q.device)
         scores = self.score(q, d).masked_fill(ids < 0, float("-inf"))  # (B, k) float32
         return (scores, ids, q, d) if return_vectors else (scores, ids)
+
+    def candidates(self, q: torch.Tensor, questions: list[str] | None, depth: int) -> torch.Tensor:
+        """(B, depth) candidate ids from BM25 or from BM25 and the dense index fused (no vectors)."""
+        if questions is None:
+            raise ValueError(
+                f"retriever.mode={self.retrieval_mode} needs the question texts (batch['questions'])"
+            )
+        n = max(depth, self.hybrid["depth"] or 0)
+        s_bm, i_bm = self.bm25.search(questions, n)  # (B, n); collective when sharded
+        if self.retrieval_mode == "bm25":
+            return i_bm[:, :depth]
+        s_dn, i_dn = self.index.search(q, n)  # (B, n)
+        h = self.hybrid
+        if h["fusion"] == "rrf":
+            return fusion.rrf([i_dn, i_bm], depth, h["rrf_k"])[1]
+        w = float(h["dense_weight"])
+        return fusion.weighted([s_dn, s_bm], [i_dn, i_bm], [w, 1.0 - w], depth)[1]
+
+    @torch.no_grad()
+    def rerank(
+        self, q: torch.Tensor, ids: torch.Tensor, vecs: torch.Tensor | None, k: int, corpus
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep the k best of (B, K') candidates by the current document encoder: its vectors are re-encoded
+        (no gradient) when it trains or when the candidates came without vectors; index vectors otherwise.
+        -> (ids (B, k), vectors (B, k, d))."""
+        if self.doc_encoder_changes:
+            vecs = self._encode_docs(corpus.doc_tokens(ids.flatten().tolist()), q.device).view(*ids.shape, -1)
+        elif vecs is None:
+            vecs = self.candidate_vectors(ids, corpus, q.device)  # (B, K', d)
+        vecs = vecs.to(q.device)
+        s = self.score(q, vecs).masked_fill(ids < 0, float("-inf"))  # (B, K')
+        top = s.topk(k, dim=1).indices  # (B, k)
+        return ids.gather(1, top), vecs.gather(1, top.unsqueeze(-1).expand(-1, -1, vecs.shape[-1]))
+
+    @torch.no_grad()
+    def dense_top_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+        """(B, k) ids of the current dense index for these queries (collective when sharded)."""
+        return self.index.search(self.query_encoder(input_ids, attention_mask), k)[1]
 
     def score(self, q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """float32 q . d / temperature, outside any autocast (bf16 would round DPR scores ~80 to steps of 0.5):
@@ -283,6 +441,22 @@ class Retriever(nn.Module):
             eq = "bd,bkd->bk" if d.dim() == 3 else "bd,nd->bn"
             return torch.einsum(eq, q.float(), d.float()) * scale
 
+    def candidate_vectors(self, ids: torch.Tensor, corpus, device: torch.device) -> torch.Tensor:
+        """(B, k) ids -> (B, k, d) current document vectors. A frozen encoder's vectors are a function of the
+        row: they are kept (up to DOC_CACHE_ROWS rows), so BM25 candidates seen before are not re-encoded."""
+        rows = ids.flatten().tolist()
+        if self.train_doc_encoder:
+            return self.encode_passages(rows, corpus, device).view(*ids.shape, -1)
+        cache = self._frozen_vectors
+        missing = sorted({r for r in rows if r not in cache})
+        if missing:
+            with torch.no_grad():
+                new = self._encode_docs(corpus.doc_tokens(missing), device).float().cpu()  # (M, d)
+            if len(cache) + len(missing) > DOC_CACHE_ROWS:
+                cache.clear()
+            cache.update(zip(missing, new))
+        return torch.stack([cache[r] for r in rows]).to(device).view(*ids.shape, -1)
+
     def encode_passages(self, rows: list[int], corpus, device: torch.device) -> torch.Tensor:
         """Document vectors (len(rows), d) of corpus rows, with gradient only if the document encoder trains."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.train_doc_encoder):
@@ -291,6 +465,18 @@ class Retriever(nn.Module):
     def _encode_docs(self, tokens: list[list[int]], device: torch.device) -> torch.Tensor:
         ids, mask = pad_batch(tokens, self.doc_encoder.tokenizer.pad_token_id or 0)  # (B*k, L)
         return self.doc_encoder(ids.to(device), mask.to(device))  # (B*k, d)
+
+
+def build_bm25(corpus, kwargs: Mapping[str, Any], stamp: dict[str, Any]) -> BM25Index:
+    """BM25 over every passage of ``corpus`` (``title text``), stamped."""
+    return BM25Index.build(passage_texts(corpus), **kwargs, meta=stamp)
+
+
+def _bm25_matches(path: Path, stamp: dict[str, Any]) -> bool:
+    from rag_lightning.retrieval.bm25 import read_stamp
+
+    found = read_stamp(path)
+    return found is not None and {k: v for k, v in found.items() if k != "passages"} == stamp
 
 
 def _stamp_of(path: str | os.PathLike) -> dict[str, Any] | None:
