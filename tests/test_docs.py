@@ -139,6 +139,20 @@ SKIP: dict[str, str] = {
     "python train.py -m hydra/launcher=slurm trainer=ddp hydra.launcher.gpus_per_node=4 "
     "hydra.launcher.partition=gpu hydra.launcher.timeout_min=720 optimizer.lr=1e-5,3e-5": "submits to SLURM; "
     "tests/test_sweeps.py renders the sbatch script",
+    **{
+        f"python scripts/benchmark.py {args}": "a benchmark (minutes); tests/test_packaging.py runs every "
+        "script's --help"
+        for args in (
+            "index --n 4000",
+            "index --squad ../shared/data/dev-v1.1.json --max-len 256",
+            "decode --repeats 2",
+            "corpus",
+            "train-step --json train_step.json --device cpu",
+            "train-step --loss-only",
+            "profile-step --setting demo --steps 3",
+            "scale --n 5000",
+        )
+    },  # fmt: skip
     "WANDB_MODE=offline python train.py model=tiny retriever=tiny trainer.max_steps=4 trainer.val_check_interval=4 "
     "logger=wandb": "starts the W&B service; tests/test_wandb.py runs W&B offline",
 }
