@@ -57,7 +57,7 @@ EVALUATE = f"python scripts/evaluate.py ckpt_path={RUN_DIR}/checkpoints/last.ckp
 RUN: dict[str, list[str]] = {
     TINY_RUN: [*MODELS, *SMALL, *QUIET, *STEPS],  # with validation before training and the test: the summary
     "python train.py trainer.max_steps=100 trainer.val_check_interval=50 data.max_eval_examples=20": TINY,
-    **{cmd: [*MODELS, "chunk_size=16"] for cmd in PREPARE},
+    **{cmd: MODELS for cmd in PREPARE},
     "python train.py trainer.max_steps=20 trainer.val_check_interval=20": TINY,
     EVALUATE: [],
     f"{EVALUATE} split=val model.decoding.num_beams=4": [],
@@ -82,7 +82,7 @@ RUN: dict[str, list[str]] = {
     f"{TINY_RUN} retriever.similarity=cosine retriever.temperature=0.05": TINY,
     f"{TINY_RUN} retriever.train_doc_encoder=true callbacks.refresh_index.every_n_steps=10": [
         *TINY,
-        "callbacks.refresh_index.every_n_steps=1",
+        "callbacks.refresh_index.every_n_steps=2",
     ],
     "python train.py -m model=tiny retriever=tiny trainer.max_steps=4 trainer.val_check_interval=4 "
     "model.variant=token,sequence": TINY,
