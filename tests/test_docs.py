@@ -56,9 +56,9 @@ EVALUATE = f"python scripts/evaluate.py ckpt_path={RUN_DIR}/checkpoints/last.ckp
 # documented command -> extra overrides it runs with ({tmp}: the block's temporary folder)
 RUN: dict[str, list[str]] = {
     TINY_RUN: [*MODELS, *SMALL, *QUIET, *STEPS],  # with validation before training and the test: the summary
-    "python train.py trainer.max_steps=100 trainer.val_check_interval=50 data.max_eval_examples=20": TINY,
+    "python train.py trainer.max_steps=200 trainer.val_check_interval=100 data.max_eval_examples=20": TINY,
     **{cmd: MODELS for cmd in PREPARE},
-    "python train.py trainer.max_steps=20 trainer.val_check_interval=20": TINY,
+    "python train.py trainer.max_steps=20 trainer.val_check_interval=20 model.retriever_start_step=0": TINY,
     EVALUATE: [],
     f"{EVALUATE} split=val model.decoding.num_beams=4": [],
     "python train.py debug=fdr": [*MODELS, *SMALL, *QUIET],
@@ -100,7 +100,9 @@ RUN: dict[str, list[str]] = {
 }
 
 # what the log of a documented command must show
-EXPECT = {"python train.py trainer.max_steps=20 trainer.val_check_interval=20": "index: loaded"}
+EXPECT = {
+    "python train.py trainer.max_steps=20 trainer.val_check_interval=20 model.retriever_start_step=0": "index: loaded"
+}
 
 NQ_MODELS = (
     "model.generator.name_or_path=/models/bart-large "
@@ -316,6 +318,25 @@ def test_pages_show_override_lists():
 def test_documented_overrides_compose(where, script, args, tmp_path):
     cfg = compose_config(*composable(args), config_name=CONFIG_OF[script], root=tmp_path)
     assert isinstance(cfg, DictConfig) and "model" in cfg, where
+
+
+TRAIN_RUNS = [(w, a) for w, s, a in OVERRIDES if s == "train.py" and "-m" not in a and "--cfg" not in a]
+
+
+@pytest.mark.parametrize(("where", "args"), TRAIN_RUNS, ids=[w for w, _ in TRAIN_RUNS])
+def test_documented_run_length_fits_the_schedule(where, args, tmp_path):
+    """The documented step count with the configured schedule, as configure_optimizers builds it (the tiny
+    overrides the commands run with would hide a retriever that never starts learning)."""
+    from hydra.utils import instantiate
+
+    cfg = compose_config(*composable(args), root=tmp_path)
+    steps = cfg.trainer.get("max_steps") or -1
+    if not cfg.train or steps <= 0 or cfg.trainer.get("fast_dev_run"):
+        return
+    start = cfg.model.get("retriever_start_step") or 0
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(1))], "name": "generator"}]
+    groups.append({"params": [torch.nn.Parameter(torch.zeros(1))], "name": "retriever", "start_step": start})
+    instantiate(cfg.scheduler)(torch.optim.SGD(groups, lr=0.1), num_training_steps=steps)
 
 
 YAML = [b for b in ALL_BLOCKS if b.lang == "yaml"]
