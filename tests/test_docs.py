@@ -155,6 +155,14 @@ SKIP: dict[str, str] = {
             "scale --n 5000",
         )
     },  # fmt: skip
+    "python train.py -m model=tiny retriever=tiny debug=fdr model.variant=token,sequence": "tests/test_sweeps.py "
+    "runs it from a temporary directory",
+    "python train.py -m hparams_search=optuna model=tiny retriever=tiny data.max_train_examples=8 "
+    "data.max_eval_examples=4 trainer.max_steps=2 trainer.val_check_interval=2 validate_before_fit=false "
+    "test=false hydra.sweeper.n_trials=2 hydra.sweeper.storage=sqlite:///$PWD/optuna.db": "tests/test_sweeps.py "
+    "runs it from a temporary directory (it writes optuna.db where it runs)",
+    "python train.py hydra/launcher=slurm trainer=ddp hydra.launcher.gpus_per_node=4 --cfg all --resolve "
+    "--package hydra.launcher": "tests/test_sweeps.py composes the SLURM launcher",
     "WANDB_MODE=offline python train.py model=tiny retriever=tiny trainer.max_steps=4 trainer.val_check_interval=4 "
     "logger=wandb": "starts the W&B service; tests/test_wandb.py runs W&B offline",
 }
@@ -443,7 +451,7 @@ def run_command(cmd: str, tmp: Path, n: int, cache: Path, fallback: Path | None 
     extra = [a.format(tmp=tmp) for a in RUN[cmd]]
     flags = []  # Hydra's flags first: overrides after `--cfg job` would not parse
     for i, a in enumerate(args):
-        if a.startswith("-") or (i and args[i - 1] in ("--cfg", "-c")):
+        if a.startswith("-") or (i and args[i - 1] in ("--cfg", "-c", "--package", "-p")):
             flags.append(a)
     args = [a for a in args if a not in flags]
     overrides = [*args, f"paths.log_dir={tmp}/logs", f"paths.cache_dir={cache}", where, *extra]
