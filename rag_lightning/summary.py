@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import lightning as L
@@ -61,4 +62,15 @@ def print_summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict
         lines.append(f"checkpoint: {ckpt.best_model_path}")
     lines.append(f"outputs:    {os.path.abspath(cfg.paths.output_dir)}")
     lines.append("=" * 60)
-    print("\n".join(lines), flush=True)
+    text = "\n".join(lines)
+    print(text, flush=True)
+    log_to_files(text)
+
+
+def log_to_files(text: str) -> None:
+    """`text` as one INFO record to the root logger's file handlers only (the run's `train.log`): the console
+    already has it from print, so stdout stays as it was."""
+    record = logging.LogRecord(__name__, logging.INFO, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
