@@ -29,7 +29,7 @@ written raises ``ValueError`` naming it (readers reject such patterns at load, w
 that is valid as written but not after NFD (``Sn\ě\žka``: NFD turns ``\ě`` into the bad escape ``\e``
 plus a caron; 3 of the 694 CuratedTREC test patterns) never matches, exactly as in DPR and DrQA.
 
-Every regex answer runs under a time budget (``regex``'s ``timeout=``, :data:`REGEX_TIMEOUT_S` seconds per
+Every regex answer runs under a time budget (``regex``'s ``timeout=``, ``data.regex_timeout_s`` seconds per
 match, ``set_regex_timeout``): a pattern that exceeds it (catastrophic backtracking, ``(a|aa)+$`` against a long
 run of one letter) scores "no match" there and from then on in this process, and is logged once with the file
 and line it was read from (readers record them with ``note_answer_source``). Evaluation never hangs, on any

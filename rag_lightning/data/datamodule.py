@@ -18,6 +18,7 @@ from rag_lightning.data.corpus import Corpus
 from rag_lightning.data.readers import QASet, read_questions
 from rag_lightning.data.registry import _to_plain, resolve_corpus, resolve_set
 from rag_lightning.data.textio import DataError
+from rag_lightning.metrics import set_regex_timeout
 from rag_lightning.tokenization import generator_kind, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,10 @@ class QADataModule(L.LightningDataModule):
         data_dir: str | os.PathLike | None = None,
         corpus_num_proc: int | None = None,
         pin_memory: bool = False,
+        regex_timeout_s: float = 0.5,
     ) -> None:
         super().__init__()
+        set_regex_timeout(regex_timeout_s)  # answer regexes: a time budget per match (metrics.py)
         if train_answer not in ("first", "random"):
             raise ValueError(f"train_answer must be 'first' or 'random', got {train_answer!r}")
         self.train_specs = [resolve_set(s, data_dir) for s in _as_list(train_sets)]
