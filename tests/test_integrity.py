@@ -91,6 +91,24 @@ def test_prepared_nan_rows_are_refused_at_write_and_at_load(tmp_path) -> None:
         store.verify_prepared(target, "full")
 
 
+def test_build_index_prepares_a_damaged_directory_again(tmp_path, caplog) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_index", Path(__file__).parents[1] / "scripts" / "build_index.py")  # fmt: skip
+    build_index = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_index)
+    enc = Encoder.from_pretrained("tiny:bert", pooling="mean").eval()
+    rows = [[101, 7 + i, 102] for i in range(12)]
+    kw = dict(chunk_size=5, batch_size=4, progress=False)
+    target = build_index.embed_and_merge(enc, rows, tmp_path / "idx", STAMP, **kw)
+    good = (target / "vectors.npy").read_bytes()
+    _flip(target / "vectors.npy")
+    with caplog.at_level(logging.WARNING, logger="build_index"):
+        assert build_index.embed_and_merge(enc, rows, tmp_path / "idx", STAMP, **kw) == target
+    assert "vectors.npy: checksum" in caplog.text and "preparing" in caplog.text
+    assert (target / "vectors.npy").read_bytes() == good
+
+
 def _retriever(verify: str = "full") -> Retriever:
     enc = Encoder.from_pretrained("tiny:bert", pooling="mean")
     return Retriever(enc, n_docs=3, index={"device": "cpu", "verify": verify})
