@@ -84,6 +84,16 @@ def test_n_in_a_row_stop_the_run_naming_the_step(tmp_path) -> None:
         _fit(tmp_path, bad={2, 3, 4, 5}, steps=8)
 
 
+def test_no_checkpoint_from_nonfinite_weights(tmp_path) -> None:
+    model, guard = Toy(set()), NonFiniteGuard()
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t), global_step=9)
+    guard.on_save_checkpoint(trainer, model, {})  # finite: nothing happens
+    with torch.no_grad():
+        model.lin.bias.fill_(float("inf"))
+    with pytest.raises(NonFiniteTrainingError, match="step 9: the weights hold NaN / Inf"):
+        guard.on_save_checkpoint(trainer, model, {})
+
+
 def _rank(rank: int, world: int, init: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:

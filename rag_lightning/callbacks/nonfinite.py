@@ -10,8 +10,9 @@ The step still counts as a step (``global_step``, the LR schedule, as AMP's Grad
 Under DDP / FSDP every rank must take the same decision: the count of ranks that saw a non-finite value is
 summed over all of them (one all-reduce per step, which every rank reaches) and every rank skips alike.
 After ``max_consecutive`` skipped steps in a row the run stops with :class:`NonFiniteTrainingError` naming
-the step; no checkpoint is written from that state (``AtomicCheckpointIO`` also refuses to write non-finite
-weights), so ``last.ckpt`` and the best checkpoint stay the last finite ones.
+the step. Weights that hold NaN / Inf when a checkpoint is built stop the run on every rank alike
+(``on_save_checkpoint``; ``AtomicCheckpointIO`` refuses them too), so ``last.ckpt`` and the best checkpoint
+stay the last finite ones.
 
 Logged: ``train/nonfinite_steps`` (skipped steps so far, every step).
 """
@@ -89,6 +90,18 @@ class NonFiniteGuard(Callback):
                 f"callbacks.nonfinite_guard.max_consecutive). The weights are those of step {self.first_bad_step} "
                 "and no checkpoint was written from a non-finite state: lower optimizer.lr, or resume from "
                 "last.ckpt"
+            )
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        """Every rank builds the checkpoint (rank 0 writes it): all of them refuse non-finite weights alike,
+        rather than rank 0 alone failing in the writer while the others wait at the save's barrier."""
+        flags = [torch.isfinite(p).all() for p in pl_module.parameters()]
+        ok = torch.stack(flags).all() if flags else torch.tensor(True)
+        bad = trainer.strategy.reduce((~ok).float().reshape(1), reduce_op="sum")
+        if float(bad.item()) > 0:
+            raise NonFiniteTrainingError(
+                f"step {trainer.global_step}: the weights hold NaN / Inf on {int(bad.item())} rank(s): no checkpoint "
+                "is written from them; the last one on disk is the last finite one"
             )
 
     def state_dict(self) -> dict[str, Any]:
