@@ -230,3 +230,23 @@ def test_removed_checkpoint_takes_its_sidecar(tmp_path) -> None:
     _save(ckpt)
     AtomicCheckpointIO().remove_checkpoint(ckpt)
     assert not ckpt.exists() and not digest_path(ckpt).exists()
+
+
+@pytest.mark.slow
+def test_cli_zero_byte_checkpoint_is_one_line_and_exit_2(tmp_path, capsys) -> None:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import run_cfg
+
+    from rag_lightning.cli import train
+
+    (tmp_path / "zero.ckpt").write_bytes(b"")
+    cfg = run_cfg(tmp_path, [f"ckpt_path={tmp_path / 'zero.ckpt'}", "trainer.max_steps=2", "test=false"])
+    with pytest.raises(SystemExit) as exit_:
+        train(cfg)
+    assert exit_.value.code == 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert errors == [
+        f"error: checkpoint {tmp_path / 'zero.ckpt'} is empty (0 bytes): not a checkpoint, pick another one"
+    ]
