@@ -36,14 +36,19 @@ def train(cfg: DictConfig) -> float | None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     check_run(cfg)  # warnings about the config itself (e.g. a retriever start step beyond the run)
+    from rag_lightning.callbacks.nonfinite import NonFiniteTrainingError
+    from rag_lightning.checkpoint_io import CheckpointError
     from rag_lightning.data.textio import DataError
     from rag_lightning.train import train as run
 
     try:
         return run(cfg)
-    except DataError as e:  # a bad question set or corpus row: file, line and field, no traceback
+    except (DataError, CheckpointError) as e:  # a bad row, a corrupt checkpoint: the file named, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteTrainingError as e:  # the run diverged: the step named, the last finite checkpoint kept
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
 def main() -> None:

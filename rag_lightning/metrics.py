@@ -28,10 +28,17 @@ DPR and DrQA score a pattern that fails to compile as "no match". Here a pattern
 written raises ``ValueError`` naming it (readers reject such patterns at load, with file and line); one
 that is valid as written but not after NFD (``Sn\ě\žka``: NFD turns ``\ě`` into the bad escape ``\e``
 plus a caron; 3 of the 694 CuratedTREC test patterns) never matches, exactly as in DPR and DrQA.
+
+Every regex answer runs under a time budget (``regex``'s ``timeout=``, ``data.regex_timeout_s`` seconds per
+match, ``set_regex_timeout``): a pattern that exceeds it (catastrophic backtracking, ``(a|aa)+$`` against a long
+run of one letter) scores "no match" there and from then on in this process, and is logged once with the file
+and line it was read from (readers record them with ``note_answer_source``). Evaluation never hangs, on any
+rank, and a signal (SIGTERM) is handled within one budget.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import string
 import unicodedata
@@ -46,6 +53,9 @@ __all__ = [
     "dpr_tokens",
     "compile_answer_regex",
     "validate_answer_regex",
+    "note_answer_source",
+    "regex_timeouts",
+    "set_regex_timeout",
     "exact_match",
     "f1",
     "has_answer",
@@ -55,6 +65,11 @@ __all__ = [
     "mean_exact_match",
     "mean_f1",
 ]
+
+log = logging.getLogger(__name__)
+REGEX_TIMEOUT_S = 0.5  # seconds per match of one answer pattern against one text
+_SOURCES: dict[str, str] = {}  # pattern -> "file:line" where a reader first read it
+_TIMED_OUT: dict[str, int] = {}  # pattern -> how many matches it was counted as "no match" without running
 
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -99,11 +114,40 @@ def compile_answer_regex(pattern: str) -> regex.Pattern | None:
         return None
 
 
+def set_regex_timeout(seconds: float) -> None:
+    """The time budget of one answer-pattern match (seconds, > 0)."""
+    global REGEX_TIMEOUT_S
+    if not seconds > 0:
+        raise ValueError(f"the regex time budget must be > 0 seconds, got {seconds}")
+    REGEX_TIMEOUT_S = float(seconds)
+
+
+def note_answer_source(pattern: str, where: str) -> None:
+    """Record where a regex answer was read (``file:line``; the first place wins), for the timeout message."""
+    _SOURCES.setdefault(pattern, where)
+
+
+def regex_timeouts() -> dict[str, int]:
+    """Patterns that exceeded the time budget -> matches they were then scored as "no match" for (first: 0)."""
+    return dict(_TIMED_OUT)
+
+
 def _match(pattern: str, text: str, search: bool) -> bool:
+    if pattern in _TIMED_OUT:  # exceeded the budget once: never run again, so the cost stays bounded
+        _TIMED_OUT[pattern] += 1
+        return False
     p = compile_answer_regex(pattern)
     if p is None:
         return False
-    return (p.search(text) if search else p.match(text)) is not None
+    try:
+        found = p.search(text, timeout=REGEX_TIMEOUT_S) if search else p.match(text, timeout=REGEX_TIMEOUT_S)
+    except TimeoutError:
+        _TIMED_OUT[pattern] = 0
+        where = _SOURCES.get(pattern, "source unknown")
+        log.warning("%s: regex answer %r exceeded its %gs time budget against a %d-character text: scored as no "
+                    "match from now on", where, pattern, REGEX_TIMEOUT_S, len(text))  # fmt: skip
+        return False
+    return found is not None
 
 
 def _em_one(pred: str, gold: str, regex: bool) -> float:

@@ -63,14 +63,21 @@ def embed_and_merge(
     num_shards: int = 1,
     shard_id: int = 0,
     stats: dict | None = None,
+    verify: str = "full",
     **embed_kwargs: Any,
 ) -> Path | None:
     """Embed this shard's missing chunks of ``tokens`` into ``<target>.work``; whoever finds every chunk present
     afterwards merges them into the prepared directory ``target`` (under a lock: once) and removes the chunks.
-    Returns ``target`` when it is complete, None while other shards are still embedding."""
+    Returns ``target`` when it is complete, None while other shards are still embedding. An existing ``target``
+    is checked first (``verify``: ``index.verify``); a damaged one is said in one line and prepared again."""
     target = Path(target)
     if store.is_prepared(target):
-        return target
+        try:
+            store.verify_prepared(target, verify, passages=len(tokens))
+            return target
+        except store.IntegrityError as e:
+            log.warning("%s: preparing %s again", e, target)
+            shutil.rmtree(target)
     work = target.parent / f".work-{target.name}"
     done = embed_chunks(
         encoder, tokens, work, chunk_size, num_shards, shard_id, fingerprint=store.stamp_key(stamp), **embed_kwargs
@@ -136,6 +143,7 @@ def prepare(cfg: DictConfig) -> Path | None:
         pad_id=tok.pad_token_id or 0,
         progress=shard == 0,
         stats=stats,
+        verify=retriever.verify,
     )
     secs = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024

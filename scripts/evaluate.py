@@ -40,6 +40,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
+from rag_lightning.checkpoint_io import CheckpointError, verify_checkpoint
 from rag_lightning.preflight import preflight
 from rag_lightning.train import instantiate_list
 
@@ -92,6 +93,7 @@ def apply_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
 
 def load_weights(model: torch.nn.Module, ckpt_path: str) -> dict[str, Any]:
     """Strictly load a Lightning checkpoint's state_dict (weights_only); returns its hyper_parameters."""
+    verify_checkpoint(ckpt_path)  # flipped bytes, truncated or empty: CheckpointError naming the file
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     try:
         model.load_state_dict(ckpt["state_dict"], strict=True)
@@ -219,7 +221,11 @@ def main(cfg: DictConfig) -> None:
     hc = HydraConfig.get()
     try:
         evaluate(cfg, list(hc.overrides.task), Path(hc.runtime.output_dir))
-    except (ConfigError, DataError) as e:  # missing file / bad row: one line naming it, no traceback
+    except (
+        ConfigError,
+        DataError,
+        CheckpointError,
+    ) as e:  # missing file / bad row: one line naming it, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

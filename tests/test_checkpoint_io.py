@@ -17,7 +17,8 @@ def _touch(path: Path, age_s: float) -> Path:
 
 def test_save_leaves_only_the_checkpoint(tmp_path):
     AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, tmp_path / "ckpts" / "last.ckpt")
-    assert [p.name for p in (tmp_path / "ckpts").iterdir()] == ["last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir()) == [".checksums", "last.ckpt"]
+    assert [p.name for p in (tmp_path / "ckpts" / ".checksums").iterdir()] == ["last.ckpt.json"]
     assert torch.equal(torch.load(tmp_path / "ckpts" / "last.ckpt")["w"], torch.ones(3))
 
 

@@ -85,7 +85,8 @@ def test_converted_once(tmp_path: Path, minilm_tokenizer, monkeypatch: pytest.Mo
     c2 = _load(src, tmp_path, minilm_tokenizer)
     assert c2.path == c1.path and c2.fingerprint == c1.fingerprint and meta.stat().st_mtime_ns == mtime
     assert c2.gen_tokens([1]) == c1.gen_tokens([1])
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [c1.fingerprint]  # no tmp dirs left
+    # no tmp dirs left; .digests remembers the source's content digest by path, size and mtime
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [".digests", c1.fingerprint]
 
 
 def test_duplicate_ids(tmp_path: Path, minilm_tokenizer) -> None:

@@ -95,7 +95,7 @@ class RefreshIndex(Callback):
             # resuming: the index of the checkpoint's version, wherever it was saved; an index made before the
             # weights were restored (e.g. by validate-before-fit) is stale. Same state, same choice on all ranks.
             loaded = self.index_path is not None and retriever.load_index(
-                self.index_path, version=self.version, stamp=self.index_stamp
+                self.index_path, version=self.version, stamp=self.index_stamp, passages=len(corpus)
             )
             if not loaded:
                 log.warning("RefreshIndex: no saved index v%d at %s: re-embedding with the restored encoder",

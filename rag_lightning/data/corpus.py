@@ -33,12 +33,14 @@ import torch
 
 from rag_lightning.data.readers import squad_paragraphs
 from rag_lightning.data.textio import DataError, encoding_error, json_loads, read_lines
+from rag_lightning.integrity import CHUNK, new_hasher
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(sys.maxsize)
 
 CORPUS_FORMATS = ("auto", "tsv", "jsonl", "arrow", "squad")
-_VERSION = 1  # bump when the converted layout changes
+_DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, file names) -> content digest, in this process
+_VERSION = 2  # bump when the converted layout or the fingerprint's key changes (2: content, not path)
 _SCHEMA = pa.schema(
     [("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("line", pa.int64())]
 )
@@ -59,30 +61,77 @@ def _tok_name(tok: Any) -> str:
     return "none" if tok is None else f"{type(tok).__name__}:{tok.name_or_path}:{len(tok)}"
 
 
+def _source_files(path: Path) -> list[Path]:
+    """The files a source consists of: itself, or a directory's files in a fixed order."""
+    if path.is_file():
+        return [path]
+    return sorted(Path(root, f) for root, _, files in os.walk(path) for f in files)
+
+
 def _source_stat(path: Path) -> tuple[int, int]:
     """(size, mtime_ns) of a file, or summed size / latest mtime over a directory's files."""
-    if path.is_file():
-        st = path.stat()
-        return st.st_size, st.st_mtime_ns
     size, mtime = 0, 0
-    for root, _, files in os.walk(path):
-        for f in files:
-            st = Path(root, f).stat()
-            size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
+    for f in _source_files(path):
+        st = f.stat()
+        size, mtime = size + st.st_size, max(mtime, st.st_mtime_ns)
     return size, mtime
 
 
-def corpus_fingerprint(
-    path: str | os.PathLike, gen_tokenizer: Any, doc_tokenizer: Any, max_passage_tokens: int, **extra: Any
+def content_digest(
+    path: str | os.PathLike, cache_dir: str | os.PathLike | None = None, remember: bool = False
 ) -> str:
-    """sha256 (16 hex) of source path + size + mtime + tokenizer names + max_passage_tokens + options."""
+    """xxh3-128 of the source's bytes (a directory: each file's relative path and bytes, in order), read once
+    per process and, with ``cache_dir``, once at all: the digest is kept under the source's absolute path,
+    size and mtime in ``cache_dir/.digests/`` (written with ``remember``, by a successful conversion), so a
+    source is hashed again only when one of them changes (a copy, a move, a touch)."""
     p = Path(path).resolve()
     size, mtime = _source_stat(p)
+    names = "".join(f"{f.relative_to(p)}\0" for f in _source_files(p)) if p.is_dir() else ""
+    key = (str(p), size, mtime, hashlib.sha256(names.encode()).hexdigest()[:16])  # a renamed file: a miss
+    memo = None if cache_dir is None else Path(cache_dir) / ".digests" / f"{hashlib.sha256(key[0].encode()).hexdigest()[:16]}.json"  # fmt: skip
+    digest, stored = _DIGESTS.get(key), False
+    if memo is not None:
+        try:
+            rec = json.loads(memo.read_text())
+            if (rec["path"], rec["size"], rec["mtime_ns"], rec["names"]) == key:
+                digest, stored = digest or rec["digest"], True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if digest is None:
+        h, t0 = new_hasher(), time.perf_counter()
+        for f in _source_files(p):
+            if p.is_dir():
+                h.update(str(f.relative_to(p)).encode() + b"\0")
+            with open(f, "rb") as fh:
+                while block := fh.read(CHUNK):
+                    h.update(block)
+        digest = h.hexdigest()
+        log.info("corpus %s: content hashed in %.1fs (%d bytes)", p, time.perf_counter() - t0, size)
+    _DIGESTS[key] = digest
+    if remember and memo is not None and not stored:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+        rec = {"path": key[0], "size": size, "mtime_ns": mtime, "names": key[3], "digest": digest}
+        tmp.write_text(json.dumps(rec))
+        os.replace(tmp, memo)  # atomic: concurrent ranks write the same record
+    return digest
+
+
+def corpus_fingerprint(
+    path: str | os.PathLike,
+    gen_tokenizer: Any,
+    doc_tokenizer: Any,
+    max_passage_tokens: int,
+    *,
+    digest_cache: str | os.PathLike | None = None,
+    **extra: Any,
+) -> str:
+    """sha256 (16 hex) of the source's CONTENT digest (not its path or mtime: a copy elsewhere finds the same
+    conversion and prepared indexes) + tokenizer names + max_passage_tokens + options. ``digest_cache``: where
+    the content digest is remembered (see :func:`content_digest`)."""
     key = [
         _VERSION,
-        str(p),
-        size,
-        mtime,
+        content_digest(path, digest_cache),
         _tok_name(gen_tokenizer),
         _tok_name(doc_tokenizer),
         max_passage_tokens,
@@ -281,12 +330,13 @@ class Corpus:
             )
         fields = {"id": "id", "title": "title", "text": "text", **(fields or {})}
         doc_side = {k: v for k, v in (("doc_prefix", doc_prefix), ("doc_max_length", doc_max_length)) if v}
-        fp = corpus_fingerprint(
-            path, gen_tokenizer, doc_tokenizer, max_passage_tokens, fmt=fmt, fields=fields, sep=title_sep,
-            **doc_side,
+        fp = Corpus.fingerprint_of(
+            path, fmt, cache_dir=cache_dir, gen_tokenizer=gen_tokenizer, doc_tokenizer=doc_tokenizer,
+            max_passage_tokens=max_passage_tokens, fields=fields, title_sep=title_sep, **doc_side,
         )  # fmt: skip
         target = Path(cache_dir) / fp
         if (target / "corpus_meta.json").exists():
+            content_digest(path, cache_dir, remember=True)  # (a copy: hashed now, not again)
             return target
         work = Path(cache_dir) / f".work-{fp}"
         work.mkdir(parents=True, exist_ok=True)
@@ -349,23 +399,36 @@ class Corpus:
             (work / "out" / "corpus_meta.json").write_text(json.dumps(meta, indent=1))
             del ds, raw
             os.rename(work / "out", target)
+            content_digest(path, cache_dir, remember=True)
             log.info("corpus %s: %d passages cached at %s", path, n, target)
         shutil.rmtree(work, ignore_errors=True)
         return target
 
     @staticmethod
-    def wait_for(
+    def fingerprint_of(
         path: str | os.PathLike, fmt: str = "auto", *, cache_dir: str | os.PathLike, **kwargs: Any
-    ) -> Path:
-        """Block until another process (local rank 0) has converted this corpus; no timeout, a log line every
-        5 minutes. Same arguments as :meth:`prepare`."""
+    ) -> str:
+        """The fingerprint :meth:`prepare` converts this source under (same arguments); content hashed once."""
         fields = {"id": "id", "title": "title", "text": "text", **(kwargs.get("fields") or {})}
         fmt = detect_corpus_format(path) if fmt in ("auto", None) else fmt
-        fp = corpus_fingerprint(
+        return corpus_fingerprint(
             path, kwargs.get("gen_tokenizer"), kwargs.get("doc_tokenizer"), kwargs.get("max_passage_tokens", 256),
-            fmt=fmt, fields=fields, sep=kwargs.get("title_sep", " / "),
+            digest_cache=cache_dir, fmt=fmt, fields=fields, sep=kwargs.get("title_sep", " / "),
             **{k: kwargs[k] for k in ("doc_prefix", "doc_max_length") if kwargs.get(k)},
         )  # fmt: skip
+
+    @staticmethod
+    def wait_for(
+        path: str | os.PathLike,
+        fmt: str = "auto",
+        *,
+        cache_dir: str | os.PathLike,
+        fingerprint: str | None = None,
+        **kwargs: Any,
+    ) -> Path:
+        """Block until another process (local rank 0) has converted this corpus; no timeout, a log line every
+        5 minutes. Same arguments as :meth:`prepare`; ``fingerprint``: the one already computed."""
+        fp = fingerprint or Corpus.fingerprint_of(path, fmt, cache_dir=cache_dir, **kwargs)
         target, t0 = Path(cache_dir) / fp, time.monotonic()
         while not (target / "corpus_meta.json").exists():
             if int(time.monotonic() - t0) % 300 < 5:

@@ -10,17 +10,21 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from rag_lightning.data.collate import Item, QACollator
 from rag_lightning.data.corpus import Corpus
 from rag_lightning.data.readers import QASet, read_questions
 from rag_lightning.data.registry import _to_plain, resolve_corpus, resolve_set
+from rag_lightning.data.textio import DataError
+from rag_lightning.metrics import set_regex_timeout
 from rag_lightning.tokenization import generator_kind, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 _SET_KEYS = ("path", "format", "fields", "regex", "name")
+CORPUS_ENV = "RAG_LIGHTNING_CORPUS_FINGERPRINT"  # local rank 0's, inherited by the ranks it launches
 
 
 class QADataModule(L.LightningDataModule):
@@ -66,8 +70,10 @@ class QADataModule(L.LightningDataModule):
         doc_prefix: str = "",
         query_max_length: int | None = None,
         doc_max_length: int | None = None,
+        regex_timeout_s: float = 0.5,
     ) -> None:
         super().__init__()
+        set_regex_timeout(regex_timeout_s)  # answer regexes: a time budget per match (metrics.py)
         if train_answer not in ("first", "random"):
             raise ValueError(f"train_answer must be 'first' or 'random', got {train_answer!r}")
         self.train_specs = [resolve_set(s, data_dir) for s in _as_list(train_sets)]
@@ -97,6 +103,7 @@ class QADataModule(L.LightningDataModule):
         self.doc_prefix, self.doc_max_length = doc_prefix or "", doc_max_length
         self.query_tokenizer = self.gen_tokenizer = self.doc_tokenizer = None
         self.corpus: Corpus | None = None
+        self.corpus_fingerprint: str | None = None  # this rank's view of the corpus source
         self.train_items: list[Item] = []
         self.val_sets: list[tuple[str, list[Item]]] = []
         self.test_sets: list[tuple[str, list[Item]]] = []
@@ -134,14 +141,27 @@ class QADataModule(L.LightningDataModule):
     def prepare_corpus(self) -> None:
         """Convert the corpus to its Arrow cache (once per fingerprint), outside any distributed barrier:
         local rank 0 (env ``LOCAL_RANK``) converts, the other local ranks wait for the finished cache with no
-        timeout. ``train.py`` and ``scripts/build_index.py`` call it before the trainer starts."""
-        if self.corpus_spec is None:
+        timeout, unless they see another content than local rank 0 converted (its fingerprint is passed on in
+        the environment of the ranks Lightning starts): then they stop at ``setup``, where every rank compares
+        fingerprints. Once per datamodule: ``train.py`` and ``scripts/build_index.py`` call it before the
+        trainer starts."""
+        if (
+            self.corpus_spec is None or self.corpus_fingerprint is not None
+        ):  # (once: prepare_data after train.py)
             return
         self._load_tokenizers()
+        kwargs = self._corpus_kwargs()
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            Corpus.prepare(**self._corpus_kwargs())
-        else:
-            Corpus.wait_for(**self._corpus_kwargs())
+            self.corpus_fingerprint = Corpus.prepare(**kwargs).name
+            os.environ[CORPUS_ENV] = self.corpus_fingerprint  # what the ranks Lightning starts must agree on
+            return
+        self.corpus_fingerprint = Corpus.fingerprint_of(**kwargs)
+        rank0 = os.environ.get(CORPUS_ENV)
+        if rank0 is not None and rank0 != self.corpus_fingerprint:  # nobody will build ours: do not wait
+            log.error("corpus %s: local rank 0 converted fingerprint %s, this rank sees %s (the file changed in "
+                      "between): every rank stops at setup", kwargs["path"], rank0, self.corpus_fingerprint)  # fmt: skip
+            return
+        Corpus.wait_for(**kwargs, fingerprint=self.corpus_fingerprint)
 
     def prepare_data(self) -> None:
         """Lightning's hook (local rank 0, before a barrier with the process group's timeout): read and check
@@ -154,8 +174,30 @@ class QADataModule(L.LightningDataModule):
         self.validate_sets()
         self._load_tokenizers()
         if self.corpus is None and self.corpus_spec is not None:
-            self.corpus = Corpus.from_file(**self._corpus_kwargs())  # loads the cache prepare_data built
+            self._agree_on_corpus()
+            target = Path(self.cache_dir) / str(self.corpus_fingerprint)
+            if (target / "corpus_meta.json").is_file():  # the conversion every rank agreed on
+                self.corpus = Corpus.load(target)
+            else:
+                self.corpus = Corpus.from_file(**self._corpus_kwargs())  # converts here (no prepare_corpus)
             log.info("corpus: %d passages (%s)", len(self.corpus), self.corpus.fingerprint)
+
+    def _agree_on_corpus(self) -> None:
+        """Every rank (process group up, all of them here) compares its corpus fingerprint with the others':
+        a source changed between two ranks' starts is a DataError on every rank, never a wait for a cache that
+        nobody builds. The fingerprint is the content's, so copies of one corpus on each node agree."""
+        if self.corpus_fingerprint is None:
+            self.corpus_fingerprint = Corpus.fingerprint_of(**self._corpus_kwargs())
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        seen: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, self.corpus_fingerprint)
+        if len(set(seen)) > 1:
+            raise DataError(
+                self.corpus_spec["path"], 0, "<corpus>",
+                f"the ranks see different corpus contents (fingerprint by rank: {seen}): the file changed while "
+                "the run started, or the nodes hold different copies; make them identical and start again",
+            )  # fmt: skip
 
     def validate_sets(self) -> None:
         """Read every train / val / test set once (a DataError names file, line and field)."""

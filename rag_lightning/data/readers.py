@@ -54,7 +54,7 @@ from rag_lightning.data.textio import (
     read_head,
     read_lines,
 )
-from rag_lightning.metrics import compile_answer_regex, validate_answer_regex
+from rag_lightning.metrics import compile_answer_regex, note_answer_source, validate_answer_regex
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(sys.maxsize)
@@ -157,6 +157,7 @@ def _check_answers(value: Any, src: str, line: int, fname: str, regex: bool = Fa
                 validate_answer_regex(a)
             except ValueError as e:
                 raise DataError(src, line, fname, str(e)) from None
+            note_answer_source(a, f"{src}:{line}")  # named if the pattern ever exceeds its time budget
             if compile_answer_regex(a) is None:
                 log.warning(
                     "%s:%d: field '%s': pattern %r is invalid after Unicode NFD, so it never matches (as in "

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rag_lightning import integrity
+from rag_lightning.integrity import IntegrityError
 from rag_lightning.models.encoders import Encoder
 from rag_lightning.retrieval import fusion, store
 from rag_lightning.retrieval.bm25 import BM25Index, passage_texts
@@ -142,6 +144,7 @@ class Retriever(nn.Module):
         # sharded | replicated | auto (sharded when the world size is above 1)
         self.mode = self.index_kwargs.pop("mode", "auto")
         self.index_root = self.index_kwargs.pop("root", None)  # prepared indexes: <root>/<stamp hash>
+        self.verify = integrity.check_level(self.index_kwargs.pop("verify", "full"))  # checks on loading
         self.embed_batch_size = embed_batch_size
         self.embed_precision = embed_precision
         self.similarity = similarity
@@ -228,28 +231,37 @@ class Retriever(nn.Module):
             candidates = [self.prepared_path(corpus, stamp), *map(Path, self.known_indexes)]
             path = next((str(p) for p in candidates if p is not None and _stamp_of(p) == stamp), None)
         path = broadcast_from_zero(path)
-        if path is not None and self.load_index(path, version=0, stamp=stamp):
+        if path is not None and self.load_index(path, version=0, stamp=stamp, passages=len(corpus)):
             return
         self.refresh_index(corpus, progress=progress, version=0)
 
-    def load_index(self, path: str | os.PathLike, version: int = 0, stamp: dict | None = None) -> bool:
+    def load_index(
+        self,
+        path: str | os.PathLike,
+        version: int = 0,
+        stamp: dict | None = None,
+        passages: int | None = None,
+    ) -> bool:
         """Load a prepared directory (memory-mapped vectors, this rank's rows) or one saved by
-        ``save_index``; with ``stamp``, only if it matches. All ranks or none: False keeps the old index."""
+        ``save_index``; with ``stamp``, only if it matches; with ``passages`` (the corpus's length), only if it
+        holds that many rows. Files are checked first (``index.verify``, docs/integrity.md). All ranks or none:
+        False keeps the old index (the warning names the file and what is wrong with it)."""
         t0, index, err = time.perf_counter(), None, None
         try:
             found = _stamp_of(path)
             if stamp is not None and found != stamp:
                 raise store.IndexStampError(f"{path} has stamp {found}, wanted {stamp}")
             if store.is_prepared(path):
+                n = store.verify_prepared(path, self.verify, passages)
                 vectors = store.open_vectors(path)  # (N, d) memory-mapped
                 index = ShardedIndex.from_embeddings(vectors, self.index_mode, **self.index_kwargs)
-                n = len(vectors)
             else:
                 kw = {
                     k: v for k, v in self.index_kwargs.items() if k in ("device", "num_threads", "chunk_rows")
                 }
-                index = ShardedIndex.load(path, self.index_mode, **kw)
+                index = ShardedIndex.load(path, self.index_mode, verify=self.verify, **kw)
                 n = index.meta.get("passages")
+                _check_rows(path, index, n, passages)
         except Exception as e:  # noqa: BLE001 - any rank's failure is every rank's: decided below
             err = e
         if not all_ranks_ok(err is None):
@@ -372,6 +384,11 @@ class Retriever(nn.Module):
         if self.index is None and self.retrieval_mode != "bm25":
             raise RuntimeError("the retriever has no index yet: ensure_index(corpus) first")
         q = self.query_encoder(input_ids, attention_mask)  # (B, d)
+        if not bool(torch.isfinite(q).all()):  # (search moves q to the host anyway: no extra stall)
+            raise FloatingPointError(
+                f"non-finite query embeddings (NaN / Inf in {int((~torch.isfinite(q)).any(1).sum())} of {len(q)} "
+                "questions): the query encoder's weights or inputs overflowed (too high optimizer.lr?)"
+            )
         depth = max(k, self.rerank_k or 0)
         if self.retrieval_mode == "dense":
             _, ids, vecs = self.index.search_with_vectors(q.detach(), depth)  # (B, depth), (B, depth, d)
@@ -479,11 +496,25 @@ def _bm25_matches(path: Path, stamp: dict[str, Any]) -> bool:
     return found is not None and {k: v for k, v in found.items() if k != "passages"} == stamp
 
 
+def _check_rows(path: str | os.PathLike, index: ShardedIndex, n: int | None, passages: int | None) -> None:
+    """IntegrityError when a saved index was made for another corpus length, or this rank's part of it does
+    not hold the rows it should (its shard of ``n``, or all ``n`` rows when replicated)."""
+    if passages is not None and n != passages:
+        raise IntegrityError(f"index {path} holds {n} passages, the corpus has {passages}")
+    if n is None:
+        return
+    rank, world = rank_world()
+    want = shard_range(n, rank, world) if index.mode == "sharded" else (0, n)
+    have = (index.start, index.start + index.ntotal)
+    if have != want:
+        raise IntegrityError(f"index {path}: rows {have[0]}..{have[1]} on rank {rank}, expected {want[0]}..{want[1]} of {n}")  # fmt: skip
+
+
 def _stamp_of(path: str | os.PathLike) -> dict[str, Any] | None:
     """The stamp of a prepared directory, or of an index saved by ``save_index`` (None if neither)."""
     stamp = store.read_stamp(path)
     if stamp is not None:
-        return {k: v for k, v in stamp.items() if k != "passages"}
+        return {k: v for k, v in stamp.items() if k not in store.RECORD_KEYS}
     shard = next(iter(sorted(Path(path).glob("shard-*-of-*"))), Path(path))
     try:
         return _meta(shard).get("stamp")

@@ -19,6 +19,8 @@ import faiss
 import numpy as np
 import torch
 
+from rag_lightning import integrity
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -26,7 +28,7 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16}
 FAISS_GPU_MAX_K = 2048  # faiss GPU top-k selection limit; larger k is searched on a CPU copy
 
 
-class IndexFileError(RuntimeError):
+class IndexFileError(integrity.IntegrityError):
     """A saved index directory is missing files or holds corrupt / inconsistent ones."""
 
 
@@ -311,8 +313,12 @@ class DenseIndex:
             if self._dev_vecs is not None or self._exact is not None:
                 write_npy_rows(tmp / "vectors.npy", self, self.chunk_rows)
                 files.append("vectors.npy")
-            with open(tmp / "meta.json", "w") as f:
-                json.dump(self._meta_record(), f, indent=1, default=str)
+            record = {
+                **self._meta_record(),
+                "files": integrity.manifest(tmp, [f for f in files if f != "meta.json"]),
+            }
+            with open(tmp / "meta.json", "w") as f:  # with the size and checksum of every other file
+                json.dump(record, f, indent=1, default=str)
             for name in files:
                 _fsync(tmp / name)
             _fsync(tmp)
@@ -329,12 +335,18 @@ class DenseIndex:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, backend: str | None = None, device: str = "auto", **kwargs
+        cls,
+        path: str | os.PathLike,
+        backend: str | None = None,
+        device: str = "auto",
+        verify: str = "full",
+        **kwargs,
     ) -> DenseIndex:
         """Load a directory written by ``save``. ``backend`` defaults to the saved one; a Flat index saved
         from one backend can be loaded into the other. ``vectors.npy`` is memory-mapped, not read into RAM.
         Raises FileNotFoundError / IndexFileError naming the path when the directory or a file is missing,
-        unreadable or inconsistent."""
+        unreadable or inconsistent, ``IntegrityError`` when a file's size or (``verify="full"``) checksum
+        differs from meta.json's record, or a vector row is NaN / Inf (``full``)."""
         path = Path(path)
         old = path.parent / f"{path.name}.old"
         if not path.exists() and old.exists():  # crash between the two renames of save()
@@ -349,6 +361,13 @@ class DenseIndex:
             rec = json.loads((path / "meta.json").read_text())
         except (OSError, ValueError) as err:
             raise IndexFileError(f"corrupt index file in {path}: {err}") from err
+        try:
+            if integrity.check_level(verify) != "none" and not integrity.verify_manifest(
+                path, rec.get("files"), verify
+            ):
+                log.warning("index %s records no checksums (saved before they were): not verified", path)
+        except integrity.IntegrityError as err:
+            raise IndexFileError(str(err)) from None
         shape = (rec.get("ntotal"), rec.get("dim"))
         vecs = None
         if (path / "vectors.npy").is_file():
@@ -358,6 +377,11 @@ class DenseIndex:
                 raise IndexFileError(f"corrupt index file {path / 'vectors.npy'}: {err}") from err
             if vecs.ndim != 2 or vecs.shape != shape:
                 raise IndexFileError(f"{path / 'vectors.npy'} has shape {vecs.shape}, meta.json says {shape}")
+            if verify == "full":
+                try:
+                    integrity.check_finite_rows(vecs, path / "vectors.npy")
+                except integrity.IntegrityError as err:
+                    raise IndexFileError(str(err)) from None
         elif rec["backend"] == "torch":
             raise IndexFileError(f"index directory {path} is missing vectors.npy")
         self = cls(
@@ -411,6 +435,8 @@ def write_npy_rows(path: str | os.PathLike, index: DenseIndex, chunk_rows: int =
     out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(index.ntotal, index.dim))
     for s in range(0, index.ntotal, chunk_rows):
         e = min(index.ntotal, s + chunk_rows)
-        out[s:e] = index.vectors(torch.arange(s, e)).numpy()
+        rows = index.vectors(torch.arange(s, e)).numpy()  # (e - s, d)
+        integrity.check_finite_rows(rows, path, start=s)  # never a saved index with NaN rows
+        out[s:e] = rows
     out.flush()
     del out

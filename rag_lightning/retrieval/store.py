@@ -2,15 +2,18 @@
 
 stamp = {corpus fingerprint, document-encoder weights fingerprint, factory, vector dtype, embedding precision}
 path  = ``<root>/<sha256(stamp)[:16]>`` (``root`` is ``index.root``, by default ``${paths.cache_dir}/indexes``),
-holding ``vectors.npy`` (N, d) in the store dtype and ``stamp.json``. ``scripts/build_index.py`` writes it;
+holding ``vectors.npy`` (N, d) in the store dtype and ``stamp.json`` (the stamp, the row count ``passages`` and
+the size and xxh3-128 checksum of ``vectors.npy``, ``files``). ``scripts/build_index.py`` writes it;
 training, resuming and evaluation compute the stamp of their own corpus and document encoder and load the
 directory it names, memory-mapped (each rank reads only its own rows), so nothing is re-embedded by accident.
+``verify_prepared`` checks it first (``index.verify``: checksum, row count against the corpus, finite rows).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -20,9 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from rag_lightning import integrity
+from rag_lightning.integrity import IntegrityError
 from rag_lightning.retrieval.embed import chunk_spans
 
+log = logging.getLogger(__name__)
 STAMP_FILE, VECTORS_FILE = "stamp.json", "vectors.npy"
+RECORD_KEYS = ("passages", "files")  # in stamp.json, not part of the stamp
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
@@ -41,7 +48,7 @@ def stamp_key(stamp: dict[str, Any]) -> str:
 
 def stamp_text(stamp: dict[str, Any] | None) -> str:
     """One line for logs: ``corpus=... doc_encoder=... factory=Flat dtype=float32 embed=fp32``."""
-    return " ".join(f"{k}={v}" for k, v in (stamp or {}).items() if k != "passages")
+    return " ".join(f"{k}={v}" for k, v in (stamp or {}).items() if k not in RECORD_KEYS)
 
 
 def prepared_path(root: str | os.PathLike, stamp: dict[str, Any]) -> Path:
@@ -49,12 +56,14 @@ def prepared_path(root: str | os.PathLike, stamp: dict[str, Any]) -> Path:
 
 
 def read_stamp(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The stamp of a complete prepared directory, or None (absent, incomplete or unreadable)."""
+    """The stamp of a complete prepared directory with its row count ``passages``, or None (absent, incomplete or
+    unreadable)."""
     f = Path(path) / STAMP_FILE
     try:
-        return json.loads(f.read_text()) if (Path(path) / VECTORS_FILE).is_file() else None
+        rec = json.loads(f.read_text()) if (Path(path) / VECTORS_FILE).is_file() else None
     except (OSError, ValueError):
         return None
+    return None if rec is None else {k: v for k, v in rec.items() if k != "files"}
 
 
 def is_prepared(path: str | os.PathLike) -> bool:
@@ -79,10 +88,13 @@ def write_prepared(
     try:
         out = np.lib.format.open_memmap(tmp / VECTORS_FILE, mode="w+", dtype=dtype, shape=(n, first.shape[1]))
         for s, e in spans:
-            out[s:e] = np.load(Path(chunks_dir) / f"emb_{s}_{e}.npy")
+            chunk = np.load(Path(chunks_dir) / f"emb_{s}_{e}.npy")  # (e - s, d)
+            integrity.check_finite_rows(chunk, Path(chunks_dir) / f"emb_{s}_{e}.npy", start=s)
+            out[s:e] = chunk
         out.flush()
         del out
-        (tmp / STAMP_FILE).write_text(json.dumps({**stamp, "passages": n}, indent=1))
+        files = integrity.manifest(tmp, [VECTORS_FILE])
+        (tmp / STAMP_FILE).write_text(json.dumps({**stamp, "passages": n, "files": files}, indent=1))
         if target.exists():  # a stale or partial directory under the same stamp
             shutil.rmtree(target)
         os.rename(tmp, target)
@@ -90,6 +102,26 @@ def write_prepared(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def verify_prepared(path: str | os.PathLike, verify: str = "full", passages: int | None = None) -> int:
+    """Check a prepared directory before use; returns its row count. ``IntegrityError`` naming the file when
+    (``size``, ``full``) its size or row count differs from ``stamp.json`` or from ``passages`` (the corpus's),
+    or (``full``) its checksum differs or a row holds NaN / Inf. See docs/integrity.md."""
+    path = Path(path)
+    rec = json.loads((path / STAMP_FILE).read_text())
+    if integrity.check_level(verify) == "none":
+        return int(rec.get("passages", -1))
+    if not integrity.verify_manifest(path, rec.get("files"), verify):
+        log.warning("%s records no checksums (prepared before they were): sizes and rows checked only", path)
+    vectors, f = open_vectors(path), path / VECTORS_FILE
+    if vectors.ndim != 2 or len(vectors) != rec.get("passages"):
+        raise IntegrityError(f"{f}: {vectors.shape[0]} rows, {STAMP_FILE} says {rec.get('passages')}")
+    if passages is not None and len(vectors) != passages:
+        raise IntegrityError(f"{f}: {len(vectors)} rows for a corpus of {passages} passages")
+    if verify == "full":
+        integrity.check_finite_rows(vectors, f)
+    return len(vectors)
 
 
 class IndexStampError(RuntimeError):
