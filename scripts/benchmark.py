@@ -9,6 +9,7 @@ train-step  RagModule training step (fused output layer + marginal loss) vs tran
         RagSequenceForGeneration: time, peak memory, loss; --loss-only: the loss alone vs get_nll (bench_train.py)
 profile-step  where a training step's time goes, --setting demo | nq (bench_profile.py)
 scale   prepare (2 processes) + 2-process sharded train.py on a synthetic DPR corpus at N and 4N (bench_scale.py)
+gpu     every GPU check in one command, one JSON + Markdown report (bench_gpu.py; --dry-run lists the steps)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 
 import bench_corpus  # scripts/ is sys.path[0] when run as a script
 import bench_decode
+import bench_gpu
 import bench_profile
 import bench_scale
 import bench_train
@@ -223,6 +225,7 @@ BENCHES = [
     bench_train.BENCH,
     bench_profile.BENCH,
     bench_scale.BENCH,
+    bench_gpu.BENCH,
 ]
 
 
@@ -234,7 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     for bench in BENCHES:
         bench.register(sub)
     args = parser.parse_args(argv)
-    args.func(args)
+    code = args.func(args)
+    if isinstance(code, int):
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

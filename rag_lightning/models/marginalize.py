@@ -157,7 +157,7 @@ def answer_logprobs_fused(
     _check(b, k, bk, t, labels, f"hidden {tuple(hidden.shape)}")
     pos = label_positions(labels, ignore_index) if positions is None else positions
     rows, tgt = _rows_and_targets(labels, pos, k)
-    hs = hidden.reshape(bk * t, h).index_select(0, rows)  # (P*K, H)
+    hs = hidden.reshape(bk * t, h)[rows]  # (P*K, H); advanced indexing: index_select is slow on busy cores
     tok, mlp = linear_token_logprobs(hs, weight, bias, tgt, smooth)  # (P*K,)
     return _per_position(tok, mlp, labels != ignore_index, pos, k)
 
