@@ -1,8 +1,15 @@
 #!/usr/bin/env python
 """Training-step benchmark: our RagModule step vs transformers' RagTokenForGeneration / RagSequenceForGeneration.
 
-    python scripts/benchmark.py train-step [--json PATH] [--device cpu|cuda] [--d-model 256] [--layers 2]
-    python scripts/benchmark.py train-step --loss-only      (the loss alone vs transformers' get_nll)
+    python scripts/benchmark.py train-step [--loss-only | --mode both] [--threads 1 2] [--load 0 2] [--json PATH]
+        [--device cpu|cuda] [--precision fp32|bf16] [--d-model 256] [--layers 2]
+
+Conditions: every ``--threads`` count (intra-op threads of the measured processes) x every ``--load`` count
+(busy competing processes, ``--load-kind spin``: a Python loop, or ``torch``: one-thread element-wise ops,
+started before a condition's measurements and stopped after them, each bounded by ``--load-seconds`` and
+by the life of the benchmark). The defaults (1 and 2 threads, idle and 2 loads, both variants) give the full
+table; the JSON holds each condition's ratios and whether they meet the goals (CPU: loss alone <= 0.5x time
+and <= 0.3x memory, training step <= 0.8x time and <= 0.6x memory).
 
 One random BART-style generator (seeded: identical weights on both sides; vocab 50,265, d_model ``--d-model``,
 ``--layers`` + ``--layers`` layers), B questions x K passages of random token ids (source ``--source`` tokens,
@@ -18,9 +25,9 @@ work), random doc scores as a leaf with grad. Both sides get the same assembled 
 
 Both score the same positions (transformers' last target position is always padding after its shift, ours is
 masked), so the losses agree to float32 rounding. Time: median of ``--repeats`` forward + backward passes after
-one warm-up, in each of ``--rounds`` fresh processes per side (alternating ours / theirs; the fastest process
-is kept, since other work on a shared machine only ever adds time). Memory, each measurement in a fresh process: CPU = peak RSS over the RSS once model and inputs
-exist (``/proc/self/clear_refs`` resets the peak), GPU = ``torch.cuda.max_memory_allocated`` over the same
+one warm-up, in each of ``--rounds`` fresh processes per side and condition (alternating ours / theirs; the
+fastest process is kept, since other work on a shared machine only ever adds time). Memory, each measurement
+in a fresh process: CPU = peak RSS over the RSS once model and inputs exist (``/proc/self/clear_refs`` resets the peak), GPU = ``torch.cuda.max_memory_allocated`` over the same
 baseline. Label smoothing is off: transformers smooths differently (sum over V scaled by eps / V).
 ``--loss-only`` times the loss alone on random logits (B*K, T, V) against ``get_nll``.
 """

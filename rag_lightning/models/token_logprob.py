@@ -10,8 +10,11 @@ For rows n (one per scored target position) with logits x_n (V,) and target y_n:
 
 Two autograd functions compute them without a (N, V) log-softmax or any second (N, V) temporary:
 
-* :func:`token_logprobs` takes the logits (M, V) and the N scored rows. Forward keeps nothing but its inputs;
-  backward writes ``g * onehot + gm / V - (g + gm) * softmax`` into ONE (M, V) buffer, block by block.
+* :func:`token_logprobs` takes the logits (M, V) and the N scored rows; its backward writes
+  ``g * onehot + gm / V - (g + gm) * softmax`` into ONE (M, V) buffer. When most rows are scored and the logits
+  are float32 / float64, forward writes the log-softmax of every row into that buffer (one op) and backward
+  turns it into the gradient in place (exp, one scaling op); otherwise forward keeps only its inputs and
+  backward recomputes the softmax block by block.
 * :func:`linear_token_logprobs` takes the hidden states (N, H) and the output layer (W (V, H), bias (V,)) and
   never holds the (N, V) logits: each block's logits are computed, reduced to the (N,) statistics and dropped;
   backward recomputes them block by block and accumulates grad_hidden = G W, grad_W += G^T h, grad_b += sum G
@@ -37,9 +40,7 @@ from torch import Tensor
 
 __all__ = ["linear_token_logprobs", "token_logprobs"]
 
-CHUNK_ELEMS = (
-    1 << 23
-)  # elements of one block of logits (32 MiB of float32): rows per block ~ CHUNK_ELEMS // V
+CHUNK_ELEMS = 1 << 22  # elements of one block of logits (16 MiB of float32): rows ~ CHUNK_ELEMS // V
 FUSED_CHUNK_ELEMS = 1 << 23  # the fused kernel's blocks (their logits are recomputed by a matmul)
 DENSE = 0.6  # the logits kernel walks all M rows in slices when at least this share of them is scored
 
@@ -91,7 +92,11 @@ class _TokenLogProb(torch.autograd.Function):
         dense, blocks, (yv,) = _TokenLogProb._plan(x, rows, y)
         tok = x.new_empty(yv.shape[0], dtype=dt)  # (L,) L = M (dense) or N
         mlp = torch.empty_like(tok) if mean else None
-        buf, at = None, 0
+        buf, at, ctx.lsm = None, 0, None
+        ctx.whole = dense and x.dtype == dt
+        if ctx.whole:  # one op over all rows, into the buffer that backward makes the gradient
+            buf = ctx.lsm = torch.empty_like(x)
+            blocks = [slice(0, x.shape[0])]
         for blk in blocks:
             xb = x[blk]  # (n, V): a view (dense) or a gathered copy
             n, s = xb.shape[0], slice(at, at + xb.shape[0])
@@ -118,6 +123,11 @@ class _TokenLogProb(torch.autograd.Function):
         vals = (y, g.to(dt), gm.to(dt)) if mean else (y, g.to(dt))
         dense, blocks, vals = _TokenLogProb._plan(x, rows, *vals)
         yv, gv, gmv = vals[0], vals[1], (vals[2] if mean else None)
+        if ctx.whole:  # forward's log-softmax of every row: exp -> softmax -> gradient, in place
+            grad, ctx.lsm = ctx.lsm, None  # used once; a second backward (retain_graph) computes it again
+            if grad is None:
+                grad = torch.log_softmax(x, -1, dtype=dt, out=torch.empty_like(x))
+            return _scale_(grad.exp_(), gv, gmv, yv), None, None, None
         # the one (M, V) buffer; unscored rows: exactly 0 (sparse), or (g + gm) = 0 times softmax (dense)
         grad = torch.empty_like(x) if dense else torch.zeros_like(x)
         buf, at = None, 0
