@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HERE = str(Path(__file__).resolve())
 PY = sys.executable
 TINY = [
-    "retriever=tiny", "model=tiny", "trainer=gpu", "data.max_train_examples=8", "data.max_eval_examples=4",
+    "retriever=tiny", "model=tiny", "data.max_train_examples=8", "data.max_eval_examples=4",
     "data.batch_size=2", "data.eval_batch_size=4", "callbacks.rich_progress_bar=null",
     "callbacks.model_summary=null", "logger=csv",
 ]  # fmt: skip
@@ -64,17 +64,17 @@ def _inner(name: str) -> Callable[[Path], list[str]]:
 
 
 STEPS = [
-    Step("tests", 80, "pytest -m gpu tests (every gpu-marked test)",
+    Step("tests", 70, "pytest -m gpu tests (every gpu-marked test)",
          lambda out: [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
                       f"--junitxml={out / 'tests.xml'}", "tests"]),
-    Step("index", 70, "faiss-gpu and torch CUDA index: 1M x 768 fp16, build + search", _inner("index")),
-    Step("embed", 50, "corpus embedding rate, BERT-base-sized encoder, bf16", _inner("embed")),
-    Step("train-step", 150, "train step at BART-large size, bf16, vs transformers' RAG",
+    Step("index", 60, "faiss-gpu and torch CUDA index: 1M x 768 fp16, build + search", _inner("index")),
+    Step("embed", 45, "corpus embedding rate, BERT-base-sized encoder, bf16", _inner("embed")),
+    Step("e2e", 110, "tiny prepare-once + train + resume + evaluate, trainer=gpu", _inner("e2e")),
+    Step("train-step", 140, "train step at BART-large size, bf16, vs transformers' RAG",
          lambda out: [PY, "scripts/bench_train.py", "--device", "cuda", "--precision", "bf16", "--d-model", "1024",
                       "--layers", "12", "--threads", "4", "--load", "0", "--json", str(out / "train-step.json")]),
-    Step("decode", 45, "batched decoding vs per-example, CUDA",
+    Step("decode", 55, "batched decoding vs per-example, CUDA",
          lambda out: [PY, "scripts/bench_decode.py", "--device", "cuda", "--repeats", "1"]),
-    Step("e2e", 120, "tiny prepare-once + train + resume + evaluate, trainer=gpu", _inner("e2e")),
 ]  # fmt: skip
 
 
@@ -82,7 +82,8 @@ STEPS = [
 def _sync() -> None:
     import torch
 
-    torch.cuda.synchronize()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def step_index(a: argparse.Namespace) -> dict[str, Any]:
@@ -91,19 +92,19 @@ def step_index(a: argparse.Namespace) -> dict[str, Any]:
 
     from rag_lightning.retrieval.index import DenseIndex, _faiss_gpu_available
 
-    n, d, nq, k, qb = a.n, 768, 1024, 100, 64
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n, d, device="cuda", generator=g, dtype=torch.float16)
-    src = torch.randint(0, n, (nq,), device="cuda", generator=g)
-    q = (x[src].float() + 0.5 * torch.randn(nq, d, device="cuda", generator=g)).cpu()  # (Q, d)
+    n, d, nq, k, qb, dev = a.n, 768, 1024, 100, 64, a.device
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(n, d, device=dev, generator=g, dtype=torch.float16)
+    src = torch.randint(0, n, (nq,), device=dev, generator=g)
+    q = (x[src].float() + 0.5 * torch.randn(nq, d, device=dev, generator=g)).cpu()  # (Q, d)
     x = x.cpu()  # the build reads host chunks, as from an embeddings file
     out: dict[str, Any] = {"n": n, "d": d, "queries": nq, "k": k, "query_batch": qb}
     ids: dict[str, torch.Tensor] = {}
     for backend in ("torch", "faiss"):
         try:
-            if backend == "faiss" and not _faiss_gpu_available():
+            if backend == "faiss" and dev == "cuda" and not _faiss_gpu_available():
                 raise RuntimeError("faiss has no GPU support here: pip install -e '.[gpu]' (faiss-gpu-cu12)")
-            index = DenseIndex(backend=backend, device="cuda", store_dtype="float16")
+            index = DenseIndex(backend=backend, device=dev, store_dtype="float16")
             t0 = time.perf_counter()
             index.build(x)
             _sync()
@@ -142,7 +143,7 @@ def step_embed(a: argparse.Namespace) -> dict[str, Any]:
     cfg = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                      intermediate_size=3072, max_position_embeddings=512)  # fmt: skip
     torch.manual_seed(0)
-    enc = Encoder(BertModel(cfg), tiny_tokenizer(), pooling="cls").cuda().eval()
+    enc = Encoder(BertModel(cfg), tiny_tokenizer(), pooling="cls").to(a.device).eval()
     rng = np.random.default_rng(0)
     lens = rng.integers(a.min_len, a.max_len + 1, a.passages)
     tokens = [[101, *rng.integers(1000, 30522, n - 2).tolist(), 102] for n in lens]
@@ -182,7 +183,12 @@ def step_e2e(a: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(a.json).resolve().parent / "e2e"
     log = tmp / "e2e_commands.log"
     tmp.mkdir(parents=True, exist_ok=True)
-    common = [*TINY, f"paths.cache_dir={tmp / 'cache'}", f"paths.log_dir={tmp / 'logs'}"]
+    common = [
+        *TINY,
+        f"trainer={a.trainer}",
+        f"paths.cache_dir={tmp / 'cache'}",
+        f"paths.log_dir={tmp / 'logs'}",
+    ]
     fit = ["validate_before_fit=false", "test=false", "trainer.val_check_interval=2"]
     end = time.monotonic() + a.limit
     out: dict[str, Any] = {"ok": False}
@@ -436,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--limit", type=float, default=120.0, help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=1_000_000, help=argparse.SUPPRESS)
-    p.add_argument("--passages", type=int, default=60_000, help=argparse.SUPPRESS)
+    p.add_argument("--passages", type=int, default=40_000, help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: a smoke test of the step code
+    p.add_argument("--trainer", default="gpu", help=argparse.SUPPRESS)
     p.add_argument("--batch-size", type=int, default=512, help=argparse.SUPPRESS)
     p.add_argument("--min-len", type=int, default=100, help=argparse.SUPPRESS)
     p.add_argument("--max-len", type=int, default=160, help=argparse.SUPPRESS)
