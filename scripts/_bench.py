@@ -103,7 +103,8 @@ class Load:
 
     Each one stops by itself after ``seconds`` or as soon as the process that started it is gone; leaving
     the block stops them all (also on an exception or Ctrl-C, and on SIGTERM, which is turned into
-    ``SystemExit`` while the block runs). ``Load(0)`` does nothing."""
+    ``SystemExit`` while the block runs, so that the measured processes started inside it are stopped too).
+    ``Load(0)`` starts nothing."""
 
     def __init__(self, n: int, seconds: float = 900.0, kind: str = "spin") -> None:
         if n < 0 or kind not in _LOAD_CODE:
@@ -117,7 +118,7 @@ class Load:
         return [p.pid for p in self.procs]
 
     def __enter__(self) -> Load:
-        if self.n and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             self._sigterm = signal.signal(signal.SIGTERM, _raise_exit)
         code = _LOAD_MAIN.format(work=_LOAD_CODE)
         try:
