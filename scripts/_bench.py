@@ -5,6 +5,11 @@ fixed-width tables they print."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -73,3 +78,77 @@ class Table:
         if len(values) > len(self.cols):
             raise ValueError(f"{len(values)} values for {len(self.cols)} columns")
         return "".join(c.cell(c.fmt.format(v)) for c, v in zip(self.cols, values))
+
+
+# ----------------------------------------------------------------------------- competing CPU load
+_LOAD_CODE = {
+    # a Python busy loop: one core's worth of work that needs no memory bandwidth
+    "spin": "for _ in range(200_000): pass",
+    # one-thread torch element-wise ops over 32 MiB: competes for the cores and for memory bandwidth
+    "torch": "a.mul_(0.999).add_(1e-3)",
+}
+_LOAD_MAIN = """import os, sys, time
+parent, end, kind = int(sys.argv[1]), time.monotonic() + float(sys.argv[2]), sys.argv[3]
+if kind == "torch":
+    import torch
+    torch.set_num_threads(1)
+    a = torch.ones(1 << 23)
+while time.monotonic() < end and os.getppid() == parent:
+    exec({work!r}[kind])
+"""
+
+
+class Load:
+    """``n`` busy processes competing for the CPUs while the ``with`` block runs.
+
+    Each one stops by itself after ``seconds`` or as soon as the process that started it is gone; leaving
+    the block stops them all (also on an exception or Ctrl-C, and on SIGTERM, which is turned into
+    ``SystemExit`` while the block runs, so that the measured processes started inside it are stopped too).
+    ``Load(0)`` starts nothing."""
+
+    def __init__(self, n: int, seconds: float = 900.0, kind: str = "spin") -> None:
+        if n < 0 or kind not in _LOAD_CODE:
+            raise ValueError(f"Load needs n >= 0 and kind in {sorted(_LOAD_CODE)}, got {n}, {kind!r}")
+        self.n, self.seconds, self.kind = n, seconds, kind
+        self.procs: list[subprocess.Popen] = []
+        self._sigterm: Any = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def __enter__(self) -> Load:
+        if threading.current_thread() is threading.main_thread():
+            self._sigterm = signal.signal(signal.SIGTERM, _raise_exit)
+        code = _LOAD_MAIN.format(work=_LOAD_CODE)
+        try:
+            for _ in range(self.n):
+                args = [sys.executable, "-c", code, str(os.getpid()), str(self.seconds), self.kind]
+                self.procs.append(subprocess.Popen(args, stdin=subprocess.DEVNULL))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Terminate (then kill, after 5 s) every load process and wait for it; restore SIGTERM."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs = []
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -10,6 +10,7 @@ train-step  RagModule training step (fused output layer + marginal loss) vs tran
 profile-step  where a training step's time goes, --setting demo | nq (bench_profile.py)
 bm25    BM25 index build time, size on disk, memory-mapped load and search at 100k and 1M passages (bench_bm25.py)
 scale   prepare (2 processes) + 2-process sharded train.py on a synthetic DPR corpus at N and 4N (bench_scale.py)
+gpu     every GPU check in one command, one JSON + Markdown report (bench_gpu.py; --dry-run lists the steps)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import bench_bm25
 import bench_corpus  # scripts/ is sys.path[0] when run as a script
 import bench_decode
+import bench_gpu
 import bench_profile
 import bench_scale
 import bench_train
@@ -226,6 +228,7 @@ BENCHES = [
     bench_profile.BENCH,
     bench_scale.BENCH,
     bench_bm25.BENCH,
+    bench_gpu.BENCH,
 ]
 
 
@@ -237,7 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     for bench in BENCHES:
         bench.register(sub)
     args = parser.parse_args(argv)
-    args.func(args)
+    code = args.func(args)
+    if isinstance(code, int):
+        raise SystemExit(code)
 
 
 if __name__ == "__main__":

@@ -157,9 +157,15 @@ def answer_logprobs_fused(
     _check(b, k, bk, t, labels, f"hidden {tuple(hidden.shape)}")
     pos = label_positions(labels, ignore_index) if positions is None else positions
     rows, tgt = _rows_and_targets(labels, pos, k)
-    hs = hidden.reshape(bk * t, h).index_select(0, rows)  # (P*K, H)
+    hs = _take_rows(hidden.reshape(bk * t, h), rows)  # (P*K, H)
     tok, mlp = linear_token_logprobs(hs, weight, bias, tgt, smooth)  # (P*K,)
     return _per_position(tok, mlp, labels != ignore_index, pos, k)
+
+
+def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x[rows] for x (M, H): advanced indexing on CPU, where index_select's kernel stalls on busy cores;
+    index_select elsewhere (its backward, index_add, never waits for the device)."""
+    return x[rows] if x.device.type == "cpu" else x.index_select(0, rows)
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:

@@ -10,12 +10,24 @@ For rows n (one per scored target position) with logits x_n (V,) and target y_n:
 
 Two autograd functions compute them without a (N, V) log-softmax or any second (N, V) temporary:
 
-* :func:`token_logprobs` takes the logits (N, V). Forward keeps only the (N,) normalizers; backward writes
-  ``g * (onehot - p) + g_mean * (1/V - p)`` into ONE (N, V) buffer, chunk by chunk.
+* :func:`token_logprobs` takes the logits (M, V) and the N scored rows; its backward writes
+  ``g * onehot + gm / V - (g + gm) * softmax`` into ONE (M, V) buffer. When most rows are scored and the logits
+  are float32 / float64, forward writes the log-softmax of every row into that buffer (one op) and backward
+  turns it into the gradient in place (exp, one scaling op); otherwise forward keeps only its inputs and
+  backward recomputes the softmax block by block.
 * :func:`linear_token_logprobs` takes the hidden states (N, H) and the output layer (W (V, H), bias (V,)) and
-  never holds the (N, V) logits: each chunk's logits are computed, reduced to the (N,) statistics and dropped;
-  backward recomputes them chunk by chunk and accumulates grad_hidden = G W, grad_W += G^T h, grad_b += sum G
+  never holds the (N, V) logits: each block's logits are computed, reduced to the (N,) statistics and dropped;
+  backward recomputes them block by block and accumulates grad_hidden = G W, grad_W += G^T h, grad_b += sum G
   (Liger's fused linear cross-entropy / Apple's Cut Cross-Entropy idea).
+
+Blocks are sized by an element budget (``CHUNK_ELEMS``, ``FUSED_CHUNK_ELEMS``), split evenly, so that every
+op is large: a CPU op pays one fork / join of its threads, and on a machine whose cores are shared a join
+waits for a descheduled thread, so many small ops cost far more than a few large ones (and more with more
+threads). Each block is a handful of ops: one fused (log-)softmax kernel (which reads a row while it is in
+cache) instead of max / sub / exp / sum, one scaling op, matmuls with the bias fused (``addmm``), outputs
+written in place into one reused buffer, and no ``index_select`` (its CPU kernel is slow under contention):
+the logits kernel walks contiguous row slices when most rows are scored and gathers the scored rows with
+advanced indexing otherwise.
 
 Statistics are float32 (float64 for float64 inputs) also for bf16 / fp16 inputs; the matmuls of the fused
 kernel run in the autocast dtype when autocast is on (else in the hidden states' dtype).
@@ -28,69 +40,114 @@ from torch import Tensor
 
 __all__ = ["linear_token_logprobs", "token_logprobs"]
 
-CHUNK_ELEMS = 1 << 20  # elements of one float32 chunk of logits (4 MiB); rows per chunk = CHUNK_ELEMS // V
-# the fused kernel streams W (V, H) once per chunk and per matmul: larger chunks (32 MiB of logits)
-FUSED_CHUNK_ELEMS = 1 << 23
+CHUNK_ELEMS = 1 << 22  # elements of one block of logits (16 MiB of float32): rows ~ CHUNK_ELEMS // V
+FUSED_CHUNK_ELEMS = 1 << 23  # the fused kernel's blocks (their logits are recomputed by a matmul)
+DENSE = 0.6  # the logits kernel walks all M rows in slices when at least this share of them is scored
 
 
 def stat_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _rows(v: int, elems: int | None = None) -> int:
-    return max(1, (elems or CHUNK_ELEMS) // max(v, 1))
+def _blocks(n: int, v: int, elems: int) -> list[slice]:
+    """n rows of width v in even blocks of about ``elems`` elements (at least one row each)."""
+    per = max(1, elems // max(v, 1))
+    count = -(-n // per)
+    step = -(-n // max(count, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def _stats(x: Tensor, y: Tensor, mean: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """x (n, V) float logits, y (n,) -> lse (n,), tok_lp (n,), mean_lp (n,) | None."""
-    lse = torch.logsumexp(x, dim=-1)  # (n,)
-    tok = x.gather(1, y[:, None]).squeeze(1) - lse
-    return lse, tok, (x.mean(-1) - lse) if mean else None
+def _scratch(buf: Tensor | None, n: int, like: Tensor, dtype: torch.dtype) -> Tensor:
+    """A (rows, V) scratch buffer reused by every block: made on first use (the first block is the largest)."""
+    if buf is None:
+        buf = torch.empty((n, like.shape[1]), dtype=dtype, device=like.device)
+    return buf
 
 
-def _grad_logits_(x: Tensor, lse: Tensor, y: Tensor, g: Tensor, gm: Tensor | None) -> Tensor:
-    """In place: x (n, V) float logits -> d(sum g tok_lp + gm mean_lp)/dx = g onehot + gm/V - (g + gm) p."""
-    gs = g if gm is None else g + gm  # (n,)
-    x.sub_(lse[:, None]).exp_().mul_(-gs[:, None])  # -(g + gm) softmax
-    x.scatter_add_(1, y[:, None], g[:, None])
-    if gm is not None:
-        x.add_(gm[:, None] / x.shape[1])
-    return x
+def _scale_(p: Tensor, g: Tensor, gm: Tensor | None, y: Tensor) -> Tensor:
+    """In place: p (n, V) = softmax -> d(sum g tok_lp + gm mean_lp)/dx = g onehot + gm/V - (g + gm) p."""
+    if gm is None:
+        p.mul_(-g[:, None])
+    else:
+        torch.addcmul(gm[:, None] / p.shape[1], p, -(g + gm)[:, None], out=p)
+    return p.scatter_add_(1, y[:, None], g[:, None])
 
 
 class _TokenLogProb(torch.autograd.Function):
+    """Visits either every row of x in slices (``dense``: the per-row inputs live on all M rows, unscored rows
+    get g = 0) or the N scored rows in index blocks (gathered); ``pick`` maps back to the N scored rows."""
+
+    @staticmethod
+    def _plan(x: Tensor, rows: Tensor, *vals: Tensor) -> tuple[bool, list, list[Tensor]]:
+        m, n = x.shape[0], rows.shape[0]
+        dense = n >= DENSE * m
+        if dense:  # per-row values on all M rows (0 at unscored rows): no gather, no host sync
+            vals = [v.new_zeros(m).index_copy_(0, rows, v) for v in vals]
+        idx = _blocks(m if dense else n, x.shape[1], CHUNK_ELEMS)
+        return dense, [s if dense else rows[s] for s in idx], [*vals]
+
     @staticmethod
     def forward(ctx, x: Tensor, rows: Tensor, y: Tensor, mean: bool):  # x (M, V), rows (N,), y (N,)
-        n, v = rows.shape[0], x.shape[1]
-        dt, step = stat_dtype(x), _rows(v)
-        lse, tok = x.new_empty(n, dtype=dt), x.new_empty(n, dtype=dt)
-        mlp = x.new_empty(n, dtype=dt) if mean else None
-        for i in range(0, n, step):
-            s = slice(i, i + step)
-            lse[s], tok[s], m = _stats(x.index_select(0, rows[s]).to(dt), y[s], mean)
+        dt = stat_dtype(x)
+        dense, blocks, (yv,) = _TokenLogProb._plan(x, rows, y)
+        tok = x.new_empty(yv.shape[0], dtype=dt)  # (L,) L = M (dense) or N
+        mlp = torch.empty_like(tok) if mean else None
+        buf, at, ctx.lsm = None, 0, None
+        ctx.whole = dense and x.dtype == dt
+        if ctx.whole:  # one op over all rows, into the buffer that backward makes the gradient
+            buf = ctx.lsm = torch.empty_like(x)
+            blocks = [slice(0, x.shape[0])]
+        for blk in blocks:
+            xb = x[blk]  # (n, V): a view (dense) or a gathered copy
+            n, s = xb.shape[0], slice(at, at + xb.shape[0])
+            if dense or xb.dtype != dt:
+                buf = _scratch(buf, n, x, dt)
+                out = buf[:n]
+            else:
+                out = xb  # the gathered copy is ours: in place
+            lsm = torch.log_softmax(xb, -1, dtype=dt, out=out)
+            tok[s] = lsm.gather(1, yv[s, None]).squeeze(1)
             if mean:
-                mlp[s] = m
-        ctx.save_for_backward(x, rows, y, lse)
+                mlp[s] = lsm.mean(-1)
+            at += n
+        ctx.save_for_backward(x, rows, y)
+        if dense:
+            tok, mlp = tok[rows], (mlp[rows] if mean else None)
         return tok, mlp if mean else tok.new_zeros(0)
 
     @staticmethod
     def backward(ctx, g: Tensor, gm: Tensor):
-        x, rows, y, lse = ctx.saved_tensors
+        x, rows, y = ctx.saved_tensors
         mean = gm is not None and gm.numel() > 0
-        m, dt = x.shape[0], lse.dtype
-        # in row order over all M rows: unscored rows get g = 0 and lse = +inf, so p = 0 and their gradient is 0
-        lse = lse.new_full((m,), float("inf")).index_copy_(0, rows, lse)
-        g = g.new_zeros(m).index_copy_(0, rows, g)
-        gm = gm.new_zeros(m).index_copy_(0, rows, gm) if mean else gm
-        y = y.new_zeros(m).index_copy_(0, rows, y)
-        grad = torch.empty_like(x)  # the one (M, V) buffer, written chunk by chunk in place
-        step = _rows(x.shape[1])
-        for i in range(0, m, step):
-            s = slice(i, i + step)
-            xc = grad[s].copy_(x[s]) if x.dtype == dt else x[s].to(dt)  # in the buffer when dtypes agree
-            gc = _grad_logits_(xc, lse[s], y[s], g[s].to(dt), gm[s].to(dt) if mean else None)
-            if gc.data_ptr() != grad[s].data_ptr():
-                grad[s] = gc
+        dt = stat_dtype(x)
+        vals = (y, g.to(dt), gm.to(dt)) if mean else (y, g.to(dt))
+        dense, blocks, vals = _TokenLogProb._plan(x, rows, *vals)
+        yv, gv, gmv = vals[0], vals[1], (vals[2] if mean else None)
+        if ctx.whole:  # forward's log-softmax of every row: exp -> softmax -> gradient, in place
+            grad, ctx.lsm = ctx.lsm, None  # used once; a second backward (retain_graph) computes it again
+            if grad is None:
+                grad = torch.log_softmax(x, -1, dtype=dt, out=torch.empty_like(x))
+            return _scale_(grad.exp_(), gv, gmv, yv), None, None, None
+        # the one (M, V) buffer; unscored rows: exactly 0 (sparse), or (g + gm) = 0 times softmax (dense)
+        grad = torch.empty_like(x) if dense else torch.zeros_like(x)
+        buf, at = None, 0
+        for blk in blocks:
+            xb = x[blk]
+            n, s = xb.shape[0], slice(at, at + xb.shape[0])
+            if dense and x.dtype == dt:
+                out = grad[blk]  # softmax straight into the gradient buffer
+            elif x.dtype == dt:
+                out = xb  # the gathered copy
+            else:
+                buf = _scratch(buf, n, x, dt)
+                out = buf[:n]
+            p = torch.softmax(xb, -1, dtype=dt, out=out)
+            gb = _scale_(p, gv[s], None if gmv is None else gmv[s], yv[s])
+            if dense and gb.data_ptr() != grad[blk].data_ptr():
+                grad[blk] = gb
+            elif not dense:
+                grad.index_copy_(0, blk, gb.to(x.dtype))
+            at += n
         return grad, None, None, None
 
 
@@ -100,7 +157,7 @@ def token_logprobs(
     """logits (M, V), targets (N,) int -> tok_lp (N,), mean_lp (N,) or None; float32 (float64 for float64).
 
     ``rows`` (N,) int, distinct, any order: the rows of ``logits`` that are scored (default all, N = M); the
-    others (padding) are not scored and get exactly zero gradient.
+    others (padding) are not scored and get zero gradient.
     """
     if rows is None:
         rows = torch.arange(logits.shape[0], device=logits.device)
@@ -120,45 +177,69 @@ def _mm_dtype(h: Tensor) -> torch.dtype:
     return h.dtype
 
 
+class _Logits:
+    """Block logits h[s] W^T + b in the statistics dtype, into reused buffers (the bias fused into addmm)."""
+
+    def __init__(self, h: Tensor, w: Tensor, b: Tensor | None, mm: torch.dtype, dt: torch.dtype) -> None:
+        self.h, self.w, self.mm, self.dt = h.to(mm), w.to(mm), mm, dt
+        self.b = None if b is None else b.to(mm if mm == dt else dt)
+        self.buf: Tensor | None = None
+        self.buf_mm: Tensor | None = None
+
+    def __call__(self, s: slice) -> Tensor:
+        h, n = self.h[s], s.stop - s.start
+        self.buf = _scratch(self.buf, n, self.w.t(), self.dt)
+        out = self.buf[:n]
+        if self.mm == self.dt:
+            if self.b is None:
+                return torch.mm(h, self.w.t(), out=out)
+            return torch.addmm(self.b, h, self.w.t(), out=out)
+        self.buf_mm = _scratch(self.buf_mm, n, self.w.t(), self.mm)
+        out.copy_(torch.mm(h, self.w.t(), out=self.buf_mm[:n]))
+        return out if self.b is None else out.add_(self.b)
+
+
 class _LinearTokenLogProb(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, mean: bool, mm: torch.dtype):
-        n, v = h.shape[0], w.shape[0]
-        dt, step = stat_dtype(h), _rows(v, FUSED_CHUNK_ELEMS)
-        hm, wm = h.to(mm), w.to(mm)
-        lse, tok = h.new_empty(n, dtype=dt), h.new_empty(n, dtype=dt)
-        mlp = h.new_empty(n, dtype=dt) if mean else None
+        dt = stat_dtype(h)
+        tok = h.new_empty(h.shape[0], dtype=dt)
+        mlp = torch.empty_like(tok) if mean else None
+        logits = _Logits(h, w, b, mm, dt)
         with torch.autocast(h.device.type, enabled=False):
-            for i in range(0, n, step):
-                s = slice(i, i + step)
-                x = _logits(hm[s], wm, b, dt)  # (n, V), dropped after the statistics
-                lse[s], tok[s], m = _stats(x, y[s], mean)
+            for s in _blocks(h.shape[0], w.shape[0], FUSED_CHUNK_ELEMS):
+                x = logits(s)  # (n, V), overwritten by the next block
+                lsm = torch.log_softmax(x, -1, out=x)
+                tok[s] = lsm.gather(1, y[s, None]).squeeze(1)
                 if mean:
-                    mlp[s] = m
-        ctx.save_for_backward(h, w, b, y, lse)
+                    mlp[s] = lsm.mean(-1)
+        ctx.save_for_backward(h, w, b, y)
         ctx.mm = mm
         return tok, mlp if mean else tok.new_zeros(0)
 
     @staticmethod
     def backward(ctx, g: Tensor, gm: Tensor):
-        h, w, b, y, lse = ctx.saved_tensors
+        h, w, b, y = ctx.saved_tensors
         mean = gm is not None and gm.numel() > 0
-        mm, dt, step = ctx.mm, lse.dtype, _rows(w.shape[0], FUSED_CHUNK_ELEMS)
-        hm, wm = h.to(mm), w.to(mm)
+        mm, dt = ctx.mm, stat_dtype(h)
+        logits = _Logits(h, w, b, mm, dt)
+        hm, wm = logits.h, logits.w
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(h) if need_h else None
         gw = torch.zeros(w.shape, dtype=dt, device=w.device) if need_w else None
         gb = torch.zeros(w.shape[0], dtype=dt, device=w.device) if need_b and b is not None else None
+        g, gm = g.to(dt), (gm.to(dt) if mean else None)
         with torch.autocast(h.device.type, enabled=False):
-            for i in range(0, h.shape[0], step):
-                s = slice(i, i + step)
-                x = _logits(hm[s], wm, b, dt)  # recomputed chunk logits (n, V)
-                gx = _grad_logits_(x, lse[s], y[s], g[s].to(dt), gm[s].to(dt) if mean else None)
+            for s in _blocks(h.shape[0], w.shape[0], FUSED_CHUNK_ELEMS):
+                x = logits(s)  # recomputed block logits (n, V)
+                gx = _scale_(torch.softmax(x, -1, out=x), g[s], None if gm is None else gm[s], y[s])
                 if gb is not None:
                     gb += gx.sum(0)
                 gxm = gx.to(mm)
-                if gh is not None:
-                    gh[s] = gxm @ wm  # (n, H)
+                if gh is not None and gh.dtype == mm:
+                    torch.mm(gxm, wm, out=gh[s])  # (n, H)
+                elif gh is not None:
+                    gh[s] = gxm @ wm
                 if gw is not None:
                     if mm == dt:
                         gw.addmm_(gxm.t(), hm[s])  # (V, H)
@@ -167,11 +248,6 @@ class _LinearTokenLogProb(torch.autograd.Function):
         gw = None if gw is None else gw.to(w.dtype)
         gb = None if gb is None else gb.to(b.dtype)
         return gh, gw, gb, None, None, None
-
-
-def _logits(h: Tensor, w: Tensor, b: Tensor | None, dt: torch.dtype) -> Tensor:
-    x = (h @ w.t()).to(dt)  # (n, V)
-    return x if b is None else x.add_(b.to(dt))
 
 
 def linear_token_logprobs(
