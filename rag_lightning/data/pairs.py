@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rag_lightning.data.readers import QAExample, QASet
-from rag_lightning.data.textio import DataError, encoding_error, iter_json_array, read_lines
+from rag_lightning.data.textio import DataError, encoding_error, iter_json_array, iter_jsonl, read_lines
 
 log = logging.getLogger(__name__)
 PAIR_FORMATS = ("auto", "jsonl", "json", "tsv", "csv", "hf", "source_target")
@@ -79,20 +79,6 @@ def _records_source_target(path: Path, **_: Any) -> Records:
             yield ln, {"input": s.rstrip("\r\n"), "target": t.rstrip("\r\n")}
 
 
-def _records_jsonl(path: Path, **_: Any) -> Records:
-    for ln, text in read_lines(path):
-        if not text.strip():
-            continue
-        err = encoding_error(path, ln, "<encoding>", text, start=0)
-        if err is not None:
-            yield ln, err
-            continue
-        try:
-            yield ln, json.loads(text)
-        except json.JSONDecodeError as e:
-            yield ln, DataError(path, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}")
-
-
 def _records_json(path: Path, strict_encoding: bool = True, **_: Any) -> Records:
     yield from iter_json_array(path, strict_encoding=strict_encoding)
 
@@ -129,7 +115,7 @@ def _records_hf(path: Path, split: str | None = None, **_: Any) -> Records:
 
 _RECORDS = {
     "source_target": _records_source_target,
-    "jsonl": _records_jsonl,
+    "jsonl": lambda path, **_: iter_jsonl(path),
     "json": _records_json,
     "tsv": lambda path, **kw: _records_table(path, "\t", **kw),
     "csv": lambda path, **kw: _records_table(path, ",", **kw),

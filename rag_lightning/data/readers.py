@@ -48,6 +48,7 @@ from rag_lightning.data.textio import (
     encoding_error,
     first_line,
     iter_json_array,
+    iter_jsonl,
     load_json,
     read_head,
     read_lines,
@@ -309,17 +310,9 @@ def _rows_jsonl(
     **_: Any,
 ) -> Row:
     src = str(path)
-    for ln, text in read_lines(path):
-        if not text.strip():
-            continue
-        bad = encoding_error(src, ln, "<encoding>", text, start=0)
-        if bad is not None:
-            yield ln, bad
-            continue
-        try:
-            rec = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield ln, DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}")
+    for ln, rec in iter_jsonl(path):
+        if isinstance(rec, DataError):
+            yield ln, rec
             continue
         yield (
             ln,
