@@ -272,3 +272,17 @@ def test_task_group_sets_the_monitored_metric_and_preflight_checks_it(cfg_factor
     assert "not a metric of the generation task" in task_problem(
         cfg_factory("+experiment=demo_longform", "optimized_metric=val/em")
     )
+
+
+def test_samples_table_columns_come_from_the_task(caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from rag_lightning.callbacks.samples import LogSamples
+
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, global_step=3, loggers=[])
+    task = GenerationTask()
+    row = task.sample({"questions": ["in"], "answers": [["ref a", "ref b"]]}, 0, "pred", ["T1"])
+    with caplog.at_level(logging.INFO, logger="rag_lightning.callbacks.samples"):
+        LogSamples().on_validation_end(trainer, SimpleNamespace(samples=[row], task=task))
+    assert "targets" in caplog.text and "ref a | ref b" in caplog.text and "question" not in caplog.text

@@ -77,5 +77,6 @@ def test_label_outside_the_set_is_one_line_and_exit_2(tmp_path):
     bad.write_text('{"input": "a b", "label": "SUPPORTS"}\n{"input": "c d", "label": "MAYBE"}\n')
     proc = _cli("+experiment=demo_verify", f"data.train_sets=[{bad}]", tmp_path=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    (line,) = proc.stderr.strip().splitlines()
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
     assert f"{bad}:2: field 'label'" in line and "MAYBE" in line
