@@ -267,3 +267,20 @@ def iter_json_array(
                     rest[name] = value
     finally:
         s.close()
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line, parsed object or DataError)`` for each non-blank line of a JSON-lines file: a bad byte or
+    broken JSON is that line's DataError (field ``<encoding>`` / ``<json>``), the caller raises or skips it."""
+    src = str(path)
+    for ln, text in read_lines(path):
+        if not text.strip():
+            continue
+        bad = encoding_error(src, ln, "<encoding>", text, start=0)
+        if bad is not None:
+            yield ln, bad
+            continue
+        try:
+            yield ln, json_loads(text, src, ln)
+        except DataError as e:  # broken, or nested too deeply: this line's error
+            yield ln, e
