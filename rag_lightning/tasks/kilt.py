@@ -36,12 +36,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag_lightning.data.textio import DataError, encoding_error, read_lines
+from rag_lightning.data.readers import json_lines
+from rag_lightning.data.textio import DataError
 from rag_lightning.metrics import exact_match, f1
 
 DOWNSTREAM = ("accuracy", "em", "f1", "rougel")
@@ -87,6 +88,7 @@ def gold_from_record(rec: Mapping[str, Any]) -> KiltGold:
         o["answer"].strip() for o in outs if isinstance(o.get("answer"), str) and o["answer"].strip()
     )
     lists = tuple(_distinct(_pid(p) for p in o.get("provenance", []) if "wikipedia_id" in p) for o in outs)
+    lists = tuple(x for x in lists if x)  # an empty list scores R-precision 0, never the max
     sets: list[frozenset[str]] = []
     for o in outs:
         if "provenance" in o:
@@ -231,26 +233,13 @@ def _check_record(rec: Any, src: str, ln: int, need_answer: bool) -> None:
                 raise DataError(src, ln, f"output[{i}].provenance[{j}]", "expected an object")
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """``(line, parsed JSON)`` of each non-blank line; bad bytes and broken JSON name the line."""
-    src = str(path)
-    for ln, s in read_lines(path):
-        if not s.strip():
-            continue
-        err = encoding_error(src, ln, "<encoding>", s, start=0)
-        if err is not None:
-            raise err
-        try:
-            yield ln, json.loads(s)
-        except json.JSONDecodeError as e:
-            raise DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}") from None
-
-
 def read_kilt_records(path: str | os.PathLike, gold: bool = True) -> list[tuple[int, dict[str, Any]]]:
     """``(line, record)`` of a KILT jsonl file, each checked (``id``, ``output`` objects, provenance lists) and
     ids unique, else DataError naming file, line and field."""
     src, out, seen = str(path), [], {}
-    for ln, rec in iter_jsonl(path):
+    for ln, rec in json_lines(path):
+        if isinstance(rec, DataError):
+            raise rec
         _check_record(rec, src, ln, need_answer=gold)
         rid = str(rec["id"]).strip()
         if rid in seen:
