@@ -14,6 +14,7 @@ The marginal's gradient reaches the retriever only with `marginal` in `retriever
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -21,7 +22,6 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from rag_lightning import metrics
 from rag_lightning.models.causal import CausalGenerator
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate
 from rag_lightning.models.generator import Generator
@@ -34,6 +34,7 @@ from rag_lightning.models.marginalize import (
 from rag_lightning.models.objectives import OBJECTIVES, contrastive_loss, entropy, scale_grad
 from rag_lightning.models.retriever import Retriever
 from rag_lightning.retrieval.embed import pad_batch
+from rag_lightning.tasks.base import Task, build_task
 
 log = logging.getLogger(__name__)
 VARIANTS = ("token", "sequence")
@@ -59,13 +60,15 @@ class RagModule(L.LightningModule):
         eval_ks: tuple[int, ...] = (1, 5, 20),
         n_samples: int = 16,
         fused_loss: bool = True,
+        task: Task | str | dict | None = None,
     ):
         """variant: token | sequence, the marginal used for decoding and (by default) the generator loss.
         generator_loss: token | sequence | none (a frozen generator); null = `variant`.
         retriever_loss: what trains the retriever, a name (`marginal | emdr2 | pdist | lsr | contrastive`) or
         weights `{emdr2: 1.0, contrastive: 0.1}`; `marginal` sends the generator loss's gradient into the
         retrieval scores (the RAG paper), the others are `models.objectives` on the same generator pass.
-        objective_args: keyword arguments per objective, e.g. `{pdist: {temperature: 0.1}}`."""
+        objective_args: keyword arguments per objective, e.g. `{pdist: {temperature: 0.1}}`.
+        task: what evaluation predicts and scores (`rag_lightning.tasks`, config group `task`; default QA)."""
         super().__init__()
         # plain containers in hparams, so checkpoints load with torch.load(weights_only=True)
         decoding = _plain(decoding or {})
@@ -83,7 +86,10 @@ class RagModule(L.LightningModule):
             if name not in RETRIEVER_LOSSES or name == "marginal":
                 raise ValueError(f"model.objective_args: unknown objective {name!r}")
         # modules and optimizer factories stay out of the checkpoint's hparams (the Hydra config records them)
-        self.save_hyperparameters(logger=False, ignore=["retriever", "generator", "optimizer", "scheduler"])
+        self.save_hyperparameters(
+            logger=False, ignore=["retriever", "generator", "optimizer", "scheduler", "task"]
+        )
+        self.task = build_task(task)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.retriever = retriever
         # a factory (Hydra `_partial_: true`) defers building the generator to configure_model, where under
@@ -99,7 +105,7 @@ class RagModule(L.LightningModule):
             self._freeze_generator()
         self.corpus = None  # set in setup() from the datamodule, or by hand
         self.decoding = _decoding(decoding)
-        names = ["loss", "em", "f1", "p_entropy"] + [f"recall@{k}" for k in eval_ks]
+        names = self.task.metric_names(eval_ks)  # per-example metrics, declared by the task
         self.eval_metrics = torch.nn.ModuleDict(
             {f"{s}_{n.replace('@', '_')}": MeanMetric() for s in ("val", "test") for n in names}
         )  # pooled over every question of every val / test set
@@ -107,6 +113,7 @@ class RagModule(L.LightningModule):
         # names need not be valid module names, and the running means stay out of the state_dict)
         self.set_metrics: dict[tuple[str, str, str], MeanMetric] = {}
         self.samples: list[dict[str, Any]] = []  # a few predictions of the last evaluation (W&B table)
+        self.outputs: list[tuple[str, str, list[str]]] = []  # (set, prediction, targets): corpus-level tasks
         self.top1: dict[str, set[int]] = {}  # per eval set: the distinct top-1 passages (collapse guard)
         self.train()  # HF from_pretrained returns eval-mode models; Lightning keeps the mode it is given
 
@@ -381,27 +388,36 @@ class RagModule(L.LightningModule):
             out = rag_sequence_generate(model, src, mask, doc_scores, mode=d["mode"], **kw)
         return g.decode(out)
 
+    @torch.no_grad()
+    def choice_logprobs(
+        self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor, choices: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Exact log p(y_c | x) of candidate targets under the model's marginal over the K passages (RAG-Token:
+        sum_t log sum_k p(z_k|x) p(y_t|x, z_k, y_<t); RAG-Sequence: log sum_k p(z_k|x) p(y|x, z_k)), no
+        decoding. ``choices``: C label rows (1, T_c) (generator targets, padding -100), the same for every
+        question; ``doc_scores`` / ``ids`` (B, K) -> (B, C)."""
+        src, mask = self.sources(batch, ids)  # (B*K, S): assembled once for every candidate
+        b = ids.shape[0]
+        out = []
+        for labels in choices:
+            labels = labels.to(self.device).expand(b, -1)  # (B, T_c)
+            lp = self.token_logprobs(src, mask, labels, smooth=False)
+            out.append(-self.marginal_nll(lp, doc_scores, epsilon=0.0))  # (B,)
+        return torch.stack(out, 1)  # (B, C)
+
     def evaluate(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Loss, greedy/beam answers, EM/F1 and recall@k for one batch (all per question)."""
+        """Loss, the task's predictions and per-example metrics, and retrieval metrics for one batch (all per
+        example, (B,) each): the task (``self.task``) decides how to predict and what to score."""
         kmax = min(max(self.retriever.n_docs, *self.hparams.eval_ks), len(self.corpus))
         doc_scores, ids = self.retrieve(batch, kmax)  # (B, kmax) sorted by score
         k = min(self.retriever.n_docs, kmax)
-        nll = self.nll(batch, doc_scores[:, :k], ids[:, :k])  # (B,)
-        p_entropy = entropy(doc_scores[:, :k])  # (B,) of p(z|x) over the K passages the generator reads
-        preds = self.generate(batch, doc_scores[:, :k], ids[:, :k])
-        regex = bool(batch.get("regex", False))
-        answers = batch["answers"]
-        texts = [self.corpus.texts(row) for row in ids.tolist()]
         out: dict[str, Any] = {
-            "loss": nll,
-            "em": torch.tensor([metrics.exact_match(p, a, regex=regex) for p, a in zip(preds, answers)]),
-            "f1": torch.tensor([metrics.f1(p, a, regex=regex) for p, a in zip(preds, answers)]),
-            "p_entropy": p_entropy,
+            "loss": self.nll(batch, doc_scores[:, :k], ids[:, :k]),  # (B,)
+            "p_entropy": entropy(doc_scores[:, :k]),  # (B,) of p(z|x) over the K passages the generator reads
         }
-        first_hit = torch.tensor([_first_hit(t, a, regex) for t, a in zip(texts, answers)])  # (B,)
-        for kk in self.hparams.eval_ks:
-            out[f"recall@{kk}"] = (first_hit < kk).float()
-        out["predictions"], out["ids"], out["doc_scores"] = preds, ids, doc_scores
+        out.update(self.task.predict(self, batch, doc_scores[:, :k], ids[:, :k]))
+        out.update(self.task.retrieval_metrics(self.corpus, batch, ids, self.hparams.eval_ks))
+        out["ids"], out["doc_scores"] = ids, doc_scores
         return out
 
     def _eval_step(self, stage: str, batch: dict[str, Any], batch_idx: int) -> None:
@@ -412,16 +428,22 @@ class RagModule(L.LightningModule):
             if key not in self.eval_metrics:
                 continue
             values = values.detach().float().to(self.device)  # (B,), logged at epoch end
-            self.eval_metrics[key].update(values)
+            defined = ~values.isnan()  # NaN: not defined for this example (e.g. no gold passage)
+            if defined.any():
+                self.eval_metrics[key].update(values[defined])
             for set_name in dict.fromkeys(names):
                 rows = torch.tensor([i for i, n in enumerate(names) if n == set_name], device=self.device)
-                self._set_metric(stage, set_name, name).update(values[rows])
+                rows = rows[defined[rows]]
+                if len(rows):
+                    self._set_metric(stage, set_name, name).update(values[rows])
         for set_name, top in zip(names, out["ids"][:, 0].tolist()):
             self.top1.setdefault(set_name, set()).add(top)
+        if self.task.corpus_level:
+            self.outputs += list(zip(names, out["predictions"], batch["answers"]))
         if len(self.samples) < self.hparams.n_samples:
             titles = [self.corpus.titles(row[:3]) for row in out["ids"].tolist()]
-            for q, a, p, t in zip(batch["questions"], batch["answers"], out["predictions"], titles):
-                self.samples.append({"question": q, "answers": a, "prediction": p, "top_titles": t})
+            for i, (p, t) in enumerate(zip(out["predictions"], titles)):
+                self.samples.append(self.task.sample(batch, i, p, t))
 
     def _set_metric(self, stage: str, set_name: str, name: str) -> MeanMetric:
         key = (stage, set_name, name)
@@ -431,14 +453,16 @@ class RagModule(L.LightningModule):
 
     def _log_eval_metrics(self, stage: str) -> None:
         """``{stage}/{metric}`` pooled over every question of every val / test set (what checkpoint monitors
-        and sweeps read), and with several sets also ``{stage}/{set name}/{metric}`` for each set."""
+        and sweeps read), and with several sets also ``{stage}/{set name}/{metric}`` for each set; then the
+        task's corpus-level metrics and report."""
         for key, metric in self.eval_metrics.items():
             prefix, name = key.split("_", 1)
-            if prefix == stage and metric.update_count:
-                self.log(
-                    f"{stage}/{name.replace('recall_', 'recall@')}", metric.compute(), prog_bar=name == "em"
-                )
-                metric.reset()
+            if prefix != stage:
+                continue
+            if _updated(metric):
+                name = name.replace("recall_", "recall@")
+                self.log(f"{stage}/{name}", metric.compute(), prog_bar=name == self.task.monitor)
+            metric.reset()
         per_set = sorted(k for k in self.set_metrics if k[0] == stage)  # same order on every rank
         several = len({set_name for _, set_name, _ in per_set}) > 1
         for key in per_set:
@@ -447,6 +471,30 @@ class RagModule(L.LightningModule):
                 self.log(f"{stage}/{key[1]}/{key[2]}", metric.compute())
             metric.reset()
         self._log_top1_distinct(stage)
+        if self.task.corpus_level:
+            self._log_corpus_metrics(stage)
+
+    def _log_corpus_metrics(self, stage: str) -> None:
+        """The task's metrics over whole sets (corpus BLEU, macro-F1), from every rank's predictions."""
+        outputs = self.outputs
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, outputs)
+            outputs = [o for part in gathered for o in part]
+        self.outputs = []
+        if not outputs:
+            return
+        set_names = list(dict.fromkeys(n for n, _, _ in outputs))
+        groups = [("", outputs)]
+        if len(set_names) > 1:
+            groups += [(n, [o for o in outputs if o[0] == n]) for n in set_names]
+        for set_name, rows in groups:
+            preds, targets = [p for _, p, _ in rows], [t for _, _, t in rows]
+            prefix = f"{stage}/{set_name}/" if set_name else f"{stage}/"
+            for name, value in self.task.corpus_metrics(preds, targets).items():
+                self.log(prefix + name, float(value), prog_bar=not set_name and name == self.task.monitor)
+        if self.trainer.is_global_zero:
+            self.task.report(self, stage, [p for _, p, _ in outputs], [t for _, _, t in outputs])
 
     def _log_top1_distinct(self, stage: str) -> None:
         """Distinct top-1 passages over the eval sets, and per set with several (1 = every question of the set
@@ -473,10 +521,10 @@ class RagModule(L.LightningModule):
         self._log_eval_metrics("test")
 
     def on_validation_epoch_start(self) -> None:
-        self.samples, self.top1 = [], {}
+        self.samples, self.top1, self.outputs = [], {}, []
 
     def on_test_epoch_start(self) -> None:
-        self.samples, self.top1 = [], {}
+        self.samples, self.top1, self.outputs = [], {}, []
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("val", batch, batch_idx)
@@ -491,17 +539,20 @@ class RagModule(L.LightningModule):
         rows = []
         for i, q in enumerate(batch["questions"]):
             ids = out["ids"][i].tolist()
-            rows.append(
-                {
-                    "question": q,
-                    "answers": batch["answers"][i],
-                    "prediction": out["predictions"][i],
-                    "passage_ids": self.corpus.ext_ids(ids),
-                    "titles": self.corpus.titles(ids),
-                    "scores": [round(s, 4) for s in out["doc_scores"][i].tolist()],
-                    **{k: float(out[k][i]) for k in out if k in ("em", "f1") or k.startswith("recall@")},
-                }
-            )
+            row = {
+                "question": q,
+                "answers": batch["answers"][i],
+                "prediction": out["predictions"][i],
+                "passage_ids": self.corpus.ext_ids(ids),
+                "titles": self.corpus.titles(ids),
+                "scores": [round(s, 4) for s in out["doc_scores"][i].tolist()],
+            }
+            for name, values in out.items():
+                if name in ("loss", "p_entropy", "predictions", "ids", "doc_scores"):
+                    continue
+                if not math.isnan(v := float(values[i])):  # NaN: not defined for this example
+                    row[name] = v
+            rows.append(row)
         return rows
 
     # ---------------------------------------------------------------- optimization
@@ -577,10 +628,12 @@ def _retriever_weights(spec: Any) -> dict[str, float]:
     return weights
 
 
-def _first_hit(texts: list[str], answers: list[str], regex: bool) -> float:
-    """Rank of the first passage that has a gold answer by DPR's ``has_answer``; inf if none (so recall@k = 0
-    for every k, also for k beyond the retrieved list, e.g. eval_ks 100 on a smaller corpus)."""
-    return metrics.first_hit(texts, answers, regex=regex)
+def _updated(metric: MeanMetric) -> bool:
+    """Whether any rank updated ``metric`` (every rank must take the same decision before ``compute`` syncs)."""
+    n = torch.tensor(float(metric.update_count), device=metric.device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(n)
+    return bool(n > 0)
 
 
 _WRAPPERS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")

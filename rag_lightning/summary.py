@@ -7,7 +7,7 @@ import os
 import lightning as L
 from omegaconf import DictConfig
 
-KEYS = ("loss", "em", "f1", "recall@1", "recall@5", "recall@20", "p_entropy", "top1_distinct")
+KEYS = ("loss", "em", "f1", "recall@1", "recall@5", "recall@20", "p_entropy", "top1_distinct")  # QA's rows
 PLAIN = {"loss": "{:6.3f}", "p_entropy": "{:6.3f}", "top1_distinct": "{:6.0f}"}  # the rest are percentages
 
 
@@ -27,9 +27,9 @@ def set_names(metrics: dict, stage: str) -> list[str]:
     return names
 
 
-def _rows(prefix: str, columns: list[dict], label: str) -> list[str]:
+def _rows(prefix: str, columns: list[dict], label: str, keys: tuple[str, ...] = KEYS) -> list[str]:
     out = []
-    for k in KEYS:
+    for k in keys:
         values = [c.get(f"{prefix}/{k}") for c in columns]
         if all(v is None for v in values):
             continue
@@ -38,10 +38,13 @@ def _rows(prefix: str, columns: list[dict], label: str) -> list[str]:
 
 
 def print_summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict, test: dict) -> None:
-    """Pooled val (before / after) and test metrics, then one block per set when there are several."""
+    """Pooled val (before / after) and test metrics, then one block per set when there are several; the rows
+    are the task's ``summary_keys`` (the model's task; QA: :data:`KEYS`)."""
+    task = getattr(trainer.lightning_module, "task", None)
+    keys = tuple(task.summary_keys) if task is not None else KEYS
     lines = ["", "=" * 60, f"rag-lightning run summary ({cfg.model.get('variant', '?')} marginalization)"]
     lines.append(f"{'metric':<14}{'before':>10}{'after':>10}" + (f"{'test':>10}" if test else ""))
-    for k in KEYS:
+    for k in keys:
         b, a, t = before.get(f"val/{k}"), after.get(f"val/{k}"), test.get(f"test/{k}")
         if a is None and b is None and t is None:
             continue
@@ -52,10 +55,10 @@ def print_summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict
         lines.append("(rows above: all sets pooled)")
     for name in val_sets:
         lines.append(f"-- val set {name}: before, after")
-        lines += _rows(f"val/{name}", [before, after], "   ")
+        lines += _rows(f"val/{name}", [before, after], "   ", keys)
     for name in test_sets:
         lines.append(f"-- test set {name}")
-        lines += _rows(f"test/{name}", [test], "   ")
+        lines += _rows(f"test/{name}", [test], "   ", keys)
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:
         lines.append(f"checkpoint: {ckpt.best_model_path}")

@@ -43,7 +43,7 @@ from rag_lightning.preflight import preflight
 from rag_lightning.train import instantiate_list
 
 log = logging.getLogger("evaluate")
-RUN_KEYS = ("data", "retriever", "index", "model", "optimizer", "scheduler", "trainer", "paths")
+RUN_KEYS = ("task", "data", "retriever", "index", "model", "optimizer", "scheduler", "trainer", "paths")
 
 
 def find_run_config(ckpt_path: str | os.PathLike) -> Path | None:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from rag_lightning.data.readers import QAExample
+from rag_lightning.tasks.base import Task, build_task
 
 
 @dataclass
@@ -33,7 +34,8 @@ class QACollator:
     CPU, so the loss selects them on the device without waiting for it);
     ``questions`` list[str]; ``answers`` list[list[str]]; ``regex`` bool (any item's set is regex);
     plus ``ids`` list[str|None], ``gold_ids`` list[list[str]], ``set_names`` list[str].
-    The target answer is the first gold answer, or a random one when ``answer="random"``.
+    The training target is ``task.target(example)`` (QA: the first gold answer, or a random one when
+    ``answer="random"``); the task adds its own keys (``task.collate_extra``, e.g. label choices).
     """
 
     def __init__(
@@ -44,10 +46,12 @@ class QACollator:
         max_target_length: int = 25,
         answer: str = "first",
         causal: bool = False,
+        task: Task | None = None,
     ) -> None:
         if answer not in ("first", "random"):
             raise ValueError(f"train_answer must be 'first' or 'random', got {answer!r}")
         self.query_tokenizer, self.gen_tokenizer, self.causal = query_tokenizer, gen_tokenizer, causal
+        self.task = build_task(task)
         self.max_question_length, self.max_target_length, self.answer = (
             max_question_length,
             max_target_length,
@@ -57,24 +61,15 @@ class QACollator:
     def __call__(self, items: Sequence[Item]) -> dict[str, Any]:
         exs = [it.example for it in items]
         questions = [e.question for e in exs]
-        targets = [random.choice(e.answers) if self.answer == "random" else e.answers[0] for e in exs]
+        pick = random.choice if self.answer == "random" else (lambda xs: xs[0])
+        targets = [self.task.target(e, pick) for e in exs]
         q = self.query_tokenizer(
             questions, padding=True, truncation=True, max_length=self.max_question_length, return_tensors="pt"
         )
         g = self.gen_tokenizer(
             questions, add_special_tokens=False, truncation=True, max_length=self.max_question_length
         )
-        if self.causal:
-            labels = causal_labels(self.gen_tokenizer, targets, self.max_target_length)
-        else:
-            t = self.gen_tokenizer(
-                text_target=targets,
-                padding=True,
-                truncation=True,
-                max_length=self.max_target_length,
-                return_tensors="pt",
-            )
-            labels = t["input_ids"].long().masked_fill(t["attention_mask"] == 0, -100)  # (B, T)
+        labels = self.encode_targets(targets)  # (B, T)
         return {
             "q_input_ids": q["input_ids"],  # (B, Lq)
             "q_attention_mask": q["attention_mask"],  # (B, Lq)
@@ -87,7 +82,22 @@ class QACollator:
             "ids": [e.id for e in exs],
             "gold_ids": [list(e.gold_ids) for e in exs],
             "set_names": [it.set_name for it in items],
+            **self.task.collate_extra(exs, self.encode_targets),
         }
+
+    def encode_targets(self, targets: list[str]) -> torch.Tensor:
+        """Target texts -> (N, T) int64 generator labels, padding -100 (seq2seq: ``text_target``; causal:
+        :func:`causal_labels`)."""
+        if self.causal:
+            return causal_labels(self.gen_tokenizer, targets, self.max_target_length)
+        t = self.gen_tokenizer(
+            text_target=targets,
+            padding=True,
+            truncation=True,
+            max_length=self.max_target_length,
+            return_tensors="pt",
+        )
+        return t["input_ids"].long().masked_fill(t["attention_mask"] == 0, -100)  # (N, T)
 
 
 def causal_labels(tok: Any, targets: Sequence[str], max_length: int) -> torch.Tensor:

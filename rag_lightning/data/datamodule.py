@@ -14,13 +14,12 @@ from torch.utils.data import DataLoader
 
 from rag_lightning.data.collate import Item, QACollator
 from rag_lightning.data.corpus import Corpus
-from rag_lightning.data.readers import QASet, read_questions
+from rag_lightning.data.readers import QASet
 from rag_lightning.data.registry import _to_plain, resolve_corpus, resolve_set
+from rag_lightning.tasks.base import Task, build_task
 from rag_lightning.tokenization import generator_kind, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-_SET_KEYS = ("path", "format", "fields", "regex", "name")
 
 
 class QADataModule(L.LightningDataModule):
@@ -34,6 +33,7 @@ class QADataModule(L.LightningDataModule):
     here, with file and line); ``prepare_data`` calls it before it converts the corpus to Arrow (once),
     ``setup`` before it memory-maps the corpus.
     Without val sets, ``val_split_fraction`` > 0 carves a seeded val split out of train.
+    ``task`` (``rag_lightning.tasks``, default QA) reads the sets and chooses the training targets.
     """
 
     def __init__(
@@ -62,8 +62,10 @@ class QADataModule(L.LightningDataModule):
         data_dir: str | os.PathLike | None = None,
         corpus_num_proc: int | None = None,
         pin_memory: bool = False,
+        task: Task | str | dict | None = None,
     ) -> None:
         super().__init__()
+        self.task = build_task(task)
         if train_answer not in ("first", "random"):
             raise ValueError(f"train_answer must be 'first' or 'random', got {train_answer!r}")
         self.train_specs = [resolve_set(s, data_dir) for s in _as_list(train_sets)]
@@ -174,16 +176,7 @@ class QADataModule(L.LightningDataModule):
         self._sets_loaded = True
 
     def _read(self, spec: dict[str, Any]) -> tuple[str, list[Item]]:
-        opts = {k: v for k, v in spec.items() if k not in _SET_KEYS}
-        qa: QASet = read_questions(
-            spec["path"],
-            spec.get("format", "auto"),
-            fields=spec.get("fields"),
-            regex=spec.get("regex"),  # None: the format's default (on for curatedtrec)
-            name=spec.get("name"),
-            skip_bad_rows=self.skip_bad_rows,
-            **opts,
-        )
+        qa: QASet = self.task.read(spec, skip_bad_rows=self.skip_bad_rows)
         log.info(
             "read %d examples from %s (%s), skipped %d bad rows", len(qa), qa.name, spec["path"], qa.skipped
         )
@@ -206,6 +199,7 @@ class QADataModule(L.LightningDataModule):
             self.max_target_length,
             self.train_answer if train else "first",
             causal=self._causal,
+            task=self.task,
         )
 
     @property

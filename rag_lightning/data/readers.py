@@ -81,7 +81,9 @@ __all__ = ["FORMATS", "DataError", "QAExample", "QASet", "detect_format", "read_
 
 @dataclass
 class QAExample:
-    """One question with its gold answers (regexes when the set has ``regex=True``)."""
+    """One example of any task (``rag_lightning.tasks``): ``question`` is the input text (alias ``input``),
+    ``answers`` the gold outputs (alias ``targets``: QA answers, regexes when the set has ``regex=True``;
+    generation references; classification ``[label]``)."""
 
     question: str
     answers: list[str]
@@ -91,6 +93,14 @@ class QAExample:
     gold_ids: list[str] = field(default_factory=list)  # corpus "id"s of gold passages, when known
     label: str | None = None  # classification: the gold label (one of the task's labels)
     provenance: list[dict[str, Any]] = field(default_factory=list)  # e.g. KILT pages {wikipedia_id, title}
+
+    @property
+    def input(self) -> str:
+        return self.question
+
+    @property
+    def targets(self) -> list[str]:
+        return self.answers
 
 
 @dataclass

@@ -42,7 +42,7 @@ from rag_lightning.tokenization import SETTINGS_FILE
 
 DEFAULT_TEMPLATE = "context: {passage} question: {question} answer:"
 POINTER_FILE = "rag_pointer.safetensors"  # the copy head's weights, next to the transformers files
-_FIELD = re.compile(r"\{(passage|question)\}")
+_FIELD = re.compile(r"\{(passage|question|input)\}")  # {input}: the example's input, {question} its alias
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,16 +163,17 @@ class CausalGenerator(ListSources, nn.Module):
         self.pointer = PointerHead(cfg.hidden_size).to(model.dtype) if copy else None
 
     def _parse(self, template: str) -> list[list[int] | str]:
-        """Template -> [ids of literal text | "passage" | "question"], the leading specials (BOS) first."""
-        fields = _FIELD.findall(template)
-        if sorted(fields) != ["passage", "question"]:
+        """Template -> [ids of literal text | "passage" | "question"], the leading specials (BOS) first.
+        ``{input}`` (any task's input text) and ``{question}`` are the same field."""
+        fields = sorted("question" if f == "input" else f for f in _FIELD.findall(template))
+        if fields != ["passage", "question"]:
             raise ValueError(
-                f"generator template must hold {{passage}} and {{question}} once each: {template!r}"
+                f"generator template must hold {{passage}} and {{input}} (or {{question}}) once each: {template!r}"
             )
         pieces: list[list[int] | str] = [_leading_specials(self.tokenizer)]
         for i, part in enumerate(_FIELD.split(template)):  # literal, field, literal, field, literal
             if i % 2:
-                pieces.append(part)
+                pieces.append("question" if part == "input" else part)
             elif part:
                 pieces.append(self.tokenizer(part, add_special_tokens=False).input_ids)
         return pieces
