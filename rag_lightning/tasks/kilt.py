@@ -208,6 +208,46 @@ def aggregate(rows: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]
     }
 
 
+# ----------------------------------------------------------------------------- validation
+
+
+# logged at validation / test for sets with KILT provenance over a corpus with pages (``val/KILT-em`` ...)
+METRICS = (
+    *(f"kilt_{k}" for k in DOWNSTREAM),
+    *(f"KILT-{k}" for k in DOWNSTREAM),
+    "kilt_rprec",
+    *(f"kilt_recall@{k}" for k in KS),
+)
+
+
+def batch_scores(
+    predictions: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    provenance: Sequence[Sequence[Mapping[str, Any]]],
+    page_rows: Sequence[Sequence[str]],
+) -> dict[str, list[float]]:
+    """KILT's scores (:data:`METRICS`) of a batch: ``page_rows`` (B, K) the pages of the retrieved passages in
+    rank order (the guess's provenance, de-duplicated here); NaN for an example without provenance."""
+    from rag_lightning.data.kilt import kilt_gold
+
+    out: dict[str, list[float]] = {m: [] for m in METRICS}
+    for i, (pred, golds, prov, pages) in enumerate(zip(predictions, answers, provenance, page_rows)):
+        if not prov:
+            for m in METRICS:
+                out[m].append(float("nan"))
+            continue
+        guess = KiltGuess(str(i), str(pred).strip(), _distinct(p for p in pages if p))
+        gold = kilt_gold(str(i), list(prov), [a.strip() for a in golds if a.strip()])
+        scores = example_scores(guess, gold)
+        for k in DOWNSTREAM:
+            out[f"kilt_{k}"].append(scores[k])
+            out[f"KILT-{k}"].append(scores[f"KILT-{k}"])
+        out["kilt_rprec"].append(scores["Rprec"])
+        for k in KS:
+            out[f"kilt_recall@{k}"].append(scores[f"recall@{k}"])
+    return out
+
+
 # ----------------------------------------------------------------------------- files
 
 

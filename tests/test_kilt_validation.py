@@ -1,0 +1,104 @@
+"""KILT scores at validation: a KILT set over the knowledge source logs val/KILT-em, val/kilt_rprec, ... equal to
+rag-eval-kilt on the KILT-format predictions of the same evaluation (tiny models, answers fixed per example)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose_config
+from hydra.utils import instantiate
+
+from rag_lightning.tasks.base import build_task
+from rag_lightning.tasks.kilt import METRICS, evaluate_files, prediction_record, write_predictions
+
+TOPICS = ["lions", "tigers", "rivers", "mountains", "oceans", "deserts"]
+
+
+def _pages() -> list[dict]:
+    return [
+        {
+            "wikipedia_id": str(100 + i),
+            "wikipedia_title": t.title(),
+            "text": [f"{t.title()}\n", f"{t} are a topic . " * 30 + "\n", f"more about {t} " * 40 + "\n"],
+        }
+        for i, t in enumerate(TOPICS)
+    ]
+
+
+def _records() -> list[dict]:
+    def rec(i: int, answer: str, pages: list[list[int]]) -> dict:
+        outs = [{"answer": answer, "provenance": [{"wikipedia_id": str(100 + p), "title": "x"} for p in ps]}
+                for ps in pages]  # fmt: skip
+        return {"id": f"q{i}", "input": f"what about {TOPICS[i % 6]} number {i}?", "output": outs}
+
+    return [
+        rec(0, "Paris", [[0]]),
+        rec(1, "the Nile", [[2], [1, 3]]),
+        rec(2, "Everest", [[3]]),
+        rec(3, "SUPPORTS", [[4, 5]]),
+        rec(4, "sand dunes", [[5]]),
+    ]
+
+
+ANSWERS = {"q0": "paris", "q1": "Nile", "q2": "K2", "q3": "SUPPORTS", "q4": ""}  # the "generated" answers
+
+
+@pytest.fixture
+def kilt_run(tmp_path: Path):
+    ks, gold = tmp_path / "kilt_knowledgesource.json", tmp_path / "x-dev-kilt.jsonl"
+    ks.write_text("".join(json.dumps(p) + "\n" for p in _pages()))
+    gold.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    cfg = compose_config(
+        "retriever=tiny", "model=tiny", f"data.train_sets=[{gold}]", f"data.val_sets=[{gold}]",
+        "data.test_sets=[]", f"data.corpus={ks}", f"paths.cache_dir={tmp_path / 'cache'}",
+        f"paths.root_dir={tmp_path}", "data.eval_batch_size=2", "model.eval_ks=[1,3]", "retriever.n_docs=2",
+    )  # fmt: skip
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("validate")
+    model = instantiate(cfg.model)
+    model.corpus = dm.corpus
+    model.generate = lambda batch, *a, **k: [ANSWERS[i] for i in batch["ids"]]
+    return dm, model, gold
+
+
+def test_validation_logs_kilt_scores_equal_to_rag_eval_kilt(kilt_run, tmp_path: Path):
+    dm, model, gold = kilt_run
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                        enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    logged = trainer.validate(model, datamodule=dm, verbose=False)[0]
+    records = []
+    model.eval()
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            out = model.evaluate(batch)
+            for i, rid in enumerate(batch["ids"]):
+                row = out["ids"][i].tolist()  # every retrieved passage, as validation scores them
+                pages, titles = dm.corpus.page_ids(row), dm.corpus.titles(row)
+                records.append(prediction_record(rid, out["predictions"][i], pages, titles))
+    guess = write_predictions(tmp_path / "guess.jsonl", records)
+    want = evaluate_files(guess, gold)
+    flat = {f"kilt_{k}": v for k, v in want["downstream"].items()} | want["kilt"]
+    flat |= {"kilt_rprec": want["retrieval"]["Rprec"], "kilt_recall@5": want["retrieval"]["recall@5"]}
+    assert set(flat) == set(METRICS)
+    for name, value in flat.items():
+        assert logged[f"val/{name}"] == pytest.approx(value, abs=1e-6), name
+    assert want["downstream"]["em"] == pytest.approx(3 / 5)  # paris, Nile, SUPPORTS: the fixed answers count
+    assert want["downstream"]["accuracy"] == pytest.approx(1 / 5)
+
+
+def test_no_kilt_scores_without_provenance_or_pages(kilt_run):
+    dm, model, _ = kilt_run
+    batch = next(iter(dm.val_dataloader()))
+    task, ids = build_task("qa"), torch.zeros(2, 3, dtype=torch.long)
+    assert set(task.provenance_metrics(dm.corpus, batch, ids, ["a", "b"])) == set(METRICS)
+    assert task.provenance_metrics(dm.corpus, {**batch, "provenance": [[], []]}, ids, ["a", "b"]) == {}
+
+    class NoPages:
+        has_pages = False
+
+    assert task.provenance_metrics(NoPages(), batch, ids, ["a", "b"]) == {}
