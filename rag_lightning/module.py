@@ -378,6 +378,7 @@ class RagModule(L.LightningModule):
             max_length=d["max_length"],
             min_length=d["min_length"],
             length_penalty=d["length_penalty"],
+            no_repeat_ngram_size=int(d["no_repeat_ngram_size"]),
             decoder_start_token_id=g.decoder_start_token_id,
             eos_token_id=g.eos_token_id,
             pad_token_id=g.pad_token_id,
@@ -602,7 +603,10 @@ class RagModule(L.LightningModule):
         return {"fused": False} if (trainer.gradient_clip_val or 0) > 0 else {}
 
 
-_DECODING = {"num_beams": 1, "max_length": 20, "min_length": 0, "length_penalty": 1.0, "mode": "fast"}
+_DECODING = {
+    "num_beams": 1, "max_length": 20, "min_length": 0, "length_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "mode": "fast",
+}  # fmt: skip
 
 
 def _decoding(spec: dict[str, Any]) -> dict[str, Any]:

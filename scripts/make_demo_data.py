@@ -2,6 +2,7 @@
 
 Usage: python scripts/make_demo_data.py /path/to/dev-v1.1.json [--out rag_lightning/assets/squad_demo]
        [--words 48]
+       python scripts/make_demo_data.py --tasks     (demo_longform and demo_verify from squad_demo)
 
 Takes every paragraph of a few articles and cuts it, DPR-style, into passages of about ``--words`` words
 (non-overlapping word windows of equal size, ids ``{article_idx}-{para_idx}-{window}`` in the full dev file,
@@ -48,10 +49,18 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("squad_dev", type=Path)
+    ap.add_argument("squad_dev", type=Path, nargs="?")
+    ap.add_argument("--tasks", action="store_true", help="build demo_longform / demo_verify from squad_demo")
     ap.add_argument("--out", type=Path, default=ROOT / "rag_lightning" / "assets" / "squad_demo")
     ap.add_argument("--words", type=int, default=WORDS)
     args = ap.parse_args()
+    if args.tasks:
+        from make_task_demos import build_task_demos
+
+        build_task_demos(ROOT / "rag_lightning" / "assets")
+        return
+    if args.squad_dev is None:
+        ap.error("the SQuAD dev file is required (or --tasks)")
     raw = args.squad_dev.read_bytes()
     sha = hashlib.sha256(raw).hexdigest()
     data = json.loads(raw.decode("utf-8"))["data"]

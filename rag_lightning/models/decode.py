@@ -13,7 +13,9 @@ cross-attention cache alone (a beam never changes its source row); finished prob
 
 Lengths count GENERATED tokens (the decoder start token excluded, EOS included), like HF's
 ``max_new_tokens`` / ``min_new_tokens``: at most ``max_length`` tokens; EOS is forbidden while fewer than
-``min_length`` tokens have been generated. Outputs are (B, L) without the decoder start token, padded
+``min_length`` tokens have been generated. ``no_repeat_ngram_size`` n > 0: a token that would repeat an n-gram
+of the hypothesis's generated tokens gets probability 0 (as HF's ``no_repeat_ngram_size``, except that a
+causal prompt's n-grams are not banned); under RAG-Sequence per (passage, beam) hypothesis. Outputs are (B, L) without the decoder start token, padded
 with ``pad_token_id`` after EOS, L = the longest returned sequence.
 
 Beam search (num_beams N > 1), per problem: N running hypotheses (only one live at step 0). At each step
@@ -48,7 +50,9 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from rag_lightning.models.causal import CausalGenerator
 
-__all__ = ["rag_token_generate", "rag_sequence_generate", "CausalSteps", "Seq2SeqSteps"]
+__all__ = [
+    "rag_token_generate", "rag_sequence_generate", "ban_repeated_ngrams", "CausalSteps", "Seq2SeqSteps",
+]  # fmt: skip
 
 _PRUNE_MARGIN = 1e-3  # nats of slack for round-off between beam-search and teacher-forced log-probs
 _SCORE_ROWS = 2048  # max decoder rows (trie node x passage) per scoring group in RAG-Sequence "thorough"
@@ -286,6 +290,21 @@ def _beam_update(
     return h, beam.gather(1, keep), done
 
 
+def ban_repeated_ngrams(lp: Tensor, seqs: Tensor, size: int) -> None:
+    """In place: log-prob -inf for every next token that would repeat an n-gram (n = ``size``) of its own
+    hypothesis. lp (A, N', V) next-token log-probs of the first N' beams; seqs (A, N, t) the generated
+    tokens so far (decoder start token and prompt excluded)."""
+    t = seqs.shape[-1]
+    if size <= 0 or t < size:  # no complete n-gram yet
+        return
+    seqs = seqs[:, : lp.shape[1]]  # (A, N', t)
+    windows = seqs.unfold(-1, size, 1)  # (A, N', t - size + 1, size): every n-gram so far
+    prefix = seqs[..., t - size + 1 :]  # (A, N', size - 1): the n-gram the next token would complete
+    match = (windows[..., :-1] == prefix[..., None, :]).all(-1)  # (A, N', W)
+    a, beam, w = match.nonzero(as_tuple=True)
+    lp[a, beam, windows[a, beam, w, -1]] = NEG_INF
+
+
 def _search(
     steps,
     doc_lp: Tensor,
@@ -295,6 +314,7 @@ def _search(
     length_penalty: float,
     eos: int,
     pad: int,
+    no_repeat_ngram_size: int = 0,
 ) -> Decoded:
     """Decode P problems, each marginalizing over D passages (source rows p*D + d; doc_lp (P, D) log p(z|x)).
 
@@ -319,6 +339,7 @@ def _search(
         lp = _marginal(logits.view(n_active, cache_beams, n_docs, -1), h.doc_lp)  # (A, cache_beams, V)
         if t < min_length:
             lp[..., eos] = NEG_INF
+        ban_repeated_ngrams(lp, h.seqs, no_repeat_ngram_size)
         last = t == max_length - 1
         if n == 1:
             h, src_beam, done = _greedy_update(h, lp, t, last, eos, length_penalty)
@@ -371,6 +392,7 @@ def rag_token_generate(
     max_length: int = 20,
     min_length: int = 0,
     length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     decoder_start_token_id: int | None = None,
     eos_token_id: int,
     pad_token_id: int,
@@ -382,8 +404,9 @@ def rag_token_generate(
     steps = _steps(model, src_ids, src_mask, decoder_start_token_id)
     doc_lp = torch.log_softmax(doc_scores.float(), dim=-1)  # (B, K)
     out = _search(
-        steps, doc_lp, num_beams, max_length, min_length, length_penalty, eos_token_id, pad_token_id
-    )
+        steps, doc_lp, num_beams, max_length, min_length, length_penalty, eos_token_id, pad_token_id,
+        no_repeat_ngram_size,
+    )  # fmt: skip
     return _trim(out.seqs[:, 0], out.lengths[:, 0])
 
 
@@ -484,6 +507,7 @@ def rag_sequence_generate(
     max_length: int = 20,
     min_length: int = 0,
     length_penalty: float = 1.0,
+    no_repeat_ngram_size: int = 0,
     decoder_start_token_id: int | None = None,
     eos_token_id: int,
     pad_token_id: int,
@@ -503,7 +527,10 @@ def rag_sequence_generate(
     steps = _steps(model, src_ids, src_mask, decoder_start_token_id, keep_prompt=mode == "thorough")
     doc_lp = torch.log_softmax(doc_scores.float(), dim=-1)  # (B, K)
     one_doc = torch.zeros(b * k, 1, device=dev)  # each (question, passage) is a problem of its own
-    out = _search(steps, one_doc, n, max_length, min_length, length_penalty, eos_token_id, pad_token_id)
+    out = _search(
+        steps, one_doc, n, max_length, min_length, length_penalty, eos_token_id, pad_token_id,
+        no_repeat_ngram_size,
+    )  # fmt: skip
     c = k * n  # candidates per question, candidate j came from passage j // N
     cand, logprob, lens = out.seqs.view(b, c, max_length), out.logprob.view(b, c), out.lengths.view(b, c)
     valid = torch.isfinite(logprob)  # (B, C)

@@ -74,7 +74,11 @@ def build_task(spec: Task | str | Mapping[str, Any] | None) -> Task:
     return TASKS[name](**spec)
 
 
-BUILTIN = ("qa",)  # modules of rag_lightning.tasks that register the built-in tasks
+BUILTIN = (
+    "qa",
+    "generation",
+    "classification",
+)  # modules of rag_lightning.tasks that register the built-in tasks
 
 
 def _load_builtin() -> None:
