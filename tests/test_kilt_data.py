@@ -198,3 +198,22 @@ def test_knowledge_source_and_tsv_as_corpus(tmp_path: Path, minilm_tokenizer):
     assert not p.has_pages and p.dataset.column_names[:4] == ["id", "title", "text", "line"]
     with pytest.raises(KeyError, match="wikipedia_id"):
         p.page_ids([0])
+
+
+def test_kilt_sets_for_the_generation_and_classification_tasks(tmp_path: Path):
+    from rag_lightning.tasks.base import build_task
+
+    fever = _write(
+        tmp_path / "fever-dev-kilt.jsonl", [RECORDS[1], {**RECORDS[0], "output": [{"answer": "REFUTES"}]}]
+    )
+    cls = build_task({"name": "classification", "labels": ["SUPPORTS", "REFUTES"]})
+    got = cls.read({"path": str(fever), "format": "kilt", "name": "fever"})
+    assert [e.label for e in got] == ["SUPPORTS", "REFUTES"] and got.examples[0].provenance
+    bad = _write(tmp_path / "bad-kilt.jsonl", [{**RECORDS[0], "output": [{"answer": "NOT ENOUGH INFO"}]}])
+    with pytest.raises(
+        DataError, match=r"bad-kilt.jsonl:1: field 'output\[\].answer': label 'NOT ENOUGH INFO'"
+    ):
+        cls.read({"path": str(bad)})  # auto-detected as KILT
+    gen = build_task("generation").read({"path": str(_write(tmp_path / "eli5-dev-kilt.jsonl", RECORDS[3:]))})
+    assert gen.examples[0].answers == ["Rayleigh scattering.", "Because of scattering."]
+    assert {p.get("wikipedia_id") for p in gen.examples[0].provenance} == {"6", "7", "8", None}

@@ -45,17 +45,27 @@ def _records() -> list[dict]:
 
 
 ANSWERS = {"q0": "paris", "q1": "Nile", "q2": "K2", "q3": "SUPPORTS", "q4": ""}  # the "generated" answers
+LABELS = ["task=classification", "task.labels=[SUPPORTS,REFUTES]"]
 
 
-@pytest.fixture
-def kilt_run(tmp_path: Path):
+def _fever(records: list[dict]) -> list[dict]:
+    for i, r in enumerate(records):
+        for o in r["output"]:
+            o["answer"] = ["SUPPORTS", "REFUTES"][i % 2]
+    return records
+
+
+@pytest.fixture(params=["qa", "generation", "classification"])
+def kilt_run(request, tmp_path: Path):
     ks, gold = tmp_path / "kilt_knowledgesource.json", tmp_path / "x-dev-kilt.jsonl"
     ks.write_text("".join(json.dumps(p) + "\n" for p in _pages()))
-    gold.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    records = _fever(_records()) if request.param == "classification" else _records()
+    gold.write_text("".join(json.dumps(r) + "\n" for r in records))
+    task = LABELS if request.param == "classification" else [f"task={request.param}"]
     cfg = compose_config(
         "retriever=tiny", "model=tiny", f"data.train_sets=[{gold}]", f"data.val_sets=[{gold}]",
         "data.test_sets=[]", f"data.corpus={ks}", f"paths.cache_dir={tmp_path / 'cache'}",
-        f"paths.root_dir={tmp_path}", "data.eval_batch_size=2", "model.eval_ks=[1,3]", "retriever.n_docs=2",
+        f"paths.root_dir={tmp_path}", "data.eval_batch_size=2", "model.eval_ks=[1,3]", "retriever.n_docs=2", *task,
     )  # fmt: skip
     dm = instantiate(cfg.data)
     dm.prepare_data()
@@ -63,11 +73,11 @@ def kilt_run(tmp_path: Path):
     model = instantiate(cfg.model)
     model.corpus = dm.corpus
     model.generate = lambda batch, *a, **k: [ANSWERS[i] for i in batch["ids"]]
-    return dm, model, gold
+    return dm, model, gold, request.param
 
 
 def test_validation_logs_kilt_scores_equal_to_rag_eval_kilt(kilt_run, tmp_path: Path):
-    dm, model, gold = kilt_run
+    dm, model, gold, task = kilt_run
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     logged = trainer.validate(model, datamodule=dm, verbose=False)[0]
@@ -87,12 +97,14 @@ def test_validation_logs_kilt_scores_equal_to_rag_eval_kilt(kilt_run, tmp_path: 
     assert set(flat) == set(METRICS)
     for name, value in flat.items():
         assert logged[f"val/{name}"] == pytest.approx(value, abs=1e-6), name
-    assert want["downstream"]["em"] == pytest.approx(3 / 5)  # paris, Nile, SUPPORTS: the fixed answers count
-    assert want["downstream"]["accuracy"] == pytest.approx(1 / 5)
+    if task != "classification":  # (classification predicts by scoring the labels, not by generate)
+        assert want["downstream"]["em"] == pytest.approx(3 / 5)  # paris, Nile, SUPPORTS: the fixed answers
+        assert want["downstream"]["accuracy"] == pytest.approx(1 / 5)
+    assert logged[f"val/{model.task.monitor}"] >= 0  # the task's own metric beside KILT's
 
 
 def test_no_kilt_scores_without_provenance_or_pages(kilt_run):
-    dm, model, _ = kilt_run
+    dm, model, _, _ = kilt_run
     batch = next(iter(dm.val_dataloader()))
     task, ids = build_task("qa"), torch.zeros(2, 3, dtype=torch.long)
     assert set(task.provenance_metrics(dm.corpus, batch, ids, ["a", "b"])) == set(METRICS)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,9 @@ def _provenance(outs: list[Any], src: str, ln: int) -> list[dict[str, Any]]:
     return pages
 
 
-def kilt_example(rec: Any, src: str, ln: int, max_turns: int | None = None) -> QAExample:
+def kilt_example(
+    rec: Any, src: str, ln: int, max_turns: int | None = None, labels: Sequence[str] | None = None
+) -> QAExample:
     """One KILT record -> a :class:`QAExample` (see the module docstring); DataError naming the field."""
     if not isinstance(rec, Mapping):
         raise DataError(src, ln, "<json>", f"wrong type {type(rec).__name__}, expected an object")
@@ -108,20 +110,30 @@ def kilt_example(rec: Any, src: str, ln: int, max_turns: int | None = None) -> Q
                 answers.append(a)
     if not answers:
         raise DataError(src, ln, "output[].answer", "no answer (a test file without answers?)")
-    return QAExample(text.strip(), answers, src, ln, str(rid).strip(), provenance=_provenance(outs, src, ln))
+    label = None
+    if labels is not None:  # classification (FEVER): the one answer is the label
+        if len(answers) != 1 or answers[0] not in labels:
+            what = "several answers" if len(answers) != 1 else f"label {answers[0]!r}"
+            raise DataError(
+                src, ln, "output[].answer", f"{what}: expected one of the task's labels {list(labels)}"
+            )
+        label = answers[0]
+    prov = _provenance(outs, src, ln)
+    return QAExample(text.strip(), answers, src, ln, str(rid).strip(), label=label, provenance=prov)
 
 
 def kilt_rows(
-    path: Path, max_turns: int | None = None, **_: Any
+    path: Path, max_turns: int | None = None, labels: Sequence[str] | None = None, **_: Any
 ) -> Iterator[tuple[int, QAExample | DataError]]:
-    """The ``kilt`` question-set format: ``(line, example or DataError)`` per record."""
+    """The ``kilt`` question-set format: ``(line, example or DataError)`` per record; with ``labels`` each
+    record's answer must be one of them and becomes the example's label."""
     src = str(path)
     for ln, rec in json_lines(path):
         if isinstance(rec, DataError):
             yield ln, rec
             continue
         try:
-            yield ln, kilt_example(rec, src, ln, max_turns)
+            yield ln, kilt_example(rec, src, ln, max_turns, labels)
         except DataError as e:
             yield ln, e
 
