@@ -3,6 +3,7 @@ rag-eval-kilt on the KILT-format predictions of the same evaluation (tiny models
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +14,9 @@ from conftest import compose_config
 from hydra.utils import instantiate
 
 from rag_lightning.tasks.base import build_task
-from rag_lightning.tasks.kilt import METRICS, evaluate_files, prediction_record, write_predictions
+from rag_lightning.tasks.kilt import METRICS, evaluate_files
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOPICS = ["lions", "tigers", "rivers", "mountains", "oceans", "deserts"]
 
@@ -55,6 +58,13 @@ def _fever(records: list[dict]) -> list[dict]:
     return records
 
 
+def _evaluate_script():
+    spec = importlib.util.spec_from_file_location("rag_evaluate_script", ROOT / "scripts" / "evaluate.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture(params=["qa", "generation", "classification"])
 def kilt_run(request, tmp_path: Path):
     ks, gold = tmp_path / "kilt_knowledgesource.json", tmp_path / "x-dev-kilt.jsonl"
@@ -81,16 +91,18 @@ def test_validation_logs_kilt_scores_equal_to_rag_eval_kilt(kilt_run, tmp_path: 
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_checkpointing=False,
                         enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
     logged = trainer.validate(model, datamodule=dm, verbose=False)[0]
-    records = []
+    rows = []
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # the rows scripts/evaluate.py gets from trainer.predict
         for batch in dm.val_dataloader():
-            out = model.evaluate(batch)
-            for i, rid in enumerate(batch["ids"]):
-                row = out["ids"][i].tolist()  # every retrieved passage, as validation scores them
-                pages, titles = dm.corpus.page_ids(row), dm.corpus.titles(row)
-                records.append(prediction_record(rid, out["predictions"][i], pages, titles))
-    guess = write_predictions(tmp_path / "guess.jsonl", records)
+            rows += [{"set": "x", **r} for r in model.predict_step(batch, 0)]
+    (guess,) = _evaluate_script().write_kilt_predictions(rows, ["x"], tmp_path)
+    assert guess.name == "kilt_predictions.jsonl"
+    first = json.loads(guess.read_text().splitlines()[0])
+    pages = [p["wikipedia_id"] for p in first["output"][0]["provenance"]]
+    assert (
+        pages == list(dict.fromkeys(rows[0]["page_ids"])) and len(rows[0]["page_ids"]) == 3
+    )  # kmax passages
     want = evaluate_files(guess, gold)
     flat = {f"kilt_{k}": v for k, v in want["downstream"].items()} | want["kilt"]
     flat |= {"kilt_rprec": want["retrieval"]["Rprec"], "kilt_recall@5": want["retrieval"]["recall@5"]}
