@@ -112,12 +112,21 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def summarize(rows: list[dict[str, Any]], eval_ks: list[int], n_passages: int) -> dict[str, Any]:
-    """Mean EM / F1 / recall@k over questions (recall@k reads the row's recall@min(k, n_passages))."""
+    """Means over questions of the rows' per-example metrics (QA: em, f1; the other tasks' and KILT's own); a
+    metric a row lacks (not defined for it) is left out of its mean. recall@k reads recall@min(k, n_passages)."""
     n = len(rows)
-    mean = lambda key: sum(r[key] for r in rows) / n if n else 0.0  # noqa: E731
-    out: dict[str, Any] = {"em": mean("em"), "f1": mean("f1")}
+
+    def mean(key: str) -> float:
+        vals = [r[key] for r in rows if key in r]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    names = dict.fromkeys(
+        k for r in rows for k, v in r.items() if type(v) in (int, float) and not k.startswith("recall@")
+    )
+    out: dict[str, Any] = {k: mean(k) for k in names}
     for k in eval_ks:
-        out[f"recall@{k}"] = mean(f"recall@{min(k, n_passages)}")
+        if any(f"recall@{min(k, n_passages)}" in r for r in rows):
+            out[f"recall@{k}"] = mean(f"recall@{min(k, n_passages)}")
     out["count"] = n
     return out
 
@@ -208,13 +217,13 @@ def gather_rows(per_set: list[list[dict]], world: int) -> list[list[dict]]:
 
 def print_table(result: dict[str, Any], eval_ks: list[int], out_dir: Path) -> None:
     """Means over all questions, then one block per set when there are several."""
-    keys = ["em", "f1"] + [f"recall@{k}" for k in eval_ks]
+    keys = [k for k in result if k not in ("count", "split", "ckpt_path", "per_set")]
     print(f"\n{'=' * 44}\nevaluation: {result['split']} split, {result['count']} questions")
     blocks = [("all sets" if "per_set" in result else "", result)] + list(result.get("per_set", {}).items())
     for name, block in blocks:
         if name:
             print(f"-- {name} ({block['count']} questions)")
-        for key in keys:
+        for key in (k for k in keys if k in block):
             print(f"{key:14s}{100 * block[key]:8.1f}%")
     print(f"outputs: {out_dir}\n{'=' * 44}")
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -126,3 +129,36 @@ def test_no_kilt_scores_without_provenance_or_pages(kilt_run):
         has_pages = False
 
     assert task.provenance_metrics(NoPages(), batch, ids, ["a", "b"]) == {}
+
+
+@pytest.mark.slow
+def test_train_evaluate_and_rag_eval_kilt_end_to_end(tmp_path: Path):
+    """train.py (2 steps, tiny) -> scripts/evaluate.py writes kilt_predictions.jsonl -> rag-eval-kilt scores it;
+    its KILT scores equal the means evaluate.py reports (every example has provenance)."""
+    ks, gold = tmp_path / "kilt_knowledgesource.json", tmp_path / "nq-dev-kilt.jsonl"
+    ks.write_text("".join(json.dumps(p) + "\n" for p in _pages()))
+    gold.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+    common = ["retriever=tiny", "model=tiny", f"data.train_sets=[{gold}]", f"data.val_sets=[{gold}]",
+              "data.test_sets=[]", f"data.corpus={ks}", f"paths.log_dir={tmp_path}",
+              f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+
+    def run(*args: str) -> str:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # scripts/ import this checkout's package
+        proc = subprocess.run(
+            [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    run("train.py", *common, "trainer.max_steps=2", "trainer.val_check_interval=2", "validate_before_fit=false",
+        "test=false", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "logger=csv")  # fmt: skip
+    (ckpt,) = tmp_path.glob("train/runs/*/checkpoints/last.ckpt")
+    out = tmp_path / "eval"
+    run("scripts/evaluate.py", f"ckpt_path={ckpt}", "split=val", f"hydra.run.dir={out}")
+    scores = json.loads(run("-m", "rag_lightning.eval_kilt", str(out / "kilt_predictions.jsonl"), str(gold)))
+    means = json.loads((out / "metrics.json").read_text())
+    assert means["KILT-em"] == pytest.approx(scores["kilt"]["KILT-em"])
+    assert means["kilt_f1"] == pytest.approx(scores["downstream"]["f1"])
+    assert means["kilt_rprec"] == pytest.approx(scores["retrieval"]["Rprec"])
+    assert means["kilt_recall@5"] == pytest.approx(scores["retrieval"]["recall@5"])
+    assert means["em"] == pytest.approx(scores["downstream"]["em"])  # the QA task's EM is KILT's
