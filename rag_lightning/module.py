@@ -418,7 +418,9 @@ class RagModule(L.LightningModule):
         }
         out.update(self.task.predict(self, batch, doc_scores[:, :k], ids[:, :k]))
         out.update(self.task.retrieval_metrics(self.corpus, batch, ids, self.hparams.eval_ks))
-        out.update(self.task.provenance_metrics(self.corpus, batch, ids, out["predictions"]))
+        out.update(
+            self.task.provenance_metrics(self.corpus, batch, ids, out["predictions"], self.hparams.eval_ks)
+        )
         out["ids"], out["doc_scores"] = ids, doc_scores
         return out
 

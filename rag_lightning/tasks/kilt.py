@@ -211,13 +211,19 @@ def aggregate(rows: Sequence[Mapping[str, float]]) -> dict[str, dict[str, float]
 # ----------------------------------------------------------------------------- validation
 
 
-# logged at validation / test for sets with KILT provenance over a corpus with pages (``val/KILT-em`` ...)
-METRICS = (
-    *(f"kilt_{k}" for k in DOWNSTREAM),
-    *(f"KILT-{k}" for k in DOWNSTREAM),
-    "kilt_rprec",
-    *(f"kilt_recall@{k}" for k in KS),
-)
+def recall_ks(eval_ks: Sequence[int] = ()) -> list[int]:
+    """The k of the page-level recall@k logged: KILT's 5 and the run's eval_ks."""
+    return sorted({*KS, *(int(k) for k in eval_ks)})
+
+
+def metric_names(eval_ks: Sequence[int] = ()) -> list[str]:
+    """Logged at validation / test for sets with KILT provenance over a corpus with pages (``val/KILT-em`` ...)."""
+    return [
+        *(f"kilt_{k}" for k in DOWNSTREAM),
+        *(f"KILT-{k}" for k in DOWNSTREAM),
+        "kilt_rprec",
+        *(f"kilt_recall@{k}" for k in recall_ks(eval_ks)),
+    ]
 
 
 def batch_scores(
@@ -225,25 +231,27 @@ def batch_scores(
     answers: Sequence[Sequence[str]],
     provenance: Sequence[Sequence[Mapping[str, Any]]],
     page_rows: Sequence[Sequence[str]],
+    eval_ks: Sequence[int] = (),
 ) -> dict[str, list[float]]:
-    """KILT's scores (:data:`METRICS`) of a batch: ``page_rows`` (B, K) the pages of the retrieved passages in
-    rank order (the guess's provenance, de-duplicated here); NaN for an example without provenance."""
+    """KILT's scores (:func:`metric_names`) of a batch: ``page_rows`` (B, K) the pages of the retrieved passages
+    in rank order (the guess's provenance, de-duplicated here); NaN for an example without provenance."""
     from rag_lightning.data.kilt import kilt_gold
 
-    out: dict[str, list[float]] = {m: [] for m in METRICS}
+    names, ks = metric_names(eval_ks), recall_ks(eval_ks)
+    out: dict[str, list[float]] = {m: [] for m in names}
     for i, (pred, golds, prov, pages) in enumerate(zip(predictions, answers, provenance, page_rows)):
         if not prov:
-            for m in METRICS:
+            for m in names:
                 out[m].append(float("nan"))
             continue
         guess = KiltGuess(str(i), str(pred).strip(), _distinct(p for p in pages if p))
         gold = kilt_gold(str(i), list(prov), [a.strip() for a in golds if a.strip()])
-        scores = example_scores(guess, gold)
+        scores = example_scores(guess, gold, ks)
         for k in DOWNSTREAM:
             out[f"kilt_{k}"].append(scores[k])
             out[f"KILT-{k}"].append(scores[f"KILT-{k}"])
         out["kilt_rprec"].append(scores["Rprec"])
-        for k in KS:
+        for k in ks:
             out[f"kilt_recall@{k}"].append(scores[f"recall@{k}"])
     return out
 
