@@ -217,3 +217,14 @@ def test_kilt_sets_for_the_generation_and_classification_tasks(tmp_path: Path):
     gen = build_task("generation").read({"path": str(_write(tmp_path / "eli5-dev-kilt.jsonl", RECORDS[3:]))})
     assert gen.examples[0].answers == ["Rayleigh scattering.", "Because of scattering."]
     assert {p.get("wikipedia_id") for p in gen.examples[0].provenance} == {"6", "7", "8", None}
+
+
+def test_entity_linking_inputs_keep_a_window_around_the_mention(tmp_path: Path):
+    doc = _words("w", 200) + " [START_ENT] Germany [END_ENT] " + _words("v", 200)
+    rec = {"id": "el1", "input": doc, "output": [{"answer": "Germany", "provenance": [_prov("11867")]}]}
+    path = _write(tmp_path / "aidayago2-dev-kilt.jsonl", [rec])
+    (ex,) = read_questions(path, "kilt", window=3)
+    assert ex.question == "w197 w198 w199 [START_ENT] Germany [END_ENT] v0 v1 v2"
+    assert resolve_set("kilt_aidayago2_dev", tmp_path)["window"] == 32
+    assert "window" not in resolve_set("kilt_nq_dev", tmp_path)
+    assert read_questions(path, "kilt").examples[0].question == doc  # no window: the whole document

@@ -23,6 +23,7 @@ KILT_EXPERIMENTS = {
     "kilt_hotpotqa": "hotpotqa",
     "kilt_zsre": "structured_zeroshot",
     "kilt_trex": "trex",
+    "kilt_aidayago2": "aidayago2",
 }
 
 

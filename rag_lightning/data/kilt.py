@@ -3,7 +3,8 @@
 Task files (one JSON object per line, facebookresearch/KILT): ``id``, ``input``, ``output`` = a list of
 ``{answer, provenance: [{wikipedia_id, title, start_paragraph_id, end_paragraph_id, ...}]}``. An example's
 input is ``input`` (Wizard of Wikipedia: the dialogue history, turns separated by newlines; ``max_turns``
-keeps the last N); its targets are the distinct non-empty ``answer``s (stripped, in file order; FEVER:
+keeps the last N; entity linking's whole documents: ``window`` keeps N words on each side of the
+``[START_ENT]`` mention); its targets are the distinct non-empty ``answer``s (stripped, in file order; FEVER:
 ``SUPPORTS`` / ``REFUTES``, also the ``label``); its ``provenance`` the gold pages, one dict per entry
 ``{wikipedia_id, title, output: i}`` (``i`` = the output it belongs to), plus ``{output: i}`` for an output
 whose provenance list is empty, so that KILT's evidence sets can be rebuilt exactly
@@ -32,6 +33,21 @@ from rag_lightning.data.readers import QAExample, json_lines
 from rag_lightning.data.textio import DataError, encoding_error
 
 SECTION = "Section::::"
+ENT_START = "[START_ENT]"  # entity linking (AIDA, WNED, CWEB): the mention is marked in a whole document
+
+
+ENT_END = "[END_ENT]"
+
+
+def mention_window(text: str, words: int) -> str:
+    """An entity-linking input's mention ``[START_ENT] ... [END_ENT]`` with ``words`` words on each side (the
+    text itself when it has no marker), so that truncation to the encoders' length keeps the mention."""
+    toks = text.split()
+    start = next((i for i, t in enumerate(toks) if ENT_START in t), None)
+    if start is None:
+        return text
+    end = next((i for i in range(start, len(toks)) if ENT_END in toks[i]), start)
+    return " ".join(toks[max(0, start - words) : end + words + 1])
 
 
 # ----------------------------------------------------------------------------- task files
@@ -80,7 +96,12 @@ def _provenance(outs: list[Any], src: str, ln: int) -> list[dict[str, Any]]:
 
 
 def kilt_example(
-    rec: Any, src: str, ln: int, max_turns: int | None = None, labels: Sequence[str] | None = None
+    rec: Any,
+    src: str,
+    ln: int,
+    max_turns: int | None = None,
+    labels: Sequence[str] | None = None,
+    window: int | None = None,
 ) -> QAExample:
     """One KILT record -> a :class:`QAExample` (see the module docstring); DataError naming the field."""
     if not isinstance(rec, Mapping):
@@ -94,6 +115,8 @@ def kilt_example(
     text = _text(rec["input"], src, ln, "input")
     if max_turns is not None:
         text = "\n".join(text.split("\n")[-max_turns:])
+    if window is not None:
+        text = mention_window(text, window)
     if not text.strip():
         raise DataError(src, ln, "input", "empty input")
     outs = rec.get("output")
@@ -123,17 +146,22 @@ def kilt_example(
 
 
 def kilt_rows(
-    path: Path, max_turns: int | None = None, labels: Sequence[str] | None = None, **_: Any
+    path: Path,
+    max_turns: int | None = None,
+    labels: Sequence[str] | None = None,
+    window: int | None = None,
+    **_: Any,
 ) -> Iterator[tuple[int, QAExample | DataError]]:
     """The ``kilt`` question-set format: ``(line, example or DataError)`` per record; with ``labels`` each
-    record's answer must be one of them and becomes the example's label."""
+    record's answer must be one of them and becomes the example's label; ``window`` keeps that many words on
+    each side of an entity-linking mention (:func:`mention_window`)."""
     src = str(path)
     for ln, rec in json_lines(path):
         if isinstance(rec, DataError):
             yield ln, rec
             continue
         try:
-            yield ln, kilt_example(rec, src, ln, max_turns, labels)
+            yield ln, kilt_example(rec, src, ln, max_turns, labels, window)
         except DataError as e:
             yield ln, e
 

@@ -69,6 +69,7 @@ SETS: dict[str, dict[str, Any]] = {
 # Entity linking (aidayago2, wned, cweb) and slot filling (trex, zsre) are short answers (an entity title, a
 # slot value): the qa task. TriviaQA: KILT publishes *_id-kilt.jsonl without questions; its
 # scripts/get_triviaqa_input.py writes the triviaqa-{train,dev}-kilt.jsonl registered here.
+EL_WINDOW = 32  # entity linking: words kept on each side of the [START_ENT] mention of the input document
 KILT: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fever": ("fever", "classification", ("train", "dev")),
     "aidayago2": ("aidayago2", "qa", ("train", "dev")),
@@ -88,6 +89,7 @@ SETS.update(
             "path": f"{{data_dir}}/kilt/{stem}-{split}-kilt.jsonl",
             "format": "kilt",
             "task": task,
+            **({"window": EL_WINDOW} if name in ("aidayago2", "wned", "cweb") else {}),
         }
         for name, (stem, task, splits) in KILT.items()
         for split in splits
