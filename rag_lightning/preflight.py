@@ -120,9 +120,32 @@ def data_files(data_cfg: Any) -> list[tuple[str, str]]:
     return out
 
 
+def task_problem(cfg: Any) -> str | None:
+    """The task config builds (e.g. a classification task names its labels) and what is monitored is one of
+    the task's validation metrics."""
+    node = cfg.get("task")
+    if node is None:
+        return None
+    import hydra
+    from omegaconf import OmegaConf
+
+    try:
+        task = hydra.utils.instantiate(node)
+    except Exception as e:  # missing `???` keys, bad labels: the underlying message, one line
+        cause = e.__cause__ or e
+        return f"task ({node.get('_target_', '?')}): {str(cause).splitlines()[0]}"
+    metric = cfg.get("optimized_metric")
+    names = [*task.metric_names(OmegaConf.select(cfg, "model.eval_ks") or [1]), *task.summary_keys]
+    if metric and metric.startswith("val/") and metric.split("/")[-1] not in names:  # val/[set/]name
+        return (
+            f"optimized_metric={metric!r} is not a metric of the {task.name} task (e.g. val/{task.monitor})"
+        )
+    return None
+
+
 def preflight(cfg: Any) -> None:
-    """Check every data file and model the config names, before anything heavy is built."""
-    problems = []
+    """Check the task, every data file and model the config names, before anything heavy is built."""
+    problems = [task_problem(cfg)]
     if cfg.get("data") is not None and str(cfg.data.get("_target_", "")).endswith("QADataModule"):
         problems.append(files_problem(data_files(cfg.data)))
     for key, val in _walk(cfg.get("model", {}), "model"):

@@ -111,22 +111,31 @@ def write_atomic(path: Path, text: str) -> None:
             tmp.unlink()
 
 
-def summarize(rows: list[dict[str, Any]], eval_ks: list[int], n_passages: int) -> dict[str, Any]:
-    """Means over questions of the rows' per-example metrics (QA: em, f1; the other tasks' and KILT's own); a
-    metric a row lacks (not defined for it) is left out of its mean. recall@k reads recall@min(k, n_passages)."""
+def summarize(
+    rows: list[dict[str, Any]], eval_ks: list[int], n_passages: int, task: Any = None
+) -> dict[str, Any]:
+    """Means over examples of every per-example metric the task logged in the rows (a metric an example does
+    not define, e.g. gold recall without gold passages, is left out of its mean); ``recall@k`` /
+    ``gold_recall@k`` read the row's value at min(k, n_passages); then the task's corpus-level metrics."""
+    from rag_lightning.tasks.base import build_task
+
+    task = build_task(task)
     n = len(rows)
-
-    def mean(key: str) -> float:
-        vals = [r[key] for r in rows if key in r]
-        return sum(vals) / len(vals) if vals else 0.0
-
-    names = dict.fromkeys(
-        k for r in rows for k, v in r.items() if type(v) in (int, float) and not k.startswith("recall@")
-    )
-    out: dict[str, Any] = {k: mean(k) for k in names}
-    for k in eval_ks:
-        if any(f"recall@{min(k, n_passages)}" in r for r in rows):
-            out[f"recall@{k}"] = mean(f"recall@{min(k, n_passages)}")
+    names = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float) and "@" not in k)
+    out: dict[str, Any] = {}
+    for name in names:
+        values = [r[name] for r in rows if name in r]
+        out[name] = sum(values) / len(values)
+    for prefix in ("recall", "gold_recall"):
+        for k in eval_ks:
+            values = [r[key] for r in rows if (key := f"{prefix}@{min(k, n_passages)}") in r]
+            if values:
+                out[f"{prefix}@{k}"] = sum(values) / len(values)
+    for name in dict.fromkeys(k for r in rows for k in r if k.startswith("kilt_recall@")):  # KILT's k (pages)
+        values = [r[name] for r in rows if name in r]
+        out[name] = sum(values) / len(values)
+    if task.corpus_level and rows:
+        out.update(task.corpus_metrics([r["prediction"] for r in rows], [r["answers"] for r in rows]))
     out["count"] = n
     return out
 
@@ -169,10 +178,16 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
     if not trainer.is_global_zero:
         return {}
     rows = [{"set": name, **row} for (name, _), set_rows in zip(sets, per_set) for row in set_rows]
-    result = {**summarize(rows, eval_ks, n_passages), "split": cfg.split, "ckpt_path": str(cfg.ckpt_path)}
+    task = model.task
+    result = {
+        **summarize(rows, eval_ks, n_passages, task),
+        "split": cfg.split,
+        "ckpt_path": str(cfg.ckpt_path),
+    }
     if len(sets) > 1:
         result["per_set"] = {
-            name: summarize([r for r in rows if r["set"] == name], eval_ks, n_passages) for name, _ in sets
+            name: summarize([r for r in rows if r["set"] == name], eval_ks, n_passages, task)
+            for name, _ in sets
         }
     write_atomic(
         out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -216,15 +231,15 @@ def gather_rows(per_set: list[list[dict]], world: int) -> list[list[dict]]:
 
 
 def print_table(result: dict[str, Any], eval_ks: list[int], out_dir: Path) -> None:
-    """Means over all questions, then one block per set when there are several."""
-    keys = [k for k in result if k not in ("count", "split", "ckpt_path", "per_set")]
-    print(f"\n{'=' * 44}\nevaluation: {result['split']} split, {result['count']} questions")
+    """Means over all examples, then one block per set when there are several."""
+    print(f"\n{'=' * 44}\nevaluation: {result['split']} split, {result['count']} examples")
     blocks = [("all sets" if "per_set" in result else "", result)] + list(result.get("per_set", {}).items())
     for name, block in blocks:
         if name:
-            print(f"-- {name} ({block['count']} questions)")
-        for key in (k for k in keys if k in block):
-            print(f"{key:14s}{100 * block[key]:8.1f}%")
+            print(f"-- {name} ({block['count']} examples)")
+        for key, value in block.items():
+            if isinstance(value, float):
+                print(f"{key:14s}{100 * value:8.1f}%")
     print(f"outputs: {out_dir}\n{'=' * 44}")
 
 
