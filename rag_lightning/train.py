@@ -83,6 +83,7 @@ def train(cfg: DictConfig) -> float | None:
         metrics = {**after, **{k: float(v) for k, v in trainer.callback_metrics.items()}}
         if trainer.is_global_zero:
             print_summary(cfg, trainer, before, after, test)
+            _report(cfg, loggers, before, after, test)
         status = "success"
     finally:
         for lg in loggers:  # close loggers even when the run fails (wandb would otherwise hang on exit)
@@ -104,6 +105,21 @@ def train(cfg: DictConfig) -> float | None:
         log.warning(msg)  # a single run trained and checkpointed: not a failure
         return None
     return metrics[name]
+
+
+def _report(cfg: DictConfig, loggers: list, before: dict, after: dict, test: dict) -> None:
+    """`<outputs>/report.png` (rag_lightning.report); a failure to draw it never fails the run."""
+    from rag_lightning.report import report_run
+
+    try:
+        out = report_run(
+            cfg.paths.output_dir, loggers, before, after, test, f"rag-lightning: {cfg.task_name}"
+        )
+    except Exception as e:  # noqa: BLE001  (a picture is not worth a failed run)
+        log.warning("run report not written: %s: %s", type(e).__name__, e)
+        return
+    if out is not None:
+        log.info("report: %s", out)
 
 
 def _in_multirun() -> bool:
