@@ -58,12 +58,10 @@ class KiltGold:
 
     id: str
     answers: frozenset[str]  # stripped, non-empty
-    page_lists: tuple[
-        tuple[str, ...], ...
-    ]  # per output: distinct provenance page ids, in order (R-precision)
-    evidence_sets: tuple[
-        frozenset[str], ...
-    ]  # distinct evidence sets of the outputs with provenance (recall)
+    # per output with pages: its distinct page ids, in order (R-precision)
+    page_lists: tuple[tuple[str, ...], ...]
+    # the distinct evidence sets of the outputs with a provenance list (recall@k)
+    evidence_sets: tuple[frozenset[str], ...]
 
 
 @dataclass(frozen=True)
