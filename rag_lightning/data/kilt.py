@@ -33,10 +33,7 @@ from rag_lightning.data.readers import QAExample, json_lines
 from rag_lightning.data.textio import DataError, encoding_error
 
 SECTION = "Section::::"
-ENT_START = "[START_ENT]"  # entity linking (AIDA, WNED, CWEB): the mention is marked in a whole document
-
-
-ENT_END = "[END_ENT]"
+ENT_START, ENT_END = "[START_ENT]", "[END_ENT]"  # entity linking: the mention marked in a whole document
 
 
 def mention_window(text: str, words: int) -> str:
@@ -64,6 +61,18 @@ def _text(value: Any, src: str, ln: int, name: str) -> str:
     return value
 
 
+def _page_id(value: Any, src: str, ln: int, name: str) -> str:
+    """A Wikipedia page id (str or int, not empty), stripped."""
+    if (
+        value is None
+        or isinstance(value, bool)
+        or not isinstance(value, (str, int))
+        or not str(value).strip()
+    ):
+        raise DataError(src, ln, name, "missing field" if value is None else "expected an id")
+    return str(value).strip()
+
+
 def _provenance(outs: list[Any], src: str, ln: int) -> list[dict[str, Any]]:
     pages: list[dict[str, Any]] = []
     for i, o in enumerate(outs):
@@ -80,18 +89,8 @@ def _provenance(outs: list[Any], src: str, ln: int) -> list[dict[str, Any]]:
             name = f"output[{i}].provenance[{j}]"
             if not isinstance(p, Mapping):
                 raise DataError(src, ln, name, f"wrong type {type(p).__name__}, expected an object")
-            pid = p.get("wikipedia_id")
-            if (
-                pid is None
-                or isinstance(pid, bool)
-                or not isinstance(pid, (str, int))
-                or not str(pid).strip()
-            ):
-                raise DataError(
-                    src, ln, f"{name}.wikipedia_id", "missing field" if pid is None else "expected an id"
-                )
-            title = p.get("title") or ""
-            pages.append({"wikipedia_id": str(pid).strip(), "title": str(title), "output": i})
+            pid = _page_id(p.get("wikipedia_id"), src, ln, f"{name}.wikipedia_id")
+            pages.append({"wikipedia_id": pid, "title": str(p.get("title") or ""), "output": i})
     return pages
 
 
@@ -214,15 +213,13 @@ def iter_kilt_passages(
             raise page
         if not isinstance(page, Mapping):
             raise DataError(src, ln, "<json>", f"wrong type {type(page).__name__}, expected an object")
-        pid = page.get("wikipedia_id")
-        if pid is None or isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
-            raise DataError(src, ln, "wikipedia_id", "missing field" if pid is None else "expected an id")
+        pid = _page_id(page.get("wikipedia_id"), src, ln, "wikipedia_id")
         title = _text(page.get("wikipedia_title"), src, ln, "wikipedia_title").strip()
         words = _page_words(page, src, ln)
         for s in range(0, len(words), passage_words):
             n += 1
             text = " ".join(words[s : s + passage_words])
-            yield {"id": str(n), "title": title, "text": text, "wikipedia_id": str(pid).strip(), "line": ln}
+            yield {"id": str(n), "title": title, "text": text, "wikipedia_id": pid, "line": ln}
 
 
 def write_passages_tsv(
