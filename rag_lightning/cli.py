@@ -13,7 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...} before composing)
-from rag_lightning.preflight import ConfigError, preflight
+from rag_lightning.preflight import ConfigError, check_run, preflight
 
 
 def conf_dir() -> str:
@@ -35,6 +35,7 @@ def train(cfg: DictConfig) -> float | None:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    check_run(cfg)  # warnings about the config itself (e.g. a retriever start step beyond the run)
     from rag_lightning.data.textio import DataError
     from rag_lightning.train import train as run
 

@@ -589,6 +589,12 @@ class RagModule(L.LightningModule):
         if self.scheduler_factory is None:
             return {"optimizer": opt}
         total = int(self.trainer.estimated_stepping_batches)
+        if (
+            self.hparams.retriever_start_step
+        ):  # the config check (preflight.check_run) could not know the data
+            from rag_lightning.preflight import start_step_warning
+
+            start_step_warning(int(self.hparams.retriever_start_step), total, "the trainer's estimate")
         sched = self.scheduler_factory(opt, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 

@@ -7,9 +7,12 @@ run should instead stop at once and say which config key to point at a local cop
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(RuntimeError):
@@ -143,9 +146,70 @@ def task_problem(cfg: Any) -> str | None:
     return None
 
 
+def device_problem(trainer_cfg: Any) -> str | None:
+    """A GPU trainer (trainer=gpu / ddp / fsdp, or an experiment that picks one) on a machine without CUDA:
+    say which CPU trainer to use instead of Lightning's "No supported gpu backend found!"."""
+    if trainer_cfg is None:
+        return None
+    accelerator = str(trainer_cfg.get("accelerator", "auto")).lower()
+    if accelerator not in ("gpu", "cuda"):
+        return None
+    import torch
+
+    if torch.cuda.is_available() or (accelerator == "gpu" and torch.backends.mps.is_available()):
+        return None
+    return (
+        f"trainer.accelerator={accelerator} but this machine has no CUDA GPU: add `trainer=cpu` (one process) "
+        f"or `trainer=ddp_sim` (DDP over 2 CPU processes) to the command line"
+    )
+
+
+_warned: set[tuple[int, int]] = set()
+
+
+def start_step_warning(start: int, steps: int, why: str) -> None:
+    """`model.retriever_start_step` at or beyond the run's last optimizer step: the retriever's learning rate
+    stays 0 for the whole run. A warning (once per process), not an error: short debug runs are legitimate."""
+    if start < steps or steps <= 0 or (start, steps) in _warned:
+        return
+    _warned.add((start, steps))
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:
+        log.warning(
+            "model.retriever_start_step=%d >= the %d optimizer step(s) of this run (%s): the retriever never "
+            "trains (its learning rate stays 0); set model.retriever_start_step=0 to train it from the start",
+            start, steps, why,
+        )  # fmt: skip
+
+
+def run_length(trainer_cfg: Any) -> tuple[int, str] | None:
+    """(optimizer steps, the key that sets them) when the trainer config alone fixes the run's length: a
+    fast_dev_run (N batches) or max_steps (an upper bound; max_epochs may stop a run sooner). None when the
+    length depends on the data (max_steps=-1)."""
+    if trainer_cfg is None:
+        return None
+    fdr = trainer_cfg.get("fast_dev_run", False)
+    if fdr:
+        return (1 if fdr is True else int(fdr)), f"trainer.fast_dev_run={fdr}"
+    max_steps = trainer_cfg.get("max_steps", -1)
+    if max_steps is not None and int(max_steps) > 0:
+        return int(max_steps), f"trainer.max_steps={max_steps}"
+    return None
+
+
+def check_run(cfg: Any) -> None:
+    """Warnings a config deserves before anything is built (the data-dependent length is checked again in
+    RagModule.configure_optimizers)."""
+    from omegaconf import OmegaConf
+
+    start = int(OmegaConf.select(cfg, "model.retriever_start_step", default=None) or 0)
+    length = run_length(cfg.get("trainer"))
+    if start and length is not None and cfg.get("train", True):
+        start_step_warning(start, *length)
+
+
 def preflight(cfg: Any) -> None:
-    """Check the task, every data file and model the config names, before anything heavy is built."""
-    problems = [task_problem(cfg)]
+    """Check the task, the device, every data file and model the config names, before anything heavy is built."""
+    problems = [task_problem(cfg), device_problem(cfg.get("trainer"))]
     if cfg.get("data") is not None and str(cfg.data.get("_target_", "")).endswith("QADataModule"):
         problems.append(files_problem(data_files(cfg.data)))
     for key, val in _walk(cfg.get("model", {}), "model"):

@@ -31,12 +31,7 @@ def linear_warmup(
     """One lambda per param group, honouring each group's optional `start_step`."""
     lambdas = []
     for group in optimizer.param_groups:
-        start = int(group.get("start_step", 0) or 0)
-        if start >= num_training_steps > 0:
-            raise ValueError(
-                f"param group {group.get('name', '?')!r}: start_step={start} >= {num_training_steps} training "
-                f"steps, it would never learn"
-            )
+        start = int(group.get("start_step", 0) or 0)  # >= num_training_steps: the group never learns
         lambdas.append(
             lambda step, start=start: warmup_decay_factor(step, num_training_steps, num_warmup_steps, start)
         )

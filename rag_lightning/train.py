@@ -14,7 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from rag_lightning import resolvers  # noqa: F401  (registers ${minilm:} and ${asset:...})
 from rag_lightning.checkpoint_io import AtomicCheckpointIO, remove_stale_temporaries
-from rag_lightning.preflight import preflight
+from rag_lightning.launch import propagate_rank_exit_codes
+from rag_lightning.preflight import check_run, preflight
 from rag_lightning.summary import print_summary
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ def instantiate_list(cfg: DictConfig | None) -> list[Any]:
 def train(cfg: DictConfig) -> float | None:
     started = time.time()
     preflight(cfg)
+    check_run(
+        cfg
+    )  # e.g. model.retriever_start_step beyond the run: said now, not after the corpus is embedded
     _quiet_transformers()
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -54,6 +58,7 @@ def train(cfg: DictConfig) -> float | None:
     model: L.LightningModule = hydra.utils.instantiate(cfg.model)
     callbacks = instantiate_list(cfg.get("callbacks"))
     loggers = instantiate_list(cfg.get("logger"))
+    propagate_rank_exit_codes()  # a rank that fails (e.g. bad data, exit 2) ends the command with its code
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()]
     )

@@ -8,7 +8,8 @@ Config: conf/evaluate.yaml (same groups as training). When the checkpoint lies i
 data / retriever / index / model / optimizer / scheduler nodes replace the defaults, so the training
 overrides need not be repeated. Your overrides still win: a group choice (``data=nq``) keeps the freshly
 composed node, a dotted override (``model.decoding.num_beams=4``) is applied on top. ``use_run_config=false``
-turns this off.
+turns this off. The run's config is data, not code: only this package's and its dependencies' constructors
+are built from it (``rag_lightning/safe_config.py``); any other ``_target_`` is refused, naming the key.
 
 The run's trainer settings (devices, precision, strategy) and paths are reused too. Under DDP every rank
 predicts its share of the questions; the rows are gathered in dataset order and rank 0 writes each file once.
@@ -76,6 +77,21 @@ def merge_run_config(cfg: DictConfig, run_cfg: DictConfig, overrides: list[str])
     return out
 
 
+def apply_run_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with the run config next to ``cfg.ckpt_path`` merged in (``merge_run_config``), when there is one
+    and ``use_run_config`` is on. The run's nodes are data: a ``_target_`` that is not one of this package's
+    or its dependencies' constructors is refused (``safe_config.check_run_config``) before anything is built."""
+    from rag_lightning.safe_config import check_run_config
+
+    run_cfg_path = find_run_config(cfg.ckpt_path) if cfg.get("use_run_config", True) else None
+    if run_cfg_path is None:
+        return cfg
+    log.info("using the run config %s (with your overrides on top)", run_cfg_path)
+    merged = merge_run_config(cfg, OmegaConf.load(run_cfg_path), overrides)
+    check_run_config(merged, RUN_KEYS, run_cfg_path)
+    return merged
+
+
 def load_weights(model: torch.nn.Module, ckpt_path: str) -> dict[str, Any]:
     """Strictly load a Lightning checkpoint's state_dict (weights_only); returns its hyper_parameters."""
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
@@ -141,10 +157,7 @@ def summarize(
 
 
 def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, Any]:
-    run_cfg_path = find_run_config(cfg.ckpt_path) if cfg.get("use_run_config", True) else None
-    if run_cfg_path is not None:
-        log.info("using the run config %s (with your overrides on top)", run_cfg_path)
-        cfg = merge_run_config(cfg, OmegaConf.load(run_cfg_path), overrides)
+    cfg = apply_run_config(cfg, overrides)
     if cfg.split not in ("test", "val"):
         raise ValueError(f"split must be 'test' or 'val', got {cfg.split!r}")
     preflight(cfg)

@@ -7,8 +7,12 @@ Config: conf/export.yaml. The model is built from the config (the run's `.hydra/
 checkpoint when there is one, as in scripts/evaluate.py), so frozen base weights come from
 `model.generator.name_or_path`; the checkpoint's trainable weights (LoRA adapters, or the whole generator)
 are loaded strictly on top. The adapters are then folded into the base weights and the plain transformers
-model and its tokenizer are written to a temporary directory next to `out`, renamed to `out` when complete.
-`Generator.from_pretrained(out)` (or `AutoModelFor...from_pretrained(out)`) loads it with the same outputs.
+model and its tokenizer (EOS and pad ids set in config.json and generation_config.json) and a README.md are
+written to a temporary directory next to `out`, renamed to `out` when complete.
+`Generator.from_pretrained(out)` loads it with the same outputs. A seq2seq or plain decoder-only generator is
+also `AutoModelFor...from_pretrained(out)` with the same outputs. A generator plain transformers cannot run
+(prefix-LM attention, copy head: the demo's) is marked: config.json's model_type makes AutoModel refuse it,
+and the export says so on stdout and in the README.md it writes.
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from omegaconf import DictConfig, OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from evaluate import find_run_config, load_weights, merge_run_config  # noqa: E402
+from evaluate import apply_run_config, load_weights  # noqa: E402
 
 from rag_lightning import resolvers  # noqa: E402, F401  (registers ${minilm:} and ${asset:...})
+from rag_lightning.models.causal import POINTER_FILE, REFUSED_MODEL_TYPE  # noqa: E402
 from rag_lightning.preflight import require_model  # noqa: E402
 
 log = logging.getLogger("export")
@@ -38,30 +43,74 @@ def export(cfg: DictConfig, overrides: list[str]) -> Path:
     out = Path(cfg.out)
     if out.exists():
         raise FileExistsError(f"out={str(out)!r} exists; choose a new directory")
-    run_cfg_path = find_run_config(cfg.ckpt_path) if cfg.get("use_run_config", True) else None
-    if run_cfg_path is not None:
-        log.info("using the run config %s (with your overrides on top)", run_cfg_path)
-        cfg = merge_run_config(cfg, OmegaConf.load(run_cfg_path), overrides)
+    cfg = apply_run_config(cfg, overrides)  # refuses a _target_ that is not a known constructor
     for key in ("model.generator.name_or_path", "retriever.query_encoder.name_or_path"):
         require_model(str(OmegaConf.select(cfg, key)), key)
     model = hydra.utils.instantiate(cfg.model)
     load_weights(model, cfg.ckpt_path)
+    gen = model.generator
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        model.generator.save_pretrained(tmp)  # merges LoRA adapters into the base weights
+        gen.save_pretrained(tmp)  # merges LoRA adapters into the base weights; sets EOS / pad ids
+        limits = gen.unsupported_by_transformers()
+        (tmp / "README.md").write_text(readme(gen, cfg.ckpt_path, limits), encoding="utf-8")
         os.replace(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
     log.info("exported the generator of %s to %s", cfg.ckpt_path, out)
     print(f"exported generator: {out}")
+    if limits:
+        print(
+            f"WARNING: plain transformers cannot run this generator ({'; '.join(limits)}). config.json's "
+            f"model_type is marked so that AutoModel*.from_pretrained refuses it; load it with "
+            f"`from rag_lightning.models.generator import Generator; Generator.from_pretrained({str(out)!r})` "
+            f"(see {out / 'README.md'})"
+        )
     return out
+
+
+def readme(gen: object, ckpt_path: str, limits: list[str]) -> str:
+    """What the exported directory holds, what plain transformers can run of it, and how to load the rest."""
+    model = type(gen.model).__name__
+    auto = "AutoModelForCausalLM" if gen.kind == "causal" else "AutoModelForSeq2SeqLM"
+    load = (
+        "```python\nfrom rag_lightning.models.generator import Generator\n\n"
+        'gen = Generator.from_pretrained("path/to/this/dir")  # the generator as trained, '
+        f"gen.model: the {model}\n```\n"
+    )
+    head = (
+        f"# rag-lightning generator\n\nExported by `scripts/export.py` from `{ckpt_path}` (LoRA adapters "
+        f"merged). EOS id {gen.eos_token_id}, pad id {gen.pad_token_id} (config.json, generation_config.json).\n\n"
+    )
+    if not limits:
+        return (
+            f"{head}Plain transformers runs it: `{auto}.from_pretrained(dir)` ({model}) gives the same outputs "
+            f"as the trained generator for the same input ids. The input is the question and passage "
+            f"assembled as rag-lightning does (`rag_generator.json` holds a causal generator's prompt template); "
+            f"with this package:\n\n{load}"
+        )
+    items = "".join(f"- {x}\n" for x in limits)
+    return (
+        f"{head}**Plain transformers cannot run this generator.** What the {model} weights alone do not carry:"
+        f"\n\n{items}\nSo `config.json`'s `model_type` is `{REFUSED_MODEL_TYPE}` and `{auto}.from_pretrained` "
+        f"refuses the directory instead of loading weights that decode garbage (the real type is in "
+        f"`rag_generator.json`, `transformers_model_type`). Load it with this package:\n\n{load}\n"
+        f"`Generator.from_pretrained` restores the model type, the attention and the copy head "
+        f"(`{POINTER_FILE}`); this package's decoding (`rag_lightning.models.decode`, `scripts/evaluate.py`) uses them.\n"
+    )
 
 
 @hydra.main(config_path="../conf", config_name="export", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    export(cfg, list(HydraConfig.get().overrides.task))
+    from rag_lightning.preflight import ConfigError
+
+    try:
+        export(cfg, list(HydraConfig.get().overrides.task))
+    except (ConfigError, FileExistsError) as e:  # a refused run config, a missing model, `out` exists
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -30,13 +30,22 @@ def offline_env(tmp: Path) -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], tmp: Path, cache_dir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` with tiny models, every output under tmp; cwd=tmp so root_dir is tmp too."""
+def run_train(
+    args: list[str], tmp: Path, cache_dir: Path | None = None, timeout: int = 300, tiny: bool = True
+) -> subprocess.CompletedProcess:
+    """`python train.py ARGS` (with tiny models unless tiny=False), run from tmp: paths.root_dir is tmp, so the
+    default paths put every output under tmp (logs/, .cache/); no hydra.sweep.dir nor paths.log_dir is passed,
+    as in the README's commands."""
     flags = [a for a in args if a.startswith("-")]  # -m must come before the overrides
     args = [a for a in args if not a.startswith("-")]
-    cmd = [sys.executable, str(ROOT / "train.py"), *flags, *TINY, f"paths.cache_dir={cache_dir}",
-           f"paths.log_dir={tmp / 'logs'}", *args]  # fmt: skip
+    cache = [f"paths.cache_dir={cache_dir}"] if cache_dir is not None else []
+    cmd = [sys.executable, str(ROOT / "train.py"), *flags, *(TINY if tiny else []), *cache, *args]
     return subprocess.run(cmd, cwd=tmp, env=offline_env(tmp), capture_output=True, text=True, timeout=timeout)
+
+
+def sweep_dirs(tmp: Path, task: str = "train") -> list[Path]:
+    """The multirun folders the default `hydra.sweep.dir` made under tmp, oldest first."""
+    return sorted((tmp / "logs" / task / "multiruns").iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +59,25 @@ def job_dirs(sweep: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-def test_basic_multirun_two_jobs(tmp_path: Path, cache_dir: Path):
-    sweep = tmp_path / "sweep"
-    proc = run_train(["-m", "model.variant=token,sequence", "logger=csv", f"hydra.sweep.dir={sweep}", JOB_INFO],
-                     tmp_path, cache_dir)  # fmt: skip
+def test_readme_multirun_from_a_fresh_cwd(tmp_path: Path):
+    """The issue's command as is: no hydra.sweep.dir, no paths overrides (the sweep dir resolves through
+    paths.log_dir -> paths.root_dir before Hydra sets its runtime config)."""
+    args = ["-m", "model=tiny", "retriever=tiny", "debug=fdr", "model.variant=token,sequence"]
+    proc = run_train(args, tmp_path, tiny=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "HydraConfig was not set" not in proc.stderr
+    (sweep,) = sweep_dirs(tmp_path, "debug")
+    jobs = job_dirs(sweep)
+    variants = [yaml.safe_load((j / ".hydra" / "config.yaml").read_text())["model"]["variant"] for j in jobs]
+    assert variants == ["token", "sequence"]
+    assert (tmp_path / ".cache" / "rag_lightning").is_dir()  # paths.cache_dir under the launch dir
+
+
+@pytest.mark.slow
+def test_basic_multirun_two_jobs(tmp_path: Path, cache_dir: Path):
+    proc = run_train(["-m", "model.variant=token,sequence", "logger=csv", JOB_INFO], tmp_path, cache_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = sweep_dirs(tmp_path)
     assert (sweep / "multirun.yaml").is_file()
     jobs = job_dirs(sweep)
     assert [j.name for j in jobs] == ["0", "1"]
@@ -82,11 +105,12 @@ def test_optuna_two_trials_then_the_study_resumes(tmp_path: Path, cache_dir: Pat
         f"hydra.sweeper.storage={storage}",
         "hydra.sweeper.study_name=t",
     ]
-    for sweep, n_trials in ((tmp_path / "optuna", 2), (tmp_path / "optuna_resumed", 1)):
-        proc = run_train(
-            [*args, f"hydra.sweeper.n_trials={n_trials}", f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir
-        )
+    for launch, n_trials in enumerate((2, 1)):  # the README's command, then the same again: the study resumes
+        proc = run_train(["-m", *args, f"hydra.sweeper.n_trials={n_trials}"], tmp_path, cache_dir)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        sweeps = sweep_dirs(tmp_path)
+        assert len(sweeps) == launch + 1  # each launch its own sweep dir (named by its start time)
+        sweep = sweeps[-1]
         assert len(job_dirs(sweep)) == n_trials
         results = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
         assert results["name"] == "optuna"
@@ -99,7 +123,7 @@ def test_optuna_two_trials_then_the_study_resumes(tmp_path: Path, cache_dir: Pat
     assert [(t.number, t.state.name) for t in study.trials] == [(i, "COMPLETE") for i in range(3)]
     assert results["n_trials"] == 3 and results["best_value"] == study.best_value
     # the resumed trial ran with its own sampled params
-    job = yaml.safe_load((tmp_path / "optuna_resumed" / "0" / ".hydra" / "config.yaml").read_text())
+    job = yaml.safe_load((sweep / "0" / ".hydra" / "config.yaml").read_text())
     assert job["optimizer"]["lr"] == pytest.approx(study.trials[2].params["optimizer.lr"])
 
 
@@ -153,3 +177,18 @@ def test_slurm_launcher_renders_sbatch_script(tmp_path: Path, cfg_factory):
     for line in ("--gpus-per-node=2", "--ntasks-per-node=2", "--nodes=1", "--cpus-per-task=8", "--mem=64GB"):
         assert f"#SBATCH {line}" in script
     assert "\nsrun " in script
+
+
+def test_sweep_dir_resolves_before_hydra_sets_its_runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """What a multirun and the submitit launcher read first, with no HydraConfig set and no paths overrides:
+    hydra.sweep.dir and the launcher's folder resolve under the launch dir."""
+    from conftest import compose_config
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_config("hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=4")
+    assert not HydraConfig.initialized()
+    sweep = Path(cfg.hydra.sweep.dir)
+    assert sweep.parent == tmp_path / "logs" / "train" / "multiruns"
+    assert cfg.hydra.launcher.submitit_folder == f"{sweep}/.submitit/%j"
+    assert cfg.paths.cache_dir == str(tmp_path / ".cache" / "rag_lightning")

@@ -37,7 +37,7 @@ import torch
 
 from rag_lightning.data.kilt import iter_kilt_passages
 from rag_lightning.data.readers import squad_paragraphs
-from rag_lightning.data.textio import DataError, encoding_error, read_head, read_lines
+from rag_lightning.data.textio import DataError, encoding_error, json_loads, read_head, read_lines
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(sys.maxsize)
@@ -158,10 +158,7 @@ def _iter_jsonl(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any
         err = encoding_error(src, ln, "<encoding>", s, start=0)
         if err is not None:
             raise err
-        try:
-            rec = json.loads(s)
-        except json.JSONDecodeError as e:
-            raise DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}") from None
+        rec = json_loads(s, src, ln)  # broken, or nested too deeply: a DataError naming the line
         if not isinstance(rec, Mapping):
             raise DataError(src, ln, "<json>", f"wrong type {type(rec).__name__}, expected an object")
         yield _clean(rec, src, ln, fields)
@@ -298,7 +295,12 @@ class Corpus:
             raise FileNotFoundError(f"corpus not found: {path}")
         fmt = detect_corpus_format(path) if fmt in ("auto", None) else fmt
         if fmt not in _SOURCES:
-            raise ValueError(f"unknown corpus format {fmt!r}; expected one of {CORPUS_FORMATS}")
+            raise DataError(
+                path,
+                0,
+                "format",
+                f"unknown corpus format {fmt!r}; valid formats: {', '.join(CORPUS_FORMATS)}",
+            )
         fields = {"id": "id", "title": "title", "text": "text", **(fields or {})}
         fp = corpus_fingerprint(
             path, gen_tokenizer, doc_tokenizer, max_passage_tokens, fmt=fmt, fields=fields, sep=title_sep
@@ -319,6 +321,13 @@ class Corpus:
                     _write_raw(_SOURCES[fmt](path, fields), work / "raw.arrow.partial")
                     os.replace(work / "raw.arrow.partial", raw_path)
                 raw = datasets.Dataset.from_file(str(raw_path))
+                if len(raw) == 0:  # no 0-passage cache: nothing could be retrieved from it
+                    raise DataError(
+                        path,
+                        1,
+                        "<passages>",
+                        f"no passages read as {fmt!r} (an empty file, or a header only)",
+                    )
                 _check_unique(raw.data.table, str(path))
             except DataError:  # bad input: nothing worth resuming
                 shutil.rmtree(work, ignore_errors=True)

@@ -49,7 +49,9 @@ from rag_lightning.data.textio import (
     DataError,
     encoding_error,
     first_line,
+    is_blank,
     iter_json_array,
+    json_loads,
     load_json,
     read_head,
     read_lines,
@@ -133,7 +135,7 @@ def _parse_answer_string(s: str, src: str, line: int, fname: str) -> list[Any]:
         return [s]
     try:
         return json.loads(t)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # nested too deeply: literal_eval says so below
         pass
     try:
         return ast.literal_eval(t)
@@ -162,6 +164,8 @@ def _check_answers(value: Any, src: str, line: int, fname: str, regex: bool = Fa
             raise DataError(src, line, fname, f"wrong type {type(a).__name__} in answer list, expected str")
         if not a.strip():
             raise DataError(src, line, fname, "empty answer string")
+        if is_blank(a):  # zero-width / format characters only: matches nothing a reader can write
+            raise DataError(src, line, fname, f"empty answer string (only invisible characters {a!r})")
         _check_text(a, src, line, fname)
         if regex:
             try:
@@ -191,7 +195,7 @@ def _check_question(value: Any, src: str, line: int, fname: str) -> str:
         raise DataError(src, line, fname, "missing field")
     if not isinstance(value, str):
         raise DataError(src, line, fname, f"wrong type {type(value).__name__}, expected str")
-    if not value.strip():
+    if is_blank(value):
         raise DataError(src, line, fname, "empty question")
     _check_text(value, src, line, fname)
     return value.strip()
@@ -316,9 +320,10 @@ def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             yield ln, bad
             continue
         try:
-            yield ln, json.loads(text)
-        except json.JSONDecodeError as e:
-            yield ln, DataError(src, ln, "<json>", f"broken JSON: {e.msg} at column {e.colno}")
+            rec = json_loads(text, src, ln)  # broken, or nested too deeply: this row's error
+        except DataError as e:
+            rec = e
+        yield ln, rec
 
 
 def _rows_jsonl(
@@ -376,7 +381,7 @@ def _json_records(path: Path, make: Callable[[Any, int], QAExample], strict_enco
     """Each record of a file holding a JSON list, streamed (the files are GBs), through ``make(record, n)``
     (``n``: the 1-based record number, the ``line`` of its errors)."""
     for n, rec in iter_json_array(path, strict_encoding=strict_encoding):
-        yield n, _guard(lambda rec=rec, n=n: make(rec, n))
+        yield n, rec if isinstance(rec, DataError) else _guard(lambda rec=rec, n=n: make(rec, n))
 
 
 def _gold_passage_ids(rec: Mapping[str, Any], src: str, n: int) -> list[str]:
@@ -482,7 +487,8 @@ def _rows_triviaqa(
     rows = []
     for n, rec in iter_json_array(path, "Data", strict_encoding, rest=top):
         part = not isinstance(rec, Mapping) or rec.get("QuestionPartOfVerifiedEval", True)
-        rows.append((n, _guard(lambda rec=rec, n=n: make(rec, n)), bool(part)))
+        item = rec if isinstance(rec, DataError) else _guard(lambda rec=rec, n=n: make(rec, n))
+        rows.append((n, item, bool(part)))
     verified = verified_only and bool(top.get("VerifiedEval"))
     if verified:
         log.info(
@@ -705,7 +711,9 @@ def read_questions(
         raise FileNotFoundError(f"question set not found: {path}")
     fmt = detect_format(path) if fmt in ("auto", None) else fmt
     if fmt not in _READERS:
-        raise ValueError(f"unknown question format {fmt!r}; expected one of {FORMATS}")
+        raise DataError(
+            path, 0, "format", f"unknown question format {fmt!r}; valid formats: {', '.join(FORMATS)}"
+        )
     regex = (fmt in REGEX_BY_DEFAULT) if regex is None else bool(regex)
     fields = dict(fields or {})
     kw = dict(

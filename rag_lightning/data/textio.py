@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,30 @@ class DataError(ValueError):
     def __init__(self, source: str | os.PathLike, line: int, field_name: str, what: str) -> None:
         self.source, self.line, self.field, self.what = str(source), line, field_name, what
         super().__init__(f"{source}:{line}: field '{field_name}': {what}")
+
+
+# characters that show nothing: format controls (zero-width space / joiners, BOM, soft hyphen, bidi marks: Cf),
+# control characters (Cc), separators (Zs, Zl, Zp) and the fillers Unicode lists as letters or symbols
+_INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})
+_FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def is_blank(text: str) -> bool:
+    """True when ``text`` has no visible character (empty, whitespace, or only invisible ones like "\\u200b")."""
+    return all(c in _FILLERS or c.isspace() or unicodedata.category(c) in _INVISIBLE_CATEGORIES for c in text)
+
+
+def json_loads(text: str, src: str | os.PathLike, line: int, field_name: str = "<json>") -> Any:
+    """``json.loads`` whose failures (broken JSON, nesting too deep for the parser) are DataErrors."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(src, line, field_name, f"broken JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise DataError(src, line, field_name, TOO_DEEP) from None
+
+
+TOO_DEEP = "JSON nested too deeply to parse"
 
 
 def bad_byte(text: str) -> tuple[int, int] | None:
@@ -85,6 +110,8 @@ def load_json(path: str | os.PathLike, strict_encoding: bool = True) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise DataError(path, e.lineno, "<json>", f"broken JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise DataError(path, 1, "<json>", TOO_DEEP) from None
 
 
 class _Stream:
@@ -138,7 +165,9 @@ class _Stream:
         self.pos += 1
         return c
 
-    def value(self) -> Any:
+    def value(self, record: bool = False) -> Any:
+        """The next JSON value. ``record``: one nested too deeply for the parser is skipped and returned as
+        its DataError (a bad row, which ``skip_bad_rows`` may skip), else raised."""
         self.peek()
         while True:
             try:
@@ -147,10 +176,40 @@ class _Stream:
                 if self.more():
                     continue
                 raise DataError(self.path, self.line_of(e.pos), "<json>", f"broken JSON: {e.msg}") from None
+            except RecursionError:
+                err = DataError(self.path, self.line_of(self.pos), "<json>", TOO_DEEP)
+                if not record:
+                    raise err from None
+                self.skip_value()
+                return err
             if end == len(self.buf) and self.more():  # a number may go on in the next chunk
                 continue
             self.pos = end
             return obj
+
+    def skip_value(self) -> None:
+        """Move past the list or object at ``pos`` without decoding it (iteratively: any depth)."""
+        depth, in_str, escaped, i = 0, False, False, self.pos
+        while True:
+            if i == len(self.buf):
+                offset = i - self.pos
+                if not self.more():
+                    raise DataError(
+                        self.path, self.line_of(self.pos), "<json>", "broken JSON: unexpected end"
+                    )
+                i = self.pos + offset
+            c, i = self.buf[i], i + 1
+            if in_str:
+                escaped, in_str = (False, True) if escaped else (c == "\\", c != '"')
+            elif c == '"':
+                in_str = True
+            elif c in "[{":
+                depth += 1
+            elif c in "]}":
+                depth -= 1
+                if depth == 0:
+                    self.pos = i
+                    return
 
 
 _DECODER = json.JSONDecoder()
@@ -193,7 +252,10 @@ def iter_json_array(
         else:
             while True:
                 n += 1
-                yield n, s.value()
+                rec = s.value(record=True)
+                if isinstance(rec, DataError):  # nested too deeply: this record's error, at its number
+                    rec = DataError(path, n, rec.field, f"{rec.what} (the record starts on line {rec.line})")
+                yield n, rec
                 if s.expect(",]") == "]":
                     break
         if key is not None:

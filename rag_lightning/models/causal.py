@@ -42,6 +42,12 @@ from rag_lightning.tokenization import SETTINGS_FILE
 
 DEFAULT_TEMPLATE = "context: {passage} question: {question} answer:"
 POINTER_FILE = "rag_pointer.safetensors"  # the copy head's weights, next to the transformers files
+# config.json's model_type when plain transformers cannot run the saved generator (prefix-LM attention, copy
+# head): AutoConfig / AutoModel refuse it, naming this, instead of loading weights that decode garbage; the
+# real type is kept in rag_generator.json ("transformers_model_type") and restored by from_pretrained
+REFUSED_MODEL_TYPE = (
+    "rag_lightning-generator (not runnable by plain transformers: see README.md in this directory)"
+)
 _FIELD = re.compile(r"\{(passage|question|input)\}")  # {input}: the example's input, {question} its alias
 
 
@@ -95,6 +101,15 @@ def freeze_bottom(model: nn.Module, n: int) -> None:
             p.requires_grad_(False)
     for block in blocks[:n]:
         block.requires_grad_(False)
+
+
+def _restored_config(path: str, model_type: str, overrides: Mapping[str, Any]) -> Any:
+    """The transformers config of a directory `save_pretrained` marked REFUSED_MODEL_TYPE, with its real type."""
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    config_dict, _ = PretrainedConfig.get_config_dict(path)
+    config_dict["model_type"] = model_type
+    return CONFIG_MAPPING[model_type].from_dict(config_dict, **overrides)
 
 
 class ListSources:
@@ -212,14 +227,20 @@ class CausalGenerator(ListSources, nn.Module):
             if os.path.isfile(settings):
                 with open(settings, encoding="utf-8") as f:
                     saved = json.load(f)
-            tok = AutoTokenizer.from_pretrained(name_or_path)
+            real_type = saved.get("transformers_model_type")  # marked by save_pretrained: the real type back
+            restored = {"config": _restored_config(name_or_path, real_type, {})} if real_type else {}
+            tok = AutoTokenizer.from_pretrained(name_or_path, **restored)
             prefix = prefix_lm if prefix_lm is not None else saved.get("prefix_lm", False)
             if prefix:
                 model_kwargs["is_decoder"] = True  # BERT family: the causal-LM head class needs it
             if num_layers is not None:
                 model_kwargs["num_hidden_layers"] = num_layers
+            if real_type:
+                model_kwargs = {"config": _restored_config(name_or_path, real_type, model_kwargs)}
             if empty_init:  # FSDP ranks > 0: the architecture on the meta device, weights come from rank 0
-                config = AutoConfig.from_pretrained(name_or_path, **model_kwargs)
+                config = model_kwargs.get("config") or AutoConfig.from_pretrained(
+                    name_or_path, **model_kwargs
+                )
                 with torch.device("meta"):
                     model = AutoModelForCausalLM.from_config(config)
             else:
@@ -249,14 +270,28 @@ class CausalGenerator(ListSources, nn.Module):
         return gen
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        """A plain transformers directory plus the settings file; LoRA adapters are merged first (in place)."""
-        from rag_lightning.models.generator import merge_lora
+        """A transformers directory plus the settings file; LoRA adapters are merged first (in place). When plain
+        transformers cannot run it (`unsupported_by_transformers`), config.json's model_type is
+        REFUSED_MODEL_TYPE, so `AutoModelForCausalLM.from_pretrained` fails instead of decoding garbage;
+        `Generator.from_pretrained` loads it."""
+        from rag_lightning.models.generator import merge_lora, set_special_ids
 
         self.model = merge_lora(self.model)
+        set_special_ids(self.model, self.eos_token_id, self.pad_token_id)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         settings = {"kind": self.kind, "template": self.template, "prefix_lm": self.prefix_lm,
                     "max_source_length": self.max_source_length, "copy": self.pointer is not None}  # fmt: skip
+        if (
+            self.unsupported_by_transformers()
+        ):  # plain AutoModel must refuse the directory, not decode garbage
+            config_file = os.path.join(path, "config.json")
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+            settings["transformers_model_type"] = config["model_type"]
+            config["model_type"] = REFUSED_MODEL_TYPE
+            with open(config_file, "w", encoding="utf-8") as f:
+                json.dump(config, f, indent=2)
         if self.pointer is not None:
             from safetensors.torch import save_file
 
@@ -264,6 +299,21 @@ class CausalGenerator(ListSources, nn.Module):
                       os.path.join(path, POINTER_FILE))  # fmt: skip
         with open(os.path.join(path, SETTINGS_FILE), "w", encoding="utf-8") as f:
             json.dump(settings, f, indent=1)
+
+    def unsupported_by_transformers(self) -> list[str]:
+        """What a plain transformers model loaded from `save_pretrained`'s directory would not do."""
+        out = []
+        if self.prefix_lm:
+            out.append(
+                "prefix-LM attention (bidirectional over the prompt, causal over the answer): a plain "
+                "transformers model attends causally everywhere"
+            )
+        if self.pointer is not None:
+            out.append(
+                f"the copy head ({POINTER_FILE}): p = (1 - g) p_vocab + g p_copy, copying answer tokens from "
+                f"the prompt; a plain transformers model has the LM head alone"
+            )
+        return out
 
     # ---------------------------------------------------------------- inputs
     def assemble_sources(

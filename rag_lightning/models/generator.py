@@ -91,6 +91,19 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_special_ids(model: nn.Module, eos: int, pad: int, decoder_start: int | None = None) -> None:
+    """EOS / pad (/ decoder start) ids in the model's config and generation config, so that a saved directory
+    stops and pads in `generate` as the generator did (a BERT config, e.g., has no EOS)."""
+    from transformers import GenerationConfig
+
+    model.config.eos_token_id, model.config.pad_token_id = eos, pad
+    gen_cfg = getattr(model, "generation_config", None) or GenerationConfig.from_model_config(model.config)
+    gen_cfg.eos_token_id, gen_cfg.pad_token_id = eos, pad
+    if decoder_start is not None:
+        gen_cfg.decoder_start_token_id = decoder_start
+    model.generation_config = gen_cfg
+
+
 class Generator(ListSources, nn.Module):
     """A Hugging Face seq2seq model plus the input assembly RAG needs."""
 
@@ -125,7 +138,7 @@ class Generator(ListSources, nn.Module):
     def from_pretrained(
         cls,
         name_or_path: str,
-        max_source_length: int = 128,
+        max_source_length: int | None = None,
         kind: str = "auto",
         tie_encoder_decoder: bool = False,
         gradient_checkpointing: bool = False,
@@ -169,7 +182,7 @@ class Generator(ListSources, nn.Module):
             model, tok = tiny_generator()
             if gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            return cls(model, tok, max_source_length, lora=lora)
+            return cls(model, tok, max_source_length or 128, lora=lora)
         require_model(name_or_path, "model.generator.name_or_path")
         config = AutoConfig.from_pretrained(name_or_path, **overrides)
         tok = AutoTokenizer.from_pretrained(name_or_path)
@@ -210,14 +223,19 @@ class Generator(ListSources, nn.Module):
             model = AutoModelForSeq2SeqLM.from_pretrained(name_or_path, config=config)
         if gradient_checkpointing:  # activations recomputed in backward, layer by layer
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        return cls(model, tok, max_source_length, lora=lora)
+        return cls(model, tok, max_source_length or 128, lora=lora)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """A plain transformers directory (`from_pretrained` loads it); LoRA adapters are merged first, in
         place, so the generator is a plain model afterwards."""
         self.model = merge_lora(self.model)
+        set_special_ids(self.model, self.eos_token_id, self.pad_token_id, self.decoder_start_token_id)
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
+
+    def unsupported_by_transformers(self) -> list[str]:
+        """What a plain transformers model loaded from `save_pretrained`'s directory would not do: nothing."""
+        return []
 
     def assemble_sources(
         self, q: torch.Tensor, q_len: torch.Tensor, p: torch.Tensor, p_len: torch.Tensor, n_docs: int
