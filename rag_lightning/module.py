@@ -476,6 +476,9 @@ class RagModule(L.LightningModule):
         }
         out.update(self.task.predict(self, batch, doc_scores[:, :k], ids[:, :k]))
         out.update(self.task.retrieval_metrics(self.corpus, batch, ids, self.hparams.eval_ks))
+        out.update(
+            self.task.provenance_metrics(self.corpus, batch, ids, out["predictions"], self.hparams.eval_ks)
+        )
         out["ids"], out["doc_scores"] = ids, doc_scores
         return out
 
@@ -599,6 +602,7 @@ class RagModule(L.LightningModule):
         for i, q in enumerate(batch["questions"]):
             ids = out["ids"][i].tolist()
             row = {
+                "id": (batch.get("ids") or [None] * len(batch["questions"]))[i],
                 "question": q,
                 "answers": batch["answers"][i],
                 "prediction": out["predictions"][i],
@@ -606,6 +610,8 @@ class RagModule(L.LightningModule):
                 "titles": self.corpus.titles(ids),
                 "scores": [round(s, 4) for s in out["doc_scores"][i].tolist()],
             }
+            if getattr(self.corpus, "has_pages", False):  # KILT: the passages' pages, for its guess files
+                row["page_ids"] = self.corpus.page_ids(ids)
             for name, values in out.items():
                 if name in ("loss", "p_entropy", "predictions", "ids", "doc_scores"):
                     continue

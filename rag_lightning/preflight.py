@@ -81,9 +81,17 @@ def files_problem(items: Iterable[tuple[str, str]]) -> str | None:
     if not missing:
         return None
     lines = "\n".join(f"  {k}={p!r}" for k, p in missing)
+    kilt = [p for _, p in missing if p.endswith("-kilt.jsonl") or os.path.basename(p).startswith("kilt_")]
+    hint = (
+        "\nKILT's files are published by facebookresearch/KILT (scripts/download_all_kilt_data.py, the knowledge "
+        "source kilt_knowledgesource.json; TriviaQA's questions come from its scripts/get_triviaqa_input.py); "
+        "docs/kilt.md lists them."
+        if kilt
+        else ""
+    )
     return (
         f"missing data file(s):\n{lines}\nPoint `paths.data_dir=...` at the folder that holds them, or set "
-        f"the keys above to their paths."
+        f"the keys above to their paths.{hint}"
     )
 
 

@@ -20,7 +20,9 @@ prepared one under ``index.root``, or the last refresh's saved index recorded in
 ``RefreshIndex`` state; only when neither matches is the corpus embedded with the checkpoint's weights. Each question
 retrieves max(n_docs, max(eval_ks)) passages (eval_ks clamped to the corpus size): the first n_docs feed
 the generator, recall@k is computed over the first k. Outputs in the Hydra output dir, written atomically:
-``predictions.jsonl`` (one line per question) and ``metrics.json`` (means over questions, and count).
+``predictions.jsonl`` (one line per question) and ``metrics.json`` (means over questions, and count); over a
+corpus whose passages know their page (KILT), also ``kilt_predictions.jsonl`` in KILT's format for
+``rag-eval-kilt GUESS GOLD`` (docs/kilt.md).
 """
 
 from __future__ import annotations
@@ -147,6 +149,9 @@ def summarize(
             values = [r[key] for r in rows if (key := f"{prefix}@{min(k, n_passages)}") in r]
             if values:
                 out[f"{prefix}@{k}"] = sum(values) / len(values)
+    for name in dict.fromkeys(k for r in rows for k in r if k.startswith("kilt_recall@")):  # KILT's k (pages)
+        values = [r[name] for r in rows if name in r]
+        out[name] = sum(values) / len(values)
     if task.corpus_level and rows:
         out.update(task.corpus_metrics([r["prediction"] for r in rows], [r["answers"] for r in rows]))
     out["count"] = n
@@ -203,8 +208,27 @@ def evaluate(cfg: DictConfig, overrides: list[str], out_dir: Path) -> dict[str, 
         out_dir / "predictions.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     )
     write_atomic(out_dir / "metrics.json", json.dumps(result, indent=2) + "\n")
+    if rows and "page_ids" in rows[0]:
+        write_kilt_predictions(rows, [name for name, _ in sets], out_dir)
     print_table(result, eval_ks, out_dir)
     return result
+
+
+def write_kilt_predictions(rows: list[dict[str, Any]], set_names: list[str], out_dir: Path) -> list[Path]:
+    """KILT guess files for ``rag-eval-kilt GUESS GOLD``: ``kilt_predictions.jsonl`` (one set) or
+    ``kilt_predictions.<set>.jsonl``; provenance = the retrieved passages' pages, de-duplicated in rank order."""
+    from rag_lightning.tasks.kilt import prediction_record, write_predictions
+
+    paths = []
+    for name in set_names:
+        records = [
+            prediction_record(r["id"], r["prediction"], r["page_ids"], r["titles"])
+            for r in rows
+            if r["set"] == name
+        ]
+        file = "kilt_predictions.jsonl" if len(set_names) == 1 else f"kilt_predictions.{name}.jsonl"
+        paths.append(write_predictions(out_dir / file, records))
+    return paths
 
 
 def gather_rows(per_set: list[list[dict]], world: int) -> list[list[dict]]:

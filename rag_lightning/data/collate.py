@@ -34,7 +34,8 @@ class QACollator:
     ``label_positions`` (P,) int64 flat indices into (B, T) of the non-padding labels (computed here, on the
     CPU, so the loss selects them on the device without waiting for it);
     ``questions`` list[str]; ``answers`` list[list[str]]; ``regex`` bool (any item's set is regex);
-    plus ``ids`` list[str|None], ``gold_ids`` list[list[str]], ``set_names`` list[str].
+    plus ``ids`` list[str|None], ``gold_ids`` list[list[str]], ``provenance`` list[list[dict]] (KILT pages),
+    ``set_names`` list[str].
     The training target is ``task.target(example)`` (QA: the first gold answer, or a random one when
     ``answer="random"``); the task adds its own keys (``task.collate_extra``, e.g. label choices).
     """
@@ -90,6 +91,7 @@ class QACollator:
             "regex": any(it.regex for it in items),
             "ids": [e.id for e in exs],
             "gold_ids": [list(e.gold_ids) for e in exs],
+            "provenance": [list(e.provenance) for e in exs],
             "set_names": [it.set_name for it in items],
             **self.task.collate_extra(exs, self.encode_targets),
         }

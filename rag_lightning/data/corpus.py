@@ -2,7 +2,11 @@
 
 Global passage id = row index (0..N-1). Sources: DPR ``psgs_w100.tsv`` (header ``id<TAB>text<TAB>title``),
 jsonl (``id``, ``title``, ``text``), an Arrow/HF dataset saved to disk, SQuAD v1.1 json (paragraphs, ids
-``{article_idx}-{para_idx}``). Conversion streams the source in chunks into an Arrow file, checks passage
+``{article_idx}-{para_idx}``), and KILT's knowledge source ``kilt_knowledgesource.json`` (format ``kilt``: one
+page per line, cut into 100-word passages while streaming, :mod:`rag_lightning.data.kilt`). A source whose
+first passage has a ``wikipedia_id`` (the ``kilt`` format; a tsv with that column, such as the one
+``scripts/kilt_passages.py`` writes; jsonl / Arrow with that field) keeps it as a column (:meth:`Corpus.page_ids`,
+the pages KILT's provenance scores). Conversion streams the source in chunks into an Arrow file, checks passage
 ids are unique, tokenizes with ``Dataset.map(batched=True)`` and saves to ``cache_dir/<fingerprint>``
 atomically (tmp dir, then rename). Columns: ``id``, ``title``, ``text``, ``line`` (source line/record),
 ``gen_ids`` (generator tokens of ``title + title_sep + text``, no special tokens) and ``doc_ids``
@@ -31,19 +35,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from rag_lightning.data.kilt import iter_kilt_passages
 from rag_lightning.data.readers import squad_paragraphs
-from rag_lightning.data.textio import DataError, encoding_error, json_loads, read_lines
+from rag_lightning.data.textio import DataError, encoding_error, json_loads, read_head, read_lines
 from rag_lightning.integrity import CHUNK, new_hasher
 
 log = logging.getLogger(__name__)
 csv.field_size_limit(sys.maxsize)
 
-CORPUS_FORMATS = ("auto", "tsv", "jsonl", "arrow", "squad")
+CORPUS_FORMATS = ("auto", "tsv", "jsonl", "arrow", "squad", "kilt")
 _DIGESTS: dict[tuple, str] = {}  # (path, size, mtime_ns, file names) -> content digest, in this process
 _VERSION = 2  # bump when the converted layout or the fingerprint's key changes (2: content, not path)
 _SCHEMA = pa.schema(
     [("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("line", pa.int64())]
 )
+PAGE = "wikipedia_id"  # the optional page column (KILT)
+_PAGE_SCHEMA = _SCHEMA.append(pa.field(PAGE, pa.string()))
 
 
 def detect_corpus_format(path: str | os.PathLike) -> str:
@@ -54,6 +61,8 @@ def detect_corpus_format(path: str | os.PathLike) -> str:
     fmt = {".tsv": "tsv", ".csv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "squad"}.get(ext)
     if fmt is None:
         raise DataError(p, 0, "<format>", f"cannot detect the corpus format of extension {ext!r}; pass fmt=")
+    if fmt == "squad" and '"wikipedia_title"' in read_head(p) and '"wikipedia_id"' in read_head(p):
+        return "kilt"  # kilt_knowledgesource.json: JSON lines despite the extension
     return fmt
 
 
@@ -161,7 +170,11 @@ def _clean(rec: Mapping[str, Any], src: str, line: int, fields: Mapping[str, str
     title = rec.get(ftitle) or ""
     if not isinstance(title, str):
         raise DataError(src, line, ftitle, f"wrong type {type(title).__name__}, expected str")
-    return {"id": str(pid), "title": title, "text": text, "line": line}
+    out = {"id": str(pid), "title": title, "text": text, "line": line}
+    page = rec.get(fields.get(PAGE, PAGE))
+    if page is not None and str(page) != "":
+        out[PAGE] = str(page)
+    return out
 
 
 def _iter_tsv(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
@@ -171,6 +184,7 @@ def _iter_tsv(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]
     for k in ("id", "text"):
         if fields[k] not in header:
             raise DataError(src, 1, fields[k], f"missing column in header {header}")
+    fields = {PAGE: PAGE, **fields}  # kept when the header has it
     col = {k: header.index(v) for k, v in fields.items() if v in header}
     for row in reader:
         ln = reader.line_num
@@ -218,21 +232,34 @@ def _iter_squad(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any
         yield {**p, "line": n}
 
 
-_SOURCES = {"tsv": _iter_tsv, "jsonl": _iter_jsonl, "arrow": _iter_arrow, "squad": _iter_squad}
+def _iter_kilt(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+    return iter_kilt_passages(path)
+
+
+_SOURCES = {
+    "tsv": _iter_tsv,
+    "jsonl": _iter_jsonl,
+    "arrow": _iter_arrow,
+    "squad": _iter_squad,
+    "kilt": _iter_kilt,
+}
 
 
 def _write_raw(rows: Iterator[dict[str, Any]], out: Path, chunk: int = 10_000) -> int:
-    """Stream rows into an Arrow IPC stream file in chunks; returns the row count."""
+    """Stream rows into an Arrow IPC stream file in chunks; returns the row count. The page column is there
+    when the first row has a page."""
     n = 0
-    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, _SCHEMA) as writer:
-        buf: list[dict[str, Any]] = []
+    first = next(rows, None)
+    schema = _PAGE_SCHEMA if first is not None and PAGE in first else _SCHEMA
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        buf: list[dict[str, Any]] = [] if first is None else [first]
         for r in rows:
             buf.append(r)
             if len(buf) >= chunk:
-                writer.write_table(pa.Table.from_pylist(buf, schema=_SCHEMA))
+                writer.write_table(pa.Table.from_pylist(buf, schema=schema))
                 n, buf = n + len(buf), []
         if buf:
-            writer.write_table(pa.Table.from_pylist(buf, schema=_SCHEMA))
+            writer.write_table(pa.Table.from_pylist(buf, schema=schema))
             n += len(buf)
     return n
 
@@ -472,6 +499,20 @@ class Corpus:
     def ext_ids(self, ids: Sequence[int]) -> list[str]:
         """The source's own string ids (for reporting)."""
         return self._col("id", ids)
+
+    @property
+    def has_pages(self) -> bool:
+        """Whether the passages carry the ``wikipedia_id`` of their page (KILT)."""
+        return PAGE in self._table.column_names
+
+    def page_ids(self, ids: Sequence[int]) -> list[str]:
+        """The ``wikipedia_id`` of each passage's page ("" for id -1 or a passage without one)."""
+        if not self.has_pages:
+            raise KeyError(
+                f"corpus has no {PAGE!r} column: KILT provenance needs the passages' pages (use the KILT "
+                f"knowledge source, or a tsv / jsonl with a {PAGE} column)"
+            )
+        return [p or "" for p in self._col(PAGE, ids)]
 
     def gen_tokens(self, ids: Sequence[int]) -> list[list[int]]:
         """Generator tokens of ``title + title_sep + text``, no special tokens, truncated."""

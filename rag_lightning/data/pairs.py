@@ -9,6 +9,8 @@ Formats (``fmt=``; ``auto`` detects them from the path):
 - ``source_target``: transformers' RAG example layout, ``{split}.source`` and ``{split}.target`` line files
   (line i of one pairs with line i of the other); ``path`` is either file or their common prefix
   (``data/train``). Line = the line in both files.
+- ``kilt``: KILT's task files (also detected in a ``.jsonl``), read by :mod:`rag_lightning.data.kilt`: the
+  answers are the references; for classification (FEVER) the one answer is the label.
 
 Fields (``fields:`` renames them): ``input`` (default: the first present of ``input``, ``source``,
 ``question``), ``target`` (generation: ``target``, ``targets``, ``output``, ``answers``, ``answer``; a string
@@ -28,11 +30,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rag_lightning.data.readers import QAExample, QASet
+from rag_lightning.data.readers import QAExample, QASet, detect_format, read_questions
 from rag_lightning.data.textio import DataError, encoding_error, iter_json_array, iter_jsonl, read_lines
 
 log = logging.getLogger(__name__)
-PAIR_FORMATS = ("auto", "jsonl", "json", "tsv", "csv", "hf", "source_target")
+PAIR_FORMATS = ("auto", "jsonl", "json", "tsv", "csv", "hf", "source_target", "kilt")
 DEFAULT_FIELDS = {
     "input": ("input", "source", "question"),
     "target": ("target", "targets", "output", "answers", "answer"),
@@ -207,6 +209,11 @@ def read_pairs(
     """
     path = Path(path)
     fmt = detect_pair_format(path) if fmt in ("auto", None) else fmt
+    if fmt == "kilt" or (fmt == "jsonl" and path.is_file() and detect_format(path) == "kilt"):
+        return read_questions(  # KILT task files (data/kilt.py): FEVER's answer is the label
+            path, "kilt", name=name, skip_bad_rows=skip_bad_rows, max_logged=max_logged,
+            labels=labels if need == "label" else None, **options,
+        )  # fmt: skip
     if fmt not in _RECORDS:
         raise ValueError(f"unknown format {fmt!r} for a {need} set; expected one of {PAIR_FORMATS}")
     if fmt != "source_target" and not path.exists():

@@ -19,6 +19,8 @@ Formats (``fmt=``; ``auto`` detects them from the extension and the first line o
 - ``webquestions``: ``webquestions.examples.*.json``: a JSON list of ``{url, targetValue, utterance}``
   with ``targetValue`` = ``(list (description "a") (description b) ...)``.
 - ``hf``: a ``datasets`` Dataset saved with ``save_to_disk``.
+- ``kilt``: KILT's task files (``*-kilt.jsonl``: ``id``, ``input``, ``output[].answer`` and
+  ``output[].provenance``), detected from their first record; see :mod:`rag_lightning.data.kilt`.
 
 Every reader returns a :class:`QASet`. Bad input raises :class:`DataError` ``"{file}:{line}: field
 '{field}': {what}"`` at load time: a byte that is not UTF-8 (a BOM is accepted), a missing or empty
@@ -73,6 +75,7 @@ FORMATS = (
     "triviaqa",
     "webquestions",
     "hf",
+    "kilt",
 )
 REGEX_BY_DEFAULT = {"curatedtrec"}
 __all__ = ["FORMATS", "DataError", "QAExample", "QASet", "detect_format", "read_questions"]
@@ -306,13 +309,9 @@ def _rows_curatedtrec(path: Path, regex: bool = True, **_: Any) -> Row:
         yield ln, _checked_row(cols, list(_TREC_COLUMNS), src, ln, make)
 
 
-def _rows_jsonl(
-    path: Path,
-    question_field: str = "question",
-    answers_field: str | None = None,
-    regex: bool = False,
-    **_: Any,
-) -> Row:
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line, parsed value or DataError)`` of each non-blank line of a JSON-lines file (a bad byte or broken
+    JSON is that line's DataError)."""
     src = str(path)
     for ln, text in read_lines(path):
         if not text.strip():
@@ -324,7 +323,21 @@ def _rows_jsonl(
         try:
             rec = json_loads(text, src, ln)  # broken, or nested too deeply: this row's error
         except DataError as e:
-            yield ln, e
+            rec = e
+        yield ln, rec
+
+
+def _rows_jsonl(
+    path: Path,
+    question_field: str = "question",
+    answers_field: str | None = None,
+    regex: bool = False,
+    **_: Any,
+) -> Row:
+    src = str(path)
+    for ln, rec in json_lines(path):
+        if isinstance(rec, DataError):
+            yield ln, rec
             continue
         yield (
             ln,
@@ -596,7 +609,23 @@ _READERS = {
     "triviaqa": _rows_triviaqa,
     "webquestions": _rows_webquestions,
     "hf": _rows_hf,
+    "kilt": lambda path, **kw: _kilt_rows(path, **kw),
 }
+
+
+def _kilt_rows(path: Path, **kw: Any) -> Row:
+    from rag_lightning.data.kilt import kilt_rows  # it imports QAExample from here
+
+    return kilt_rows(path, **kw)
+
+
+def _looks_kilt(line: str) -> bool:
+    """A KILT record: ``id``, ``input`` and a list ``output``."""
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(rec, dict) and {"id", "input"} <= rec.keys() and isinstance(rec.get("output"), list)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -606,7 +635,7 @@ def detect_format(path: str | os.PathLike) -> str:
         return "hf"
     ext = p.suffix.lower()
     if ext in (".jsonl", ".ndjson"):
-        return "jsonl"
+        return "kilt" if _looks_kilt(first_line(p)) else "jsonl"
     if ext == ".json":
         head = read_head(p).lstrip()
         if head.startswith("["):

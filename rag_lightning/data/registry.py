@@ -65,10 +65,45 @@ SETS: dict[str, dict[str, Any]] = {
     "demo_test": {"path": "{assets}/squad_demo/test.jsonl", "format": "jsonl"},
 }
 
+# KILT (facebookresearch/KILT, files as published under {data_dir}/kilt/): name -> (file stem, task, splits).
+# Entity linking (aidayago2, wned, cweb) and slot filling (trex, zsre) are short answers (an entity title, a
+# slot value): the qa task. TriviaQA: KILT publishes *_id-kilt.jsonl without questions; its
+# scripts/get_triviaqa_input.py writes the triviaqa-{train,dev}-kilt.jsonl registered here.
+EL_WINDOW = 32  # entity linking: words kept on each side of the [START_ENT] mention of the input document
+KILT: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "fever": ("fever", "classification", ("train", "dev")),
+    "aidayago2": ("aidayago2", "qa", ("train", "dev")),
+    "wned": ("wned", "qa", ("dev",)),
+    "cweb": ("cweb", "qa", ("dev",)),
+    "trex": ("trex", "qa", ("train", "dev")),
+    "zsre": ("structured_zeroshot", "qa", ("train", "dev")),
+    "nq": ("nq", "qa", ("train", "dev")),
+    "hotpotqa": ("hotpotqa", "qa", ("train", "dev")),
+    "triviaqa": ("triviaqa", "qa", ("train", "dev")),
+    "eli5": ("eli5", "generation", ("train", "dev")),
+    "wow": ("wow", "generation", ("train", "dev")),
+}
+SETS.update(
+    {
+        f"kilt_{name}_{split}": {
+            "path": f"{{data_dir}}/kilt/{stem}-{split}-kilt.jsonl",
+            "format": "kilt",
+            "task": task,
+            **({"window": EL_WINDOW} if name in ("aidayago2", "wned", "cweb") else {}),
+        }
+        for name, (stem, task, splits) in KILT.items()
+        for split in splits
+    }
+)
+
 CORPORA: dict[str, dict[str, Any]] = {
     "psgs_w100": {"path": "{data_dir}/wikipedia_split/psgs_w100.tsv", "format": "tsv"},
     "squad_dev": {"path": "{data_dir}/dev-v1.1.json", "format": "squad"},
     "demo": {"path": "{assets}/squad_demo/passages.jsonl", "format": "jsonl"},
+    # KILT's Wikipedia (5.9M pages), cut into 100-word passages while converting (rag_lightning/data/kilt.py)
+    "kilt_ks": {"path": "{data_dir}/kilt/kilt_knowledgesource.json", "format": "kilt"},
+    # the same passages written once as a tsv (scripts/kilt_passages.py): id, text, title, wikipedia_id
+    "kilt_w100": {"path": "{data_dir}/kilt/kilt_w100_title.tsv", "format": "tsv"},
 }
 
 

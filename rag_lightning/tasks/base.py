@@ -133,7 +133,9 @@ class Task:
 
     @staticmethod
     def gold_metric_names(eval_ks: Sequence[int]) -> list[str]:
-        return [f"gold_recall@{k}" for k in eval_ks] + ["rprec"]
+        from rag_lightning.tasks import kilt
+
+        return [f"gold_recall@{k}" for k in eval_ks] + ["rprec", *kilt.metric_names(eval_ks)]
 
     def predict(self, module: Any, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor):
         """``{"predictions": list[str], metric: (B,) tensor, ...}`` for one batch. ``doc_scores`` / ``ids``
@@ -156,6 +158,27 @@ class Task:
             r = len(gold)
             out["rprec"].append(NAN if not gold else sum(x in gold for x in row[:r]) / r)
         return {k: torch.tensor(v, dtype=torch.float) for k, v in out.items()}
+
+    def provenance_metrics(
+        self,
+        corpus: Any,
+        batch: dict[str, Any],
+        ids: torch.Tensor,
+        predictions: Sequence[str],
+        eval_ks: Sequence[int] = (),
+    ) -> dict[str, torch.Tensor]:
+        """KILT's scores by page (B,) each (``kilt_em``, ``KILT-em``, ``kilt_rprec``, ``kilt_recall@k`` for k in
+        5 and ``eval_ks``; definitions in :mod:`rag_lightning.tasks.kilt`, as ``rag-eval-kilt`` computes them)
+        for the examples with KILT provenance, when the corpus knows its passages' pages; NaN for the others.
+        The guess's provenance is the pages of the ``ids`` (B, kmax) retrieved passages."""
+        prov = batch.get("provenance") or []
+        if not any(prov) or corpus is None or not getattr(corpus, "has_pages", False):
+            return {}
+        from rag_lightning.tasks.kilt import batch_scores
+
+        pages = [corpus.page_ids(row) for row in ids.tolist()]  # (B, kmax)
+        scores = batch_scores(predictions, batch["answers"], prov, pages, eval_ks)
+        return {k: torch.tensor(v, dtype=torch.float) for k, v in scores.items()}
 
     def corpus_metrics(self, predictions: list[str], targets: list[list[str]]) -> dict[str, float]:
         """Metrics over a whole set (not means of per-example values); only with ``corpus_level``."""
