@@ -97,6 +97,20 @@ RUN: dict[str, list[str]] = {
     f"python scripts/export.py ckpt_path={RUN_DIR}/checkpoints/last.ckpt out=models/rag-generator": [
         "out={tmp}/rag-generator"
     ],
+    "python train.py model=tiny retriever=tiny index.verify=size": TINY,
+    "python train.py model=tiny retriever=tiny callbacks.nonfinite_guard.max_consecutive=10": TINY,
+    "python train.py model=tiny retriever=tiny callbacks.nonfinite_guard=null": TINY,
+    "python train.py model=tiny retriever=tiny model.variant=fid model.generator.name_or_path=tiny:t5": TINY,
+    "python train.py model=tiny retriever=tiny model.variant=concat model.generator.name_or_path=tiny:llama": TINY,
+    "python train.py model=tiny retriever=tiny model.variant=fid model.generator.name_or_path=tiny:t5 "
+    "model.retriever_loss='{adist: 1.0, pdist: 0.5}'": TINY,
+    "python scripts/build_index.py retriever.mode=bm25": MODELS,
+    "python scripts/build_index.py retriever.mode=hybrid": MODELS,
+    "python train.py retriever.mode=hybrid retriever.hybrid.fusion=weighted retriever.hybrid.dense_weight=0.7": TINY,
+    "python train.py model.retriever_loss=contrastive +model.objective_args.contrastive.bm25_negatives=1": TINY,
+    "python scripts/eval_retrieval.py": [*MODELS, *SMALL],
+    "python scripts/eval_retrieval.py retriever.mode=bm25": [*MODELS, *SMALL],
+    "python scripts/eval_retrieval.py retriever.mode=hybrid": [*MODELS, *SMALL],
 }
 
 # what the log of a documented command must show
@@ -110,6 +124,11 @@ NQ_MODELS = (
     "retriever.doc_encoder.name_or_path=/models/dpr-ctx_encoder-single-nq-base"
 )
 NEEDS_DPR = "needs DPR's NQ files and models; the same flow runs on synthetic data in tests/test_scale.py"
+KILT_FILES = "needs KILT's files; tests/test_kilt_experiments.py composes the kilt_* experiments offline"
+KILT_EVAL = (
+    "needs KILT's dev files; tests/test_eval_kilt.py and tests/test_kilt_validation.py run rag-eval-kilt"
+)
+SQUAD = "embeds SQuAD v1.1 dev's 2,067 paragraphs (minutes); tests/test_real_data.py uses the file"
 SKIP: dict[str, str] = {
     "pip install torch==2.13.0 && pip install -e . && python train.py": "installs, then the full demo "
     "(minutes); its parts run here with tiny models",
@@ -165,6 +184,33 @@ SKIP: dict[str, str] = {
     "--package hydra.launcher": "tests/test_sweeps.py composes the SLURM launcher",
     "WANDB_MODE=offline python train.py model=tiny retriever=tiny trainer.max_steps=4 trainer.val_check_interval=4 "
     "logger=wandb": "starts the W&B service; tests/test_wandb.py runs W&B offline",
+    **{
+        c: KILT_FILES
+        for c in (
+            "python train.py +experiment=kilt_nq paths.data_dir=/data",
+            "python train.py +experiment=kilt_nq paths.data_dir=/data data.corpus=kilt_w100",
+            "python train.py +experiment=kilt_nq paths.data_dir=/data trainer.devices=8",
+        )
+    },
+    "python scripts/kilt_passages.py /data/kilt/kilt_knowledgesource.json /data/kilt/kilt_w100_title.tsv": "needs "
+    "KILT's knowledge source (5.9M pages); tests/test_kilt_data.py runs the chunker on small files",
+    "rag-eval-kilt predictions.jsonl /data/kilt/nq-dev-kilt.jsonl": KILT_EVAL,
+    "rag-eval-kilt logs/eval/runs/<date_time>/kilt_predictions.jsonl /data/kilt/nq-dev-kilt.jsonl": KILT_EVAL,
+    "python scripts/evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt split=val": "a KILT run's "
+    "checkpoint; tests/test_kilt_validation.py runs train -> evaluate -> rag-eval-kilt on small KILT files",
+    "python train.py model.variant=concat": "the full demo with the one-prompt reader (minutes); the tiny concat "
+    "run runs",
+    "python -m pytest tests/test_fusion_readers.py -q": "a part of this suite",
+    "python scripts/benchmark.py train-step --fid": "a benchmark (minutes)",
+    "python scripts/benchmark.py bm25 --n 100000 1000000": "a benchmark (minutes to hours)",
+    "python train.py model=tiny retriever=tiny model.variant=VARIANT model.generator.name_or_path=NAME debug=overfit "
+    "optimizer.lr=3e-3 scheduler.num_warmup_steps=0 trainer.max_steps=60 trainer.val_check_interval=60": "a "
+    "template (VARIANT, NAME); the tiny fid and concat runs run",
+    "python train.py retriever=e5 retriever.query_encoder.name_or_path=/models/e5-base-v2": "needs the E5 weights; "
+    "tests/test_retrievers.py checks the e5 / bge / contriever conventions on tiny towers",
+    "python scripts/eval_retrieval.py +experiment=squad_open paths.data_dir=../shared/data retriever.mode=dense": SQUAD,
+    "python scripts/eval_retrieval.py +experiment=squad_open paths.data_dir=../shared/data "
+    '"+modes=[bm25,hybrid,hybrid-weighted]"': SQUAD,
 }
 
 CONFIG_OF = {  # Hydra apps and the config each composes
