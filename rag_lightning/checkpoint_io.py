@@ -56,8 +56,9 @@ def _read_record(path: str | os.PathLike) -> dict[str, Any] | None:
 def verify_checkpoint(path: str | os.PathLike) -> bool:
     """Check a checkpoint against its sidecar before anything unpickles it. True when verified, False when it
     has no sidecar (a warning says so); ``CheckpointError`` naming the file when it is empty, or its size or
-    digest match neither the recorded file nor the one it replaced."""
-    path = Path(path)
+    digest match neither the recorded file nor the one it replaced. A link (``last.ckpt``) is checked as the
+    checkpoint it points to, whose sidecar was written with it."""
+    path = Path(os.path.realpath(path))
     size = path.stat().st_size
     if size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): not a checkpoint, pick another one")

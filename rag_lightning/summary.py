@@ -41,7 +41,7 @@ def _rows(prefix: str, columns: list[dict], label: str, keys: tuple[str, ...] = 
 def print_summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict, test: dict) -> None:
     """Pooled val (before / after) and test metrics, then one block per set when there are several; the rows
     are the task's ``summary_keys`` (the model's task; QA: :data:`KEYS`)."""
-    task = getattr(trainer.lightning_module, "task", None)
+    task = getattr(getattr(trainer, "lightning_module", None), "task", None)
     keys = tuple(task.summary_keys) if task is not None else KEYS
     lines = ["", "=" * 60, f"rag-lightning run summary ({cfg.model.get('variant', '?')} marginalization)"]
     lines.append(f"{'metric':<14}{'before':>10}{'after':>10}" + (f"{'test':>10}" if test else ""))

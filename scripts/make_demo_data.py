@@ -55,7 +55,7 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=WORDS)
     args = ap.parse_args()
     if args.tasks:
-        from make_task_demos import build_task_demos
+        from _task_demos import build_task_demos
 
         build_task_demos(ROOT / "rag_lightning" / "assets")
         return

@@ -33,10 +33,15 @@ class NonFiniteTrainingError(FloatingPointError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 DTensor (the check is then reduced over the ranks), else ``t``."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def grads_finite(optimizer: torch.optim.Optimizer) -> torch.Tensor:
     """0-dim bool tensor: every gradient of the optimizer's parameters is finite (no host sync)."""
     flags = [
-        torch.isfinite(p.grad).all()
+        torch.isfinite(_local(p.grad)).all()
         for g in optimizer.param_groups
         for p in g["params"]
         if p.grad is not None
@@ -95,7 +100,7 @@ class NonFiniteGuard(Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         """Every rank builds the checkpoint (rank 0 writes it): all of them refuse non-finite weights alike,
         rather than rank 0 alone failing in the writer while the others wait at the save's barrier."""
-        flags = [torch.isfinite(p).all() for p in pl_module.parameters()]
+        flags = [torch.isfinite(_local(p)).all() for p in pl_module.parameters()]
         ok = torch.stack(flags).all() if flags else torch.tensor(True)
         bad = trainer.strategy.reduce((~ok).float().reshape(1), reduce_op="sum")
         if float(bad.item()) > 0:
