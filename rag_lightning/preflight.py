@@ -207,9 +207,11 @@ def check_run(cfg: Any) -> None:
         start_step_warning(start, *length)
 
 
-def preflight(cfg: Any) -> None:
-    """Check the task, the device, every data file and model the config names, before anything heavy is built."""
-    problems = [task_problem(cfg), device_problem(cfg.get("trainer"))]
+def preflight(cfg: Any, trainer: bool = True) -> None:
+    """Check the task, the device, every data file and model the config names, before anything heavy is built.
+    ``trainer``: the command builds the config's Trainer (build_index.py does not: it embeds on CUDA when there
+    is one and on the CPU otherwise, whatever `trainer` says)."""
+    problems = [task_problem(cfg), device_problem(cfg.get("trainer")) if trainer else None]
     if cfg.get("data") is not None and str(cfg.data.get("_target_", "")).endswith("QADataModule"):
         problems.append(files_problem(data_files(cfg.data)))
     for key, val in _walk(cfg.get("model", {}), "model"):

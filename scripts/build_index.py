@@ -104,7 +104,7 @@ def prepare(cfg: DictConfig) -> Path | None:
     from rag_lightning.preflight import preflight
     from rag_lightning.retrieval.index import resolve_device
 
-    preflight(cfg)
+    preflight(cfg, trainer=False)
     shard, world = shard_of(cfg)
     t0 = time.perf_counter()
     datamodule = hydra.utils.instantiate(cfg.data)
