@@ -129,6 +129,8 @@ def write_report(
 def _fmt(v: float | None, name: str) -> str:
     if v is None:
         return "-"
+    if name.endswith("top1_distinct"):
+        return f"{v:.0f}"
     return f"{100 * v:.1f}%" if _is_fraction(name) else f"{v:.3f}"
 
 
