@@ -29,8 +29,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from rag_lightning.data.readers import QAExample, json_lines
-from rag_lightning.data.textio import DataError, encoding_error
+from rag_lightning.data.readers import QAExample
+from rag_lightning.data.textio import DataError, encoding_error, iter_jsonl
 
 SECTION = "Section::::"
 ENT_START, ENT_END = "[START_ENT]", "[END_ENT]"  # entity linking: the mention marked in a whole document
@@ -155,7 +155,7 @@ def kilt_rows(
     record's answer must be one of them and becomes the example's label; ``window`` keeps that many words on
     each side of an entity-linking mention (:func:`mention_window`)."""
     src = str(path)
-    for ln, rec in json_lines(path):
+    for ln, rec in iter_jsonl(path):
         if isinstance(rec, DataError):
             yield ln, rec
             continue
@@ -208,7 +208,7 @@ def iter_kilt_passages(
     if passage_words < 1:
         raise ValueError(f"passage_words must be >= 1, got {passage_words}")
     src, n = str(path), 0
-    for ln, page in json_lines(path):
+    for ln, page in iter_jsonl(path):
         if isinstance(page, DataError):
             raise page
         if not isinstance(page, Mapping):

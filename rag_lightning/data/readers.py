@@ -51,7 +51,7 @@ from rag_lightning.data.textio import (
     first_line,
     is_blank,
     iter_json_array,
-    json_loads,
+    iter_jsonl,
     load_json,
     read_head,
     read_lines,
@@ -309,24 +309,6 @@ def _rows_curatedtrec(path: Path, regex: bool = True, **_: Any) -> Row:
         yield ln, _checked_row(cols, list(_TREC_COLUMNS), src, ln, make)
 
 
-def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """``(line, parsed value or DataError)`` of each non-blank line of a JSON-lines file (a bad byte or broken
-    JSON is that line's DataError)."""
-    src = str(path)
-    for ln, text in read_lines(path):
-        if not text.strip():
-            continue
-        bad = encoding_error(src, ln, "<encoding>", text, start=0)
-        if bad is not None:
-            yield ln, bad
-            continue
-        try:
-            rec = json_loads(text, src, ln)  # broken, or nested too deeply: this row's error
-        except DataError as e:
-            rec = e
-        yield ln, rec
-
-
 def _rows_jsonl(
     path: Path,
     question_field: str = "question",
@@ -335,7 +317,7 @@ def _rows_jsonl(
     **_: Any,
 ) -> Row:
     src = str(path)
-    for ln, rec in json_lines(path):
+    for ln, rec in iter_jsonl(path):
         if isinstance(rec, DataError):
             yield ln, rec
             continue

@@ -41,8 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rag_lightning.data.readers import json_lines
-from rag_lightning.data.textio import DataError
+from rag_lightning.data.textio import DataError, iter_jsonl
 from rag_lightning.metrics import exact_match, f1
 
 DOWNSTREAM = ("accuracy", "em", "f1", "rougel")
@@ -283,7 +282,7 @@ def read_kilt_records(path: str | os.PathLike, gold: bool = True) -> list[tuple[
     """``(line, record)`` of a KILT jsonl file, each checked (``id``, ``output`` objects, provenance lists) and
     ids unique, else DataError naming file, line and field."""
     src, out, seen = str(path), [], {}
-    for ln, rec in json_lines(path):
+    for ln, rec in iter_jsonl(path):
         if isinstance(rec, DataError):
             raise rec
         _check_record(rec, src, ln, need_answer=gold)
