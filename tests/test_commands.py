@@ -5,6 +5,7 @@ results.json; the Python entry point on a classification task (its predictions a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,3 +91,17 @@ def test_pipeline_predicts_labels_for_a_classification_task(tmp_path, monkeypatc
     assert len(labels) == 3 and set(labels) <= {"SUPPORTS", "REFUTES"}
     assert [r["prediction"] for r in pipe.predict(claims)] == labels
     assert [len(p) for p in pipe.retrieve(claims, k=3)] == [3, 3, 3]
+
+
+@pytest.mark.slow
+def test_build_index_writes_results_under_logs_build_index(tmp_path):
+    """`rag-build-index` (tiny towers, the demo corpus) from an empty folder: results.json names the prepared
+    directory and its stamp, under logs/build_index/runs/<date_time>."""
+    args = ["-m", "rag_lightning.commands.build_index", "model=tiny", "retriever=tiny", "chunk_size=400"]
+    proc = run_python(args, cwd=tmp_path)
+    (out,) = tmp_path.glob("logs/build_index/runs/*")
+    result = json.loads((out / "results.json").read_text())
+    assert f"results: {out / 'results.json'}" in proc.stdout
+    assert (result["shard"], result["num_shards"]) == (0, 1)
+    assert Path(result["prepared"]).parent == tmp_path / ".cache" / "rag_lightning" / "indexes"
+    assert result["stamp"] == json.loads((Path(result["prepared"]) / "stamp.json").read_text())

@@ -465,18 +465,27 @@ def test_objective_example_is_an_objective():
     assert scores.grad is not None and seq_lp.grad is None
 
 
+PIPELINE_PAGES = ["README.md", "docs/evaluation.md"]
+
+
 @pytest.mark.slow
-def test_python_entry_point_example_runs(tiny_run, tmp_path, monkeypatch):
-    """docs/evaluation.md's RagPipeline example, on the module's tiny run, from another folder."""
-    (code,) = [b.text for b in ALL_BLOCKS if b.page == "docs/evaluation.md" and b.lang == "python"]
+@pytest.mark.parametrize("page", PIPELINE_PAGES)
+def test_python_entry_point_example_runs(page, tiny_run, tmp_path, monkeypatch):
+    """The RagPipeline examples, on the module's tiny run, from another folder."""
+    (code,) = [b.text for b in ALL_BLOCKS if b.page == page and b.lang == "python"]
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(code.replace(RUN_DIR, str(tiny_run[0])), "docs/evaluation.md", "exec"), namespace)
+    exec(compile(code.replace(RUN_DIR, str(tiny_run[0])), page, "exec"), namespace)
     assert len(namespace["answers"]) == 2 and all(isinstance(a, str) for a in namespace["answers"])
     (top,) = namespace["passages"]
     assert len(top) == 5 and all(set(p) == {"id", "title", "text", "score"} for p in top)
-    ids = namespace["rows"][0]["passage_ids"]  # the passages the generator read, best first
-    assert ids and [p["id"] for p in top][: len(ids)] == ids[:5]
+    if "rows" in namespace:
+        (row,) = namespace["rows"]
+        assert (
+            isinstance(row["prediction"], str)
+            and row["passage_ids"]
+            and row["question"] == "who wrote hamlet?"
+        )
     assert not list(tmp_path.iterdir())
 
 

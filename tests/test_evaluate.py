@@ -99,13 +99,15 @@ def test_pipeline_answers_and_retrieves_as_rag_evaluate(trained, evaluated, tmp_
     monkeypatch.chdir(tmp_path)
     pipe = RagPipeline.from_checkpoint(str(trained[0]))
     assert pipe.answer(questions) == [r["prediction"] for r in rows]
-    found = pipe.retrieve(questions, k=5)
+    found = pipe.retrieve(questions, k=N_PASSAGES)  # the k rag-evaluate searched: the same search
     assert len(found) == len(rows)
     for row, passages in zip(rows, found):
-        assert [p["id"] for p in passages] == row["passage_ids"][:5]
-        assert [p["title"] for p in passages] == row["titles"][:5]
-        assert [p["score"] for p in passages] == pytest.approx(row["scores"][:5], abs=1e-3)
+        assert [p["id"] for p in passages] == row["passage_ids"]
+        assert [p["title"] for p in passages] == row["titles"]
+        assert [p["score"] for p in passages] == pytest.approx(row["scores"], abs=1e-3)
         assert all(set(p) == {"id", "title", "text", "score"} and p["text"] for p in passages)
+    top = pipe.retrieve(questions[:1], k=5)[0]
+    assert len(top) == 5 and [p["score"] for p in top] == sorted((p["score"] for p in top), reverse=True)
     assert len(pipe.retrieve(questions[:1], k=100)[0]) == N_PASSAGES  # k beyond the corpus: all of it
     assert not list(tmp_path.iterdir())
 

@@ -9,7 +9,7 @@ overrides that select the corpus, tokenizers, document encoder and index mean th
 2. the document encoder embeds it in chunks of `chunk_size` rows (`emb_{start}_{end}.npy`, written atomically,
    skipped when present: a rerun resumes), sharded over processes: chunk i belongs to shard i % S. S and this
    process's shard come from `num_shards` / `shard`, else from torchrun's `WORLD_SIZE` / `RANK`:
-       torchrun --nproc-per-node 8 -m rag_lightning.commands.build_index +experiment=nq paths.data_dir=D
+       torchrun --nproc-per-node 8 --no-python rag-build-index +experiment=nq paths.data_dir=D
    each rank embeds on `cuda:LOCAL_RANK` (CPU without CUDA);
 3. the process that completes the last chunk merges them into `<index.root>/<stamp hash>/vectors.npy` with
    `stamp.json` (corpus fingerprint, document-encoder weights fingerprint, factory, dtype), atomically;
@@ -17,7 +17,7 @@ overrides that select the corpus, tokenizers, document encoder and index mean th
    shard 0 also builds the BM25 index under `<index.root>/bm25-<stamp hash>` (bm25 mode embeds nothing).
 `rag-train` and `rag-evaluate` with the same overrides compute the same stamp and load that directory
 (`index: loaded <path> (<N> passages, <stamp>)`); nothing is converted or embedded at train time. Outputs (the
-log, `results.json`: the prepared directory, passages, stamp) under `logs/build_index/runs/<date_time>`.
+log, `results.json`: the shard, the prepared directory and its stamp) under `logs/build_index/runs/<date_time>`.
 """
 
 from __future__ import annotations
