@@ -59,7 +59,7 @@ def test_eval_retrieval_reuses_the_run_and_writes_results(tiny_checkpoint, tmp_p
     assert [(r["set"], r["n"]) for r in records] == [("demo_val", 4), ("demo_test", 4)]
     assert [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")] == records
     assert all(r["recall@1"] <= r["recall@5"] <= r["recall@20"] for r in records)
-    assert "index: built" in (out / "eval_retrieval.log").read_text()  # the log lands there too
+    assert "index: " in (out / "eval_retrieval.log").read_text()  # the log lands there too (built or loaded)
 
 
 @pytest.mark.slow
@@ -105,3 +105,21 @@ def test_build_index_writes_results_under_logs_build_index(tmp_path):
     assert (result["shard"], result["num_shards"]) == (0, 1)
     assert Path(result["prepared"]).parent == tmp_path / ".cache" / "rag_lightning" / "indexes"
     assert result["stamp"] == json.loads((Path(result["prepared"]) / "stamp.json").read_text())
+
+
+def test_eval_retrieval_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    """The retriever's trainable weights must all come from the checkpoint (frozen towers are not saved)."""
+    from rag_lightning.commands.eval_retrieval import load_retriever
+    from rag_lightning.preflight import ConfigError
+
+    cfg = compose_config("model=tiny", "retriever=tiny", f"ckpt_path={tmp_path / 'r.ckpt'}", root=tmp_path)
+    retriever = instantiate(cfg.retriever)
+    trainable = {n for n, p in retriever.named_parameters() if p.requires_grad}
+    state = {f"retriever.{k}": v for k, v in retriever.state_dict().items() if k in trainable}
+    torch.save({"state_dict": state}, cfg.ckpt_path)
+    loaded = load_retriever(cfg)
+    assert all(torch.equal(loaded.state_dict()[k[len("retriever.") :]], v) for k, v in state.items())
+    del state[min(state)]
+    torch.save({"state_dict": {**state, "retriever.bogus": torch.zeros(1)}}, cfg.ckpt_path)
+    with pytest.raises(ConfigError, match=r"r\.ckpt does not fit the configured retriever \(2 keys"):
+        load_retriever(cfg)

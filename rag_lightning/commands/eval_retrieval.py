@@ -77,7 +77,13 @@ def load_retriever(cfg: DictConfig) -> Any:
         verify_checkpoint(cfg.ckpt_path)  # flipped bytes, truncated or empty: CheckpointError naming the file
         state = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
         sub = {k[len("retriever.") :]: v for k, v in state.items() if k.startswith("retriever.")}
-        retriever.load_state_dict(sub, strict=False)
+        missing, unexpected = retriever.load_state_dict(sub, strict=False)  # frozen towers are not saved
+        trainable = {n for n, p in retriever.named_parameters() if p.requires_grad}
+        if bad := [*unexpected, *(k for k in missing if k in trainable)]:
+            raise ConfigError(
+                f"{cfg.ckpt_path} does not fit the configured retriever ({len(bad)} keys, e.g. {bad[0]}): pass "
+                f"the retriever overrides it was trained with (or keep its run's .hydra/config.yaml next to it)"
+            )
     return retriever.eval()
 
 
