@@ -1,5 +1,6 @@
 """The composed config of every model x index choice, every retriever, every data config and every experiment,
-compared byte for byte with a snapshot (tests/data/composed/). The config groups state shared keys once in a
+compared byte for byte (keys sorted: a key stated in a base keeps the base's place) with a snapshot
+(tests/data/composed/). The config groups state shared keys once in a
 base (conf/model/base.yaml, conf/index/base.yaml, conf/retriever/base.yaml, conf/data/base.yaml); moving a key
 into a base must not change what any choice composes to.
 
@@ -35,13 +36,13 @@ CASES: dict[str, list[str]] = {
 }
 
 
-def composed_yaml(overrides: list[str]) -> str:
+def composed_yaml(overrides: list[str], conf_dir: Path = CONF_DIR) -> str:
     """conf/train.yaml with OVERRIDES as `python train.py OVERRIDES` composes it, unresolved, without the
-    `hydra` node (which holds the run's time and the overrides themselves)."""
-    cfg = compose_config(*overrides, root=ROOT)
+    `hydra` node (which holds the run's time and the overrides themselves), keys sorted."""
+    cfg = compose_config(*overrides, root=ROOT, conf_dir=conf_dir)
     OmegaConf.set_struct(cfg, False)
     del cfg["hydra"]
-    return OmegaConf.to_yaml(cfg)
+    return OmegaConf.to_yaml(cfg, sort_keys=True)
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -58,10 +59,13 @@ def test_no_snapshot_without_a_config():
     assert sorted(p.stem for p in SNAPSHOT_DIR.glob("*.yaml")) == sorted(CASES)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python tests/test_composed.py [CONF_DIR, e.g. another commit's conf/]
+    import sys
+
+    conf = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else CONF_DIR
     SNAPSHOT_DIR.mkdir(parents=True, exist_ok=True)
     for stale in SNAPSHOT_DIR.glob("*.yaml"):
         stale.unlink()
     for name, overrides in CASES.items():
-        (SNAPSHOT_DIR / f"{name}.yaml").write_text(composed_yaml(overrides))
+        (SNAPSHOT_DIR / f"{name}.yaml").write_text(composed_yaml(overrides, conf))
     print(f"{len(CASES)} snapshots in {SNAPSHOT_DIR}")
