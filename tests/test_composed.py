@@ -4,6 +4,11 @@ compared byte for byte (keys sorted: a key stated in a base keeps the base's pla
 base (conf/model/base.yaml, conf/index/base.yaml, conf/retriever/base.yaml, conf/data/base.yaml); moving a key
 into a base must not change what any choice composes to.
 
+Deliberate differences since the snapshot was taken from main's conf/ (each applied to the snapshot in the commit
+that made it):
+- `index.keep: true` (conf/index/base.yaml): an index built with a frozen document encoder is kept under
+  `index.root` (docs/index-and-scale.md).
+
 After a deliberate change: `python tests/test_composed.py` rewrites the snapshot; review its diff."""
 
 from __future__ import annotations
