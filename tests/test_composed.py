@@ -6,6 +6,9 @@ into a base must not change what any choice composes to.
 
 Deliberate differences since the snapshot was taken from main's conf/ (each applied to the snapshot in the commit
 that made it):
+- `model=llm` (and experiment=nq_llm) gained `fused_loss: true`, `generator_loss: null`, `retriever_loss: null` and
+  `objective_args` from conf/model/base.yaml: RagModule's own defaults, which llm.yaml left implicit (the module
+  computes the same);
 - `index.keep: true` (conf/index/base.yaml): an index built with a frozen document encoder is kept under
   `index.root` (docs/index-and-scale.md).
 
