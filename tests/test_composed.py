@@ -9,6 +9,9 @@ that made it):
 - `model=llm` (and experiment=nq_llm) gained `fused_loss: true`, `generator_loss: null`, `retriever_loss: null` and
   `objective_args` from conf/model/base.yaml: RagModule's own defaults, which llm.yaml left implicit (the module
   computes the same);
+- the demo data configs (data=demo, demo_verify, demo_longform, and every case composed on data=demo): `format: auto`
+  in place of `format: jsonl` (the same files, read the same way; a path swapped for a tsv is then read as one) and
+  `fields` declared with null values, so `data.corpus.fields.text=body` needs no `+` (docs/data.md);
 - `index.keep: true` (conf/index/base.yaml): an index built with a frozen document encoder is kept under
   `index.root` (docs/index-and-scale.md).
 
