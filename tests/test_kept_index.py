@@ -92,7 +92,7 @@ def test_a_failure_to_keep_is_a_warning_and_the_run_goes_on(tmp_path, caplog):
 def test_evaluating_a_trained_checkpoint_loads_the_index_training_kept(tmp_path, embeds, monkeypatch, caplog):
     """A tiny run with the frozen document encoder of retriever=tiny trains; evaluating its checkpoint (a run
     with train=false ckpt_path=..., the path scripts/evaluate.py takes too: ensure_index(match_weights=True))
-    embeds nothing, and its test figures equal those of an evaluation that embeds the corpus again."""
+    and resuming it embed nothing, and the evaluation's test figures equal those of one that embeds again."""
     tests: list[dict] = []
     monkeypatch.setattr("rag_lightning.train.print_summary", lambda cfg, trainer, b, a, t: tests.append(t))
     common = ["test=true", "trainer.limit_val_batches=1", "trainer.val_check_interval=2"]
@@ -109,7 +109,11 @@ def test_evaluating_a_trained_checkpoint_loads_the_index_training_kept(tmp_path,
     with caplog.at_level(logging.INFO, logger="rag_lightning.models.retriever"):
         train(ev)
     assert len(embeds) == 1 and f"index: loaded {kept} " in caplog.text
+    resume = run_cfg(tmp_path / "resume", [*common, "trainer.max_steps=4", f"ckpt_path={ckpt}"])
+    resume.paths.cache_dir = cfg.paths.cache_dir
+    train(resume)  # a resume in another output folder loads it too
+    assert len(embeds) == 1
     again = run_cfg(tmp_path / "again", [*evaluate, "index.keep=false"])  # its own cache: nothing kept there
     train(again)
     assert len(embeds) == 2
-    assert tests[1] and tests[1] == tests[2]
+    assert tests[1] and tests[1] == tests[3]

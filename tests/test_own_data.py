@@ -68,7 +68,8 @@ def test_demo_questions_on_another_corpus_warn_naming_the_keys(tmp_path, cfg_fac
         dm.validate_sets()
     (warning,) = [r.getMessage() for r in caplog.records if "bundled" in r.getMessage()]
     assert warning.startswith("data.train_sets, data.val_sets, data.test_sets: the demo's bundled questions")
-    assert f"the corpus is {corpus}" in warning and "docs/data.md" in warning
+    assert f"the corpus is {corpus}: their answers are not in it" in warning
+    assert warning.endswith("set them to your own questions (docs/data.md)")
 
     caplog.clear()  # the demo as shipped: its own questions on its own passages, nothing to say
     with caplog.at_level(logging.WARNING, logger="rag_lightning.data.datamodule"):

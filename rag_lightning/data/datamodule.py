@@ -240,7 +240,7 @@ class QADataModule(L.LightningDataModule):
             log.warning(
                 "%s: the demo's bundled questions, but the corpus is %s: their answers are not in it, so the "
                 "figures mean nothing; set %s to your own questions (docs/data.md)",
-                ", ".join(keys), self.corpus_spec["path"], " and ".join(keys),
+                ", ".join(keys), self.corpus_spec["path"], "it" if len(keys) == 1 else "them",
             )  # fmt: skip
 
     def _read(self, spec: dict[str, Any]) -> tuple[str, list[Item]]:

@@ -8,7 +8,8 @@ makes both encoders return unit vectors (the index then searches cosine by inner
 fixed, or learned as CLIP does (a log-scale parameter, clamped).
 
 The retriever owns the index lifecycle, and is the only place the index version is written:
-`ensure_index` (load the prepared index whose stamp matches, else build), `load_index`, `refresh_index`
+`ensure_index` (load the prepared index whose stamp matches, else build, and keep what it built under
+`index.root` when the document encoder is frozen: `keep_vectors`), `load_index`, `refresh_index`
 (re-embed, build aside, swap on every rank or on none), `save_index`. Every decision is the same on all DDP
 ranks: the candidate path is rank 0's, and a load or refresh that fails on any rank fails on all of them
 (an all-reduce after the local work, which every rank reaches), so the old index stays everywhere.
@@ -226,7 +227,8 @@ class Retriever(nn.Module):
 
     def ensure_index(self, corpus, progress: bool = True, match_weights: bool = False) -> None:
         """Have an index: keep the current one (unless ``match_weights`` and the document encoder's weights
-        changed since it was made), else load a prepared / known one whose stamp matches, else build one."""
+        changed since it was made), else load a prepared / known one whose stamp matches, else build one (and,
+        with a frozen document encoder and ``index.keep``, write it to the store: ``keep_vectors``)."""
         if self.use_bm25:
             self.ensure_bm25(corpus)
         if self.retrieval_mode == "bm25" or (self.index is not None and not match_weights):
