@@ -4,12 +4,16 @@ a document encoder that trains is never kept (its vectors depend on the step).""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from test_scale import _corpus, _questions, _retriever
 from test_train import run_cfg
 
@@ -86,6 +90,40 @@ def test_a_failure_to_keep_is_a_warning_and_the_run_goes_on(tmp_path, caplog):
         r.ensure_index(corpus, progress=False)
     assert "index: could not keep the index under" in caplog.text
     assert r.index is not None and r.index_source["path"] is None
+
+
+def _keep_worker(rank: int, world: int, tmp: str, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        r = _retriever(Path(tmp) / "indexes")
+        assert r.index_mode == "sharded"  # mode auto under DDP: each rank embeds and holds its rows
+        r.ensure_index(_corpus(Path(tmp)), progress=False)
+        (Path(tmp) / f"rank{rank}.json").write_text(json.dumps({"path": r.index_source["path"]}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_under_ddp_every_rank_writes_its_rows_and_rank_0_merges_them(tmp_path):
+    corpus = _corpus(tmp_path)  # converted once, before the workers
+    ctx = mp.get_context("spawn")
+    port = 30500 + os.getpid() % 1000
+    procs = [ctx.Process(target=_keep_worker, args=(r, 2, str(tmp_path), port)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=180)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    paths = {json.loads((tmp_path / f"rank{r}.json").read_text())["path"] for r in (0, 1)}
+    (kept,) = (tmp_path / "indexes").iterdir()  # the prepared directory alone: no chunk files left
+    assert paths == {str(kept)} and store.verify_prepared(kept, "full", len(corpus)) == len(corpus)
+    one = _retriever(tmp_path / "one")  # one process, every row: the same vectors
+    one.ensure_index(corpus, progress=False)
+    (single,) = (tmp_path / "one").iterdir()
+    assert single.name == kept.name  # the same stamp
+    np.testing.assert_allclose(store.open_vectors(kept), store.open_vectors(single), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
