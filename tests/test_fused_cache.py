@@ -112,8 +112,12 @@ def test_budget_context_and_second_backward(monkeypatch):
     assert calls[0] == 4 + 4
     for a, r in zip(first, second):
         assert torch.equal(a, r)
-    with torch.no_grad():  # nothing to keep without a gradient: the same values
+    budgets = []
+    rows = TL._cached_rows
+    monkeypatch.setattr(TL, "_cached_rows", lambda *a: budgets.append(a[-1]) or rows(*a))
+    with torch.no_grad():  # no backward: nothing kept, the same values
         assert torch.equal(linear_token_logprobs(h, w, b, y)[0], tok.detach())
+    assert budgets == [0.0]
     with pytest.raises(ValueError, match="cache budget"):
         linear_token_logprobs(h, w, b, y, cache_mb=-1.0)
 

@@ -63,6 +63,8 @@ _CACHE_MB: ContextVar[float | None] = ContextVar("fused_loss_cache_mb", default=
 def fused_cache_budget(mb: float | None) -> Iterator[None]:
     """Within the block, :func:`linear_token_logprobs` without ``cache_mb`` keeps up to ``mb`` MiB of logits
     for backward (None: ``FUSED_CACHE_MB``; 0: recompute them all)."""
+    if mb is not None and mb < 0:
+        raise ValueError(f"the fused loss's cache budget must be >= 0 MiB, got {mb}")
     token = _CACHE_MB.set(mb)
     try:
         yield
@@ -74,8 +76,6 @@ def _cached_rows(blocks: list[slice], v: int, dt: torch.dtype, mb: float | None)
     """Rows of the leading whole blocks whose (rows, V) logits in ``dt`` fit in ``mb`` MiB."""
     mb = _CACHE_MB.get() if mb is None else mb
     mb = FUSED_CACHE_MB if mb is None else mb
-    if mb < 0:
-        raise ValueError(f"the fused loss's cache budget must be >= 0 MiB, got {mb}")
     fit = int(mb * 2**20) // (v * torch.finfo(dt).bits // 8)
     return max([0] + [s.stop for s in blocks if s.stop <= fit])
 
@@ -246,8 +246,7 @@ class _LinearTokenLogProb(torch.autograd.Function):
         mlp = torch.empty_like(tok) if mean else None
         logits = _Logits(h, w, b, mm, dt)
         blocks = _blocks(h.shape[0], w.shape[0], FUSED_CHUNK_ELEMS)
-        kept = _cached_rows(blocks, w.shape[0], dt, mb)
-        ctx.kept = kept if any(ctx.needs_input_grad[:3]) else 0  # no gradient (eval): nothing kept
+        ctx.kept = _cached_rows(blocks, w.shape[0], dt, mb) if any(ctx.needs_input_grad[:3]) else 0
         ctx.cache = h.new_empty((ctx.kept, w.shape[0]), dtype=dt) if ctx.kept else None  # (kept, V)
         lsm_buf = None
         with torch.autocast(h.device.type, enabled=False):
@@ -321,7 +320,8 @@ def linear_token_logprobs(
         raise ValueError(
             f"expected targets (N,), bias (V,); got {tuple(targets.shape)}, {bias and tuple(bias.shape)}"
         )
-    tok, mlp = _LinearTokenLogProb.apply(
-        hidden, weight, bias, targets.long(), mean, _mm_dtype(hidden), cache_mb
-    )
+    if cache_mb is not None and cache_mb < 0:
+        raise ValueError(f"the fused loss's cache budget must be >= 0 MiB, got {cache_mb}")
+    mb = cache_mb if torch.is_grad_enabled() else 0.0  # no backward (eval): nothing to keep
+    tok, mlp = _LinearTokenLogProb.apply(hidden, weight, bias, targets.long(), mean, _mm_dtype(hidden), mb)
     return tok, (mlp if mean else None)
