@@ -1,6 +1,7 @@
 """FSDP2 (trainer=fsdp): two CPU processes (gloo) train a LoRA'd tiny Llama whose decoder layers are sharded;
 ranks > 0 build it on the meta device and receive rank 0's weights shard by shard."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -22,6 +23,23 @@ def _save_tiny_llama(path: Path) -> None:
     from rag_lightning.readers.causal import CausalGenerator
 
     CausalGenerator(*tiny_causal_lm("llama")).save_pretrained(path)
+
+
+def _train(tmp_path: Path, *overrides: str, steps: int = 4, val: int = 0) -> subprocess.CompletedProcess:
+    """`python train.py` on 2 CPU processes (gloo), 16 examples, `steps` optimizer steps; ``val``: validate
+    once at the end on the first ``val`` questions (batches of 2), else never."""
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "trainer.accelerator=cpu", "trainer.devices=2",
+        "trainer.precision=32-true", *overrides, "optimizer.lr=1e-3", "data.max_train_examples=16",
+        "data.batch_size=2", f"trainer.max_steps={steps}", *(
+            [f"trainer.val_check_interval={steps}", f"data.max_eval_examples={val}", "data.eval_batch_size=2"]
+            if val else ["trainer.limit_val_batches=0"]
+        ), "optimized_metric=null",
+        "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "validate_before_fit=false",
+        "test=false", f"paths.log_dir={tmp_path}/logs", f"paths.cache_dir={tmp_path}/cache",
+        f"paths.root_dir={ROOT}", f"hydra.run.dir={tmp_path}/run",
+    ]  # fmt: skip
+    return subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
 
 
 def test_layer_classes_are_the_decoder_blocks():
@@ -89,16 +107,8 @@ def test_two_process_fsdp_lora(tmp_path, cfg_factory, copy):
     model = ["retriever=tiny", "model=tiny", f"model.generator.name_or_path={gen_dir}", LORA]
     if copy:
         model.append("+model.generator.copy=true")
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-        "trainer.precision=32-true", *model, "+model.generator._partial_=true",
-        "model.generator.gradient_checkpointing=true", "optimizer.lr=1e-3", "data.max_train_examples=16",
-        "data.batch_size=2", "trainer.max_steps=4", "trainer.limit_val_batches=0", "optimized_metric=null",
-        "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "validate_before_fit=false",
-        "test=false", f"paths.log_dir={tmp_path}/logs", f"paths.cache_dir={tmp_path}/cache",
-        f"paths.root_dir={ROOT}", f"hydra.run.dir={tmp_path}/run",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    proc = _train(tmp_path, "trainer=fsdp", *model, "+model.generator._partial_=true",
+                  "model.generator.gradient_checkpointing=true")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-6000:]
     sd = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     # only what trains: the LoRA adapters (full tensors gathered from the shards), the query encoder, the copy head
@@ -118,3 +128,53 @@ def test_two_process_fsdp_lora(tmp_path, cfg_factory, copy):
     fresh.load_state_dict(sd)
     got = dict(fresh.named_parameters())
     assert all(torch.equal(got[k], v) for k, v in sd.items() if "lora_" in k or "pointer" in k)
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("trainer", ["fsdp", "ddp_sim"])
+def test_two_process_shared_tower(tmp_path, cfg_factory, trainer):
+    """retriever.shared_encoder: one tower for both sides, trained by both (train_doc_encoder follows), the
+    corpus re-embedded with it at fit start and by a refresh after step 2; under FSDP it is one unit whose
+    forward both sides run."""
+    model = ["retriever=tiny", "model=tiny", "retriever.shared_encoder=true", "retriever.doc_encoder=null"]
+    proc = _train(tmp_path, f"trainer={trainer}", *model, "callbacks.refresh_index.every_n_steps=2", steps=3)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    assert "index: built v1" in log  # the refresh re-embedded the corpus with the trained tower
+    sd = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith("retriever.doc_encoder") for k in sd)  # one copy of the tower
+    cfg = cfg_factory(*model)
+    fresh = instantiate(cfg.model)  # one process, unsharded: the checkpoint loads strictly
+    init = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh.load_state_dict(sd)
+    tower = [k for k in sd if k.startswith("retriever.query_encoder.")]
+    assert tower and all(k in init for k in tower)
+    assert any(not torch.equal(sd[k], init[k]) for k in tower)  # it trained
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_two_process_fsdp_fid(tmp_path, cfg_factory):
+    """Fusion-in-Decoder (tiny T5) under FSDP: 2 steps on 2 processes, a validation (loss and decoding) over 8
+    questions split between them; the checkpoint loads strictly into one unsharded process, whose validation
+    loss over the same 8 questions equals the sharded one."""
+    import lightning as L
+
+    model = ["retriever=tiny", "model=tiny", "model.variant=fid", "model.generator.name_or_path=tiny:t5"]
+    proc = _train(tmp_path, "trainer=fsdp", *model, "+model.generator._partial_=true", steps=2, val=8)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    rows = list(csv.DictReader((tmp_path / "run" / "csv" / "metrics.csv").open()))
+    sharded = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
+    sd = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert any(k.startswith("generator.model.decoder.") for k in sd)  # the reader trains, gathered whole
+
+    cfg = cfg_factory(*model, "data.max_eval_examples=8", "data.eval_batch_size=2")
+    fresh = instantiate(cfg.model)
+    init = {k: v.clone() for k, v in fresh.state_dict().items()}
+    fresh.load_state_dict(sd)
+    assert any(not torch.equal(v, init[k]) for k, v in sd.items() if k.startswith("generator."))  # trained
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, inference_mode=False)  # fmt: skip
+    one = trainer.validate(fresh, datamodule=instantiate(cfg.data), verbose=False)[0]["val/loss"]
+    assert len(sharded) == 1 and sharded[0] == pytest.approx(one, rel=1e-5)

@@ -11,7 +11,8 @@ gradient averaging), the frozen document encoder and the index stay whole on eve
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -70,3 +71,37 @@ def is_sharded(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(module, FSDPModule)
+
+
+def shard_tower(model: nn.Module, mesh: Any) -> nn.Module:
+    """One FSDP2 unit over a retriever tower that stays unsharded from forward to backward: a shared tower
+    (``retriever.shared_encoder``) runs its forward for both sides in one step, and both reuse one all-gather."""
+    from torch.distributed.fsdp import fully_shard
+
+    return fully_shard(model, mesh=mesh, reshard_after_forward=False)
+
+
+@contextlib.contextmanager
+def gathered(module: nn.Module) -> Iterator[None]:
+    """Every FSDP2 unit in ``module`` unsharded for the duration: one all-gather per unit on entering (every
+    rank enters), none per forward call, so the ranks may run different numbers of forward calls inside (each
+    embeds its own rows of the corpus; decoding stops when this rank's questions are done). Each unit's
+    reshard-after-forward setting is restored on leaving. A no-op without FSDP."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    saved = []
+    for unit in units:
+        state = unit._get_fsdp_state()
+        groups = [(g, g.post_forward_mesh_info) for g in state._fsdp_param_groups]
+        saved.append((state, state._auto_reshard_after_forward, groups))
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit, (state, auto, groups) in zip(units, saved):
+            unit.reshard()
+            state._auto_reshard_after_forward = auto
+            for group, info in groups:
+                group.post_forward_mesh_info = info
