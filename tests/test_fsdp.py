@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hydra.utils import instantiate
 
 from rag_lightning.models.sharding import layer_classes
@@ -178,3 +180,44 @@ def test_two_process_fsdp_fid(tmp_path, cfg_factory):
                         enable_model_summary=False, inference_mode=False)  # fmt: skip
     one = trainer.validate(fresh, datamodule=instantiate(cfg.data), verbose=False)[0]["val/loss"]
     assert len(sharded) == 1 and sharded[0] == pytest.approx(one, rel=1e-5)
+
+
+def _gathered_worker(rank: int, world: int, init: str) -> None:
+    from datetime import timedelta
+
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from rag_lightning.models.sharding import gathered, shard_generator
+
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=60)
+    )
+    try:
+        ref = from_pretrained("tiny:bart", variant="fid").eval()
+        gen = shard_generator(
+            from_pretrained("tiny:bart", variant="fid").eval(), init_device_mesh("cpu", (world,))
+        )
+        torch.manual_seed(rank)
+        src = torch.randint(5, 60, (2 * (rank + 1), 9))  # (B*K, S): another batch on each rank
+        dec = src[:, :4]
+        with torch.no_grad():
+            want = ref.model(input_ids=src, decoder_input_ids=dec).logits
+            with gathered(gen):  # rank r runs r + 1 forward calls: no collective inside
+                for _ in range(rank + 1):
+                    got = gen.model(input_ids=src, decoder_input_ids=dec).logits
+            torch.testing.assert_close(got, want)
+            labels = torch.randint(5, 60, (rank + 1, 3))
+            # sharded again, each unit's reshard-after-forward as before: the reader's own pass (every rank)
+            torch.testing.assert_close(
+                gen(src, torch.ones_like(src), labels), ref(src, torch.ones_like(src), labels)
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_gathered_lets_ranks_run_different_numbers_of_forward_calls(tmp_path):
+    """Decoding under FSDP (RagModule.generate): each rank stops when its own questions are done, so inside
+    `gathered` a sharded generator runs any number of forward calls per rank, with the unsharded outputs."""
+    mp.spawn(_gathered_worker, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2, join=True)

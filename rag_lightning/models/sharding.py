@@ -86,10 +86,15 @@ def gathered(module: nn.Module) -> Iterator[None]:
     """Every FSDP2 unit in ``module`` unsharded for the duration: one all-gather per unit on entering (every
     rank enters), none per forward call, so the ranks may run different numbers of forward calls inside (each
     embeds its own rows of the corpus; decoding stops when this rank's questions are done). Each unit's
-    reshard-after-forward setting is restored on leaving. A no-op without FSDP."""
+    reshard-after-forward setting is restored on leaving. ``module``'s outermost unit must be a root (the
+    generator, a retriever tower). A no-op without FSDP."""
     from torch.distributed.fsdp import FSDPModule
 
     units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if (
+        units
+    ):  # the outermost unit is its tree's root (the generator, a tower): set up as on its first forward,
+        units[0]._get_fsdp_state()._lazy_init()  # else a unit called first inside would claim to be the root
     saved = []
     for unit in units:
         state = unit._get_fsdp_state()
