@@ -118,7 +118,9 @@ def test_two_process_fsdp_lora(tmp_path, cfg_factory, copy):
     assert all("lora_" in k or k.startswith(trains) for k in sd)
     assert copy == ("generator.pointer.query.weight" in sd)
     lora_b = [v for k, v in sd.items() if "lora_B" in k]
-    log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")[-4000:]
+    full_log = (tmp_path / "run" / "train.log").read_text(encoding="utf-8")
+    assert "non-finite" not in full_log, full_log[-4000:]  # no step skipped (e.g. garbage rotary buffers)
+    log = full_log[-4000:]
     # initialized to 0: the adapters trained (the log's tail says why not, e.g. skipped non-finite steps)
     assert lora_b and all(v.abs().sum() > 0 for v in lora_b), (
         os.path.realpath(tmp_path / "run" / "checkpoints" / "last.ckpt"),
@@ -221,3 +223,39 @@ def test_gathered_lets_ranks_run_different_numbers_of_forward_calls(tmp_path):
     """Decoding under FSDP (RagModule.generate): each rank stops when its own questions are done, so inside
     `gathered` a sharded generator runs any number of forward calls per rank, with the unsharded outputs."""
     mp.spawn(_gathered_worker, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2, join=True)
+
+
+def _load_full_state_worker(rank: int, world: int, init: str, gen_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from rag_lightning.models.sharding import load_full_state, shard_generator
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        ref = from_pretrained(gen_dir, kind="causal", max_source_length=24).eval()
+        gen = from_pretrained(gen_dir, kind="causal", max_source_length=24, empty_init=rank > 0).eval()
+        full = gen.state_dict() if rank == 0 else {}  # as RagModule.configure_model: before sharding
+        shard_generator(gen, init_device_mesh("cpu", (world,)))
+        # freed blocks of each buffer's size hold NaN: storage that to_empty hands out uninitialized shows it
+        junk = [torch.full_like(b, float("nan")) for b in ref.buffers() for _ in range(32)]
+        del junk
+        load_full_state(gen, full, torch.device("cpu"))
+        for (name, got), want in zip(gen.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(got, want, msg=f"rank {rank}: buffer {name}")
+        src, mask = ref.build_sources([[5, 6, 7]], [[8, 9], [10, 11, 12]], n_docs=2)
+        labels = torch.tensor([[5, 6, ref.eos_token_id]] * 2)  # (rows, T)
+        with torch.no_grad():
+            torch.testing.assert_close(gen(src, mask, labels), ref(src, mask, labels))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+def test_load_full_state_keeps_rank_zeros_buffers(tmp_path):
+    """Ranks > 0 build the generator on meta and take rank 0's buffers; rank 0's own went through to_empty too
+    (uninitialized storage): the rotary `inv_freq` (a non-persistent buffer) must be the built one on every
+    rank, or the loss is garbage (NaN: every optimizer step skipped, the LoRA adapters never trained)."""
+    _save_tiny_llama(tmp_path / "llama")
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_load_full_state_worker, args=(2, init, str(tmp_path / "llama")), nprocs=2, join=True)

@@ -58,12 +58,15 @@ def load_full_state(module: nn.Module, full: dict[str, torch.Tensor], device: to
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+    # to_empty gives every tensor new, uninitialized storage on rank 0 too; non-persistent buffers (e.g. rotary
+    # `inv_freq`) are in no state dict: keep rank 0's values across it, then every rank takes them
+    kept = [b.detach().to(device, copy=True) for b in module.buffers()] if dist.get_rank() == 0 else []
     module.to_empty(device=device)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
     set_model_state_dict(module, full, options=opts)
-    # non-persistent buffers (e.g. rotary `inv_freq`) are in no state dict: after to_empty they hold garbage
-    # on the meta-built ranks; rank 0 built them properly, so every rank takes rank 0's (buffers are not sharded)
-    for buf in module.buffers():
+    for i, buf in enumerate(module.buffers()):  # not sharded: the same on every rank
+        if kept:
+            buf.copy_(kept[i])
         dist.broadcast(buf, src=0)
 
 
