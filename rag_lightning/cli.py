@@ -43,7 +43,8 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         return run(cfg)
-    except (DataError, CheckpointError) as e:  # a bad row, a corrupt checkpoint: the file named, no traceback
+    except (DataError, CheckpointError, ConfigError) as e:  # a bad row, a corrupt checkpoint, an index not
+        # built (BM25 under DDP): the file named, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteTrainingError as e:  # the run diverged: the step named, the last finite checkpoint kept

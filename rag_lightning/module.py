@@ -191,7 +191,7 @@ class RagModule(L.LightningModule):
     def configure_model(self) -> None:
         """Build a deferred generator; under FSDP2 (`strategies.FSDP2Strategy`) shard its decoder layers and
         make the query encoder one FSDP unit. Idempotent (Lightning calls it for fit, validate and test)."""
-        from rag_lightning.models.sharding import is_sharded, load_full_state, shard_generator
+        from rag_lightning.models.sharding import is_sharded, load_full_state, shard_generator, shard_tower
 
         mesh = self.device_mesh["data_parallel"] if self._device_mesh is not None else None
         lazy = self.generator is None
@@ -209,7 +209,10 @@ class RagModule(L.LightningModule):
         if any(p.requires_grad for p in self.retriever.query_encoder.parameters()):
             from torch.distributed.fsdp import fully_shard
 
-            fully_shard(self.retriever.query_encoder, mesh=mesh)  # gradients averaged over the ranks
+            if self.retriever.shared_encoder:  # the unit is the tower both sides' Encoder wrappers call
+                shard_tower(self.retriever.query_encoder.model, mesh)
+            else:
+                fully_shard(self.retriever.query_encoder, mesh=mesh)  # gradients averaged over the ranks
 
     # ---------------------------------------------------------------- checkpoints
     def frozen_keys(self) -> set[str]:
@@ -426,15 +429,12 @@ class RagModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
-        from rag_lightning.models.sharding import is_sharded
+        from rag_lightning.models.sharding import gathered
 
-        if not is_sharded(self.generator):
+        # FSDP: every unit unsharded while decoding (decoding calls past forward(), and the ranks run as many
+        # decoder steps as their own questions need: no collective per step)
+        with gathered(self.generator):
             return self._generate(batch, doc_scores, ids)
-        self.generator.unshard()  # FSDP root unit (embeddings, output layer): decoding calls past forward()
-        try:
-            return self._generate(batch, doc_scores, ids)
-        finally:
-            self.generator.reshard()
 
     def _generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
         src, mask, *_ = self.sources(batch, ids)
