@@ -190,8 +190,14 @@ class RagModule(L.LightningModule):
     # ---------------------------------------------------------------- model construction / sharding
     def configure_model(self) -> None:
         """Build a deferred generator; under FSDP2 (`strategies.FSDP2Strategy`) shard its decoder layers and
-        make the query encoder one FSDP unit. Idempotent (Lightning calls it for fit, validate and test)."""
-        from rag_lightning.models.sharding import is_sharded, load_full_state, shard_generator, shard_tower
+        make each trainable retriever tower one FSDP unit. Idempotent (Lightning calls it for fit, validate
+        and test)."""
+        from rag_lightning.models.sharding import (
+            is_sharded,
+            load_full_state,
+            shard_generator,
+            shard_retriever,
+        )
 
         mesh = self.device_mesh["data_parallel"] if self._device_mesh is not None else None
         lazy = self.generator is None
@@ -206,13 +212,7 @@ class RagModule(L.LightningModule):
         if lazy:  # rank 0 holds the weights, the others built on meta: broadcast each shard
             load_full_state(self.generator, full, self.device)
             del full
-        if any(p.requires_grad for p in self.retriever.query_encoder.parameters()):
-            from torch.distributed.fsdp import fully_shard
-
-            if self.retriever.shared_encoder:  # the unit is the tower both sides' Encoder wrappers call
-                shard_tower(self.retriever.query_encoder.model, mesh)
-            else:
-                fully_shard(self.retriever.query_encoder, mesh=mesh)  # gradients averaged over the ranks
+        shard_retriever(self.retriever, mesh)  # trainable towers: gradients averaged over the ranks
 
     # ---------------------------------------------------------------- checkpoints
     def frozen_keys(self) -> set[str]:

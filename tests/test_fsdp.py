@@ -259,3 +259,42 @@ def test_load_full_state_keeps_rank_zeros_buffers(tmp_path):
     _save_tiny_llama(tmp_path / "llama")
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_load_full_state_worker, args=(2, init, str(tmp_path / "llama")), nprocs=2, join=True)
+
+
+def _retriever_grads_worker(rank: int, world: int, init: str, shared: bool) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from rag_lightning.models.encoders import Encoder
+    from rag_lightning.models.retriever import Retriever
+    from rag_lightning.models.sharding import is_sharded, shard_retriever
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)  # the same towers on every rank
+        tower = Encoder.from_pretrained("tiny:bert", pooling="cls")
+        doc = None if shared else Encoder.from_pretrained("tiny:bert", pooling="cls")
+        ret = Retriever(tower, doc, train_doc_encoder=True, shared_encoder=shared)
+        shard_retriever(ret, init_device_mesh("cpu", (world,)))
+        assert is_sharded(ret.query_encoder.model if shared else ret.query_encoder)
+        assert shared or is_sharded(ret.doc_encoder)  # a separate trainable tower is a unit too
+        torch.manual_seed(1 + rank)  # another batch on each rank
+        ids = torch.randint(5, 60, (3, 7))  # (B, L)
+        mask = torch.ones_like(ids)
+        (ret.query_encoder(ids, mask) * ret.doc_encoder(ids.flip(0), mask)).sum().backward()
+        for name, p in ret.named_parameters():
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            parts = [torch.empty_like(g) for _ in range(world)]
+            dist.all_gather(parts, g.contiguous())
+            torch.testing.assert_close(parts[0], parts[1], msg=f"rank {rank}: grad of {name} not averaged")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.ddp
+@pytest.mark.parametrize("shared", [False, True])
+def test_trainable_retriever_towers_average_their_gradients(tmp_path, shared):
+    """Under FSDP each rank sees other questions: a trainable document tower (separate or shared with the
+    query side) must get the gradient averaged over the ranks, or the replicas drift apart step by step."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_retriever_grads_worker, args=(2, init, shared), nprocs=2, join=True)

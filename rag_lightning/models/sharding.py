@@ -5,8 +5,8 @@
 given) and then to the generator as a whole (embeddings, final norm and output layer, tied or not, in one
 unit). Ranks other than 0 build the generator on the meta device (no memory); `load_full_state` then
 broadcasts rank 0's weights shard by shard, so no rank but 0 ever holds a full copy, and rank 0 only in CPU
-memory before sharding. The retriever is not sharded: its query encoder is one FSDP unit (data-parallel
-gradient averaging), the frozen document encoder and the index stay whole on every rank.
+memory before sharding. `shard_retriever` makes each trainable retriever tower one FSDP unit (data-parallel
+gradient averaging); a frozen document encoder and the index stay whole on every rank.
 """
 
 from __future__ import annotations
@@ -82,6 +82,26 @@ def shard_tower(model: nn.Module, mesh: Any) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     return fully_shard(model, mesh=mesh, reshard_after_forward=False)
+
+
+def shard_retriever(retriever: nn.Module, mesh: Any) -> None:
+    """Each trainable retriever tower one FSDP unit, so its gradients are averaged over the ranks: the query
+    encoder, and the document encoder when it trains (``retriever.train_doc_encoder``; else it stays whole on
+    every rank, frozen). A shared tower is one unit both sides call (`shard_tower`); a separate trainable
+    document tower stays unsharded from forward to backward too, as the corpus is embedded inside `gathered`."""
+    from torch.distributed.fsdp import fully_shard
+
+    def trains(m: nn.Module) -> bool:
+        return any(p.requires_grad for p in m.parameters())
+
+    if retriever.shared_encoder:  # the unit is the tower both sides' Encoder wrappers call
+        if trains(retriever.query_encoder):
+            shard_tower(retriever.query_encoder.model, mesh)
+        return
+    if trains(retriever.query_encoder):
+        fully_shard(retriever.query_encoder, mesh=mesh)
+    if trains(retriever.doc_encoder):
+        shard_tower(retriever.doc_encoder, mesh)
 
 
 @contextlib.contextmanager
