@@ -210,7 +210,9 @@ SKIP: dict[str, str] = {
     "tests/test_retrievers.py checks the e5 / bge / contriever conventions on tiny towers",
     "python scripts/eval_retrieval.py +experiment=squad_open paths.data_dir=../shared/data retriever.mode=dense": SQUAD,
     "python scripts/eval_retrieval.py +experiment=squad_open paths.data_dir=../shared/data "
-    '"+modes=[bm25,hybrid,hybrid-weighted]"': SQUAD,
+    '"+modes=[dense,bm25,hybrid,hybrid-weighted]"': SQUAD,
+    "python scripts/eval_retrieval.py +experiment=squad_open paths.data_dir=../shared/data retriever.mode=bm25": SQUAD,
+    "python scripts/eval_retrieval.py +experiment=squad_open paths.data_dir=../shared/data retriever.mode=hybrid": SQUAD,
 }
 
 CONFIG_OF = {  # Hydra apps and the config each composes
