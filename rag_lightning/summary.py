@@ -8,6 +8,8 @@ import os
 import lightning as L
 from omegaconf import DictConfig
 
+from rag_lightning.readers import FUSION
+
 KEYS = ("loss", "em", "f1", "recall@1", "recall@5", "recall@20", "p_entropy", "top1_distinct")  # QA's rows
 PLAIN = {"loss": "{:6.3f}", "p_entropy": "{:6.3f}", "top1_distinct": "{:6.0f}"}  # the rest are percentages
 
@@ -38,12 +40,18 @@ def _rows(prefix: str, columns: list[dict], label: str, keys: tuple[str, ...] = 
     return out
 
 
+def reader_title(variant: str) -> str:
+    """How the summary names the reader: ``token marginalization`` for the marginal readers, ``fid reader`` for
+    the fusion readers (they read all passages at once and marginalize nothing)."""
+    return f"{variant} reader" if variant in FUSION else f"{variant} marginalization"
+
+
 def print_summary(cfg: DictConfig, trainer: L.Trainer, before: dict, after: dict, test: dict) -> None:
     """Pooled val (before / after) and test metrics, then one block per set when there are several; the rows
     are the task's ``summary_keys`` (the model's task; QA: :data:`KEYS`)."""
     task = getattr(getattr(trainer, "lightning_module", None), "task", None)
     keys = tuple(task.summary_keys) if task is not None else KEYS
-    lines = ["", "=" * 60, f"rag-lightning run summary ({cfg.model.get('variant', '?')} marginalization)"]
+    lines = ["", "=" * 60, f"rag-lightning run summary ({reader_title(cfg.model.get('variant', '?'))})"]
     lines.append(f"{'metric':<14}{'before':>10}{'after':>10}" + (f"{'test':>10}" if test else ""))
     for k in keys:
         b, a, t = before.get(f"val/{k}"), after.get(f"val/{k}"), test.get(f"test/{k}")

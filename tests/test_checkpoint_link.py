@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 from omegaconf import OmegaConf
@@ -91,3 +92,11 @@ def test_summary_goes_to_the_log_file_and_is_printed_once(tmp_path, capsys):
     assert out.count("rag-lightning run summary (token marginalization)") == 1 and "25.0%" in out
     assert "run summary" not in err
     assert out.strip() in log_file.read_text()
+
+
+@pytest.mark.parametrize(("variant", "title"), [("sequence", "sequence marginalization"), ("fid", "fid reader"),
+                                                ("concat", "concat reader")])  # fmt: skip
+def test_summary_names_a_fusion_reader_without_a_marginal(tmp_path, capsys, variant, title):
+    cfg = OmegaConf.create({"model": {"variant": variant}, "paths": {"output_dir": str(tmp_path)}})
+    print_summary(cfg, SimpleNamespace(checkpoint_callback=None), {"val/em": 0.0}, {"val/em": 0.25}, {})
+    assert f"rag-lightning run summary ({title})" in capsys.readouterr().out

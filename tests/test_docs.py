@@ -216,7 +216,14 @@ SKIP: dict[str, str] = {
     "tests/test_retrievers.py checks the e5 / bge / contriever conventions on tiny towers",
     "rag-eval-retrieval +experiment=squad_open paths.data_dir=../shared/data retriever.mode=dense": SQUAD,
     "rag-eval-retrieval +experiment=squad_open paths.data_dir=../shared/data "
-    '"modes=[bm25,hybrid,hybrid-weighted]"': SQUAD,
+    '"modes=[dense,bm25,hybrid,hybrid-weighted]"': SQUAD,
+    "rag-eval-retrieval +experiment=squad_open paths.data_dir=../shared/data retriever.mode=bm25": SQUAD,
+    "rag-eval-retrieval +experiment=squad_open paths.data_dir=../shared/data retriever.mode=hybrid": SQUAD,
+    "python train.py +experiment=squad_open paths.data_dir=../shared/data model=tiny model.variant=fid "
+    "model.generator.name_or_path=tiny:t5 model.generator.max_source_length=128 model.retriever_lr=1e-5 "
+    '"model.eval_ks=[1,5,20]" model.decoding.max_length=16 optimizer.lr=3e-3 trainer.max_steps=200 '
+    "trainer.val_check_interval=200 test=false logger=csv model.retriever_loss=adist": SQUAD
+    + "; the tiny fid run runs",
 }
 
 CONFIG_OF = {  # Hydra apps and the config each composes
