@@ -43,7 +43,9 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         return run(cfg)
-    except (DataError, CheckpointError) as e:  # a bad row, a corrupt checkpoint: the file named, no traceback
+    # a bad row, a corrupt checkpoint, a setting the data contradicts (a verbalizer longer than
+    # data.max_target_length): the file or key named, no traceback
+    except (DataError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteTrainingError as e:  # the run diverged: the step named, the last finite checkpoint kept
