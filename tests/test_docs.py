@@ -98,6 +98,7 @@ RUN: dict[str, list[str]] = {
         "out={tmp}/rag-generator"
     ],
     "python train.py model=tiny retriever=tiny index.verify=size": TINY,
+    "python train.py model=tiny retriever=tiny trainer.max_steps=4 trainer.val_check_interval=4 index.keep=false": TINY,
     "python train.py model=tiny retriever=tiny callbacks.nonfinite_guard.max_consecutive=10": TINY,
     "python train.py model=tiny retriever=tiny callbacks.nonfinite_guard=null": TINY,
     "python train.py model=tiny retriever=tiny model.variant=fid model.generator.name_or_path=tiny:t5": TINY,
@@ -129,7 +130,13 @@ KILT_EVAL = (
     "needs KILT's dev files; tests/test_eval_kilt.py and tests/test_kilt_validation.py run rag-eval-kilt"
 )
 SQUAD = "embeds SQuAD v1.1 dev's 2,067 paragraphs (minutes); tests/test_real_data.py uses the file"
+OWN_DATA = " ".join(
+    ["python train.py data.corpus.path=my/passages.tsv data.corpus.fields.text=body"]
+    + [f"data.{s}_sets.0.path=my/{f}.jsonl data.{s}_sets.0.fields.question=q data.{s}_sets.0.fields.answers=golds"
+       for s, f in (("train", "train"), ("val", "dev"), ("test", "test"))]
+)  # fmt: skip
 SKIP: dict[str, str] = {
+    OWN_DATA: "needs the user's files; tests/test_own_data.py runs these overrides on files it writes",
     "pip install torch==2.13.0 && pip install -e . && python train.py": "installs, then the full demo "
     "(minutes); its parts run here with tiny models",
     'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest': "installs, then this suite "

@@ -63,10 +63,12 @@ def _questions(n: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_prepared_index_found_by_stamp_and_stamp_follows_weights(tmp_path, caplog):
     corpus = _corpus(tmp_path)
-    r = _retriever(tmp_path / "indexes")
+    r = _retriever(tmp_path / "indexes", index={"keep": False})
     stamp = r.index_stamp(corpus)
-    assert set(stamp) == {"corpus", "doc_encoder", "factory", "dtype", "embed", "similarity"}
-    r.ensure_index(corpus, progress=False)  # nothing prepared: built, in memory
+    assert set(stamp) == {
+        "corpus", "doc_encoder", "factory", "dtype", "embed", "similarity", "pooling", "normalize"
+    }  # fmt: skip
+    r.ensure_index(corpus, progress=False)  # nothing prepared, index.keep=false: built, in memory
     assert r.index_source["path"] is None and r.index_version == 0
     emb_dir = tmp_path / "chunks"
     from rag_lightning.retrieval import embed_chunks
@@ -75,7 +77,7 @@ def test_prepared_index_found_by_stamp_and_stamp_follows_weights(tmp_path, caplo
         r.doc_encoder, corpus.doc_token_view(), emb_dir, chunk_size=5, progress=False, amp_dtype="fp32"
     )
     target = store.write_prepared(r.prepared_path(corpus), emb_dir, len(corpus), stamp, "float32")
-    fresh = _retriever(tmp_path / "indexes")
+    fresh = _retriever(tmp_path / "indexes", index={"keep": False})
     with caplog.at_level("INFO", logger="rag_lightning.models.retriever"):
         fresh.ensure_index(corpus, progress=False)
     assert f"index: loaded {target} ({len(corpus)} passages, {store.stamp_text(stamp)})" in caplog.text

@@ -37,7 +37,14 @@ import torch
 
 from rag_lightning.data.kilt import iter_kilt_passages
 from rag_lightning.data.readers import squad_paragraphs
-from rag_lightning.data.textio import DataError, encoding_error, json_loads, read_head, read_lines
+from rag_lightning.data.textio import (
+    DataError,
+    encoding_error,
+    json_loads,
+    missing_field,
+    read_head,
+    read_lines,
+)
 from rag_lightning.integrity import CHUNK, new_hasher
 
 log = logging.getLogger(__name__)
@@ -156,13 +163,15 @@ def _clean(rec: Mapping[str, Any], src: str, line: int, fields: Mapping[str, str
     """Validate one passage record -> {id, title, text, line}."""
     fid, ftitle, ftext = fields["id"], fields["title"], fields["text"]
     pid = rec.get(fid)
-    if pid is None or pid == "":
+    if pid is None:
+        raise missing_field(src, line, fid, "id", rec)
+    if pid == "":
         raise DataError(src, line, fid, "missing field")
     if isinstance(pid, bool) or not isinstance(pid, (str, int)):
         raise DataError(src, line, fid, f"wrong type {type(pid).__name__}, expected str or int")
     text = rec.get(ftext)
     if text is None:
-        raise DataError(src, line, ftext, "missing field")
+        raise missing_field(src, line, ftext, "text", rec)
     if not isinstance(text, str):
         raise DataError(src, line, ftext, f"wrong type {type(text).__name__}, expected str")
     if not text.strip():
@@ -183,7 +192,7 @@ def _iter_tsv(path: Path, fields: Mapping[str, str]) -> Iterator[dict[str, Any]]
     header = next(reader, None) or []
     for k in ("id", "text"):
         if fields[k] not in header:
-            raise DataError(src, 1, fields[k], f"missing column in header {header}")
+            raise missing_field(src, 1, fields[k], k, header, "missing column in header")
     fields = {PAGE: PAGE, **fields}  # kept when the header has it
     col = {k: header.index(v) for k, v in fields.items() if v in header}
     for row in reader:

@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from rag_lightning.data.readers import QAExample, QASet, detect_format, read_questions
-from rag_lightning.data.textio import DataError, encoding_error, iter_json_array, iter_jsonl, read_lines
+from rag_lightning.data.textio import (
+    DataError,
+    encoding_error,
+    iter_json_array,
+    iter_jsonl,
+    missing_field,
+    read_lines,
+)
 
 log = logging.getLogger(__name__)
 PAIR_FORMATS = ("auto", "jsonl", "json", "tsv", "csv", "hf", "source_target", "kilt")
@@ -161,12 +168,8 @@ def _example(
     for role, key in names.items():
         if key is None:
             want = fields.get(role) or " / ".join(DEFAULT_FIELDS[role])
-            raise DataError(
-                src,
-                ln,
-                want,
-                f"missing field (the {role} of a {'classification' if need == 'label' else 'generation'} example)",
-            )
+            kind = "classification" if need == "label" else "generation"
+            raise missing_field(src, ln, want, role, rec, f"missing field (the {role} of a {kind} example)")
     text = _text(rec[names["input"]], src, ln, names["input"], "input")
     label = None
     if need == "label":

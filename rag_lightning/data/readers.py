@@ -53,6 +53,7 @@ from rag_lightning.data.textio import (
     iter_json_array,
     iter_jsonl,
     load_json,
+    missing_field,
     read_head,
     read_lines,
 )
@@ -206,11 +207,11 @@ def _from_record(rec: Any, src: str, line: int, qf: str, af: str | None, regex: 
     """Build an example from a dict record; ``af=None`` tries ``answers`` then ``answer``."""
     _require_object(rec, src, line, qf)
     if qf not in rec:
-        raise DataError(src, line, qf, "missing field")
+        raise missing_field(src, line, qf, "question", rec)
     names = [af] if af else ["answers", "answer"]
     aname = next((n for n in names if n in rec), None)
     if aname is None:
-        raise DataError(src, line, names[0], "missing field")
+        raise missing_field(src, line, names[0], "answers", rec)
     question = _check_question(rec[qf], src, line, qf)
     answers = _check_answers(rec[aname], src, line, aname, regex)
     rid = rec.get("id")
@@ -346,7 +347,7 @@ def _rows_csv(
     if bad is not None:
         raise bad
     if question_field not in header:
-        raise DataError(src, 1, question_field, f"missing column in header {header}")
+        raise missing_field(src, 1, question_field, "question", header, "missing column in header")
 
     def make(row: list[str], ln: int) -> QAExample:
         return _from_record(dict(zip(header, row)), src, ln, question_field, answers_field, regex)

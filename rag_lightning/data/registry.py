@@ -132,6 +132,8 @@ def _resolve(
             raise ValueError(f"set spec needs a 'path': {spec!r}")
     else:
         raise TypeError(f"set spec must be a path, a registry name or a dict, got {type(spec).__name__}")
+    if isinstance(out.get("fields"), Mapping):  # null: the reader's own name (the configs declare the keys)
+        out["fields"] = {k: v for k, v in out["fields"].items() if v is not None} or None
     path = str(out["path"])
     if "{data_dir}" in path and data_dir is None:
         raise ValueError(f"{path!r} needs data_dir (set data.data_dir / paths.data_dir)")

@@ -29,6 +29,21 @@ class DataError(ValueError):
         super().__init__(f"{source}:{line}: field '{field_name}': {what}")
 
 
+def missing_field(
+    source: str | os.PathLike, line: int, field_name: str, role: str, found: Any, what: str = "missing field"
+) -> DataError:
+    """A row (or header) without ``field_name``: the error lists the keys it has and names ``fields:``, which maps
+    the reader's ``role`` (question, answers, text, ...) to another key of the user's files."""
+    keys = [str(k) for k in found]
+    shown = ", ".join(repr(k) for k in keys[:12]) + (", ..." if len(keys) > 12 else "")
+    return DataError(
+        source,
+        line,
+        field_name,
+        f"{what}; found {shown or 'no keys'} (named otherwise? fields: {{{role}: KEY}})",
+    )
+
+
 # characters that show nothing: format controls (zero-width space / joiners, BOM, soft hyphen, bidi marks: Cf),
 # control characters (Cc), separators (Zs, Zl, Zp) and the fillers Unicode lists as letters or symbols
 _INVISIBLE_CATEGORIES = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})

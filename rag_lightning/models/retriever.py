@@ -8,7 +8,8 @@ makes both encoders return unit vectors (the index then searches cosine by inner
 fixed, or learned as CLIP does (a log-scale parameter, clamped).
 
 The retriever owns the index lifecycle, and is the only place the index version is written:
-`ensure_index` (load the prepared index whose stamp matches, else build), `load_index`, `refresh_index`
+`ensure_index` (load the prepared index whose stamp matches, else build, and keep what it built under
+`index.root` when the document encoder is frozen: `keep_vectors`), `load_index`, `refresh_index`
 (re-embed, build aside, swap on every rank or on none), `save_index`. Every decision is the same on all DDP
 ranks: the candidate path is rank 0's, and a load or refresh that fails on any rank fails on all of them
 (an all-reduce after the local work, which every rank reaches), so the old index stays everywhere.
@@ -27,11 +28,14 @@ import copy
 import logging
 import math
 import os
+import shutil
 import time
+import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -145,6 +149,8 @@ class Retriever(nn.Module):
         self.mode = self.index_kwargs.pop("mode", "auto")
         self.index_root = self.index_kwargs.pop("root", None)  # prepared indexes: <root>/<stamp hash>
         self.verify = integrity.check_level(self.index_kwargs.pop("verify", "full"))  # checks on loading
+        # keep an index built with a frozen document encoder under root, as build_index.py prepares one
+        self.keep = bool(self.index_kwargs.pop("keep", True))
         self.embed_batch_size = embed_batch_size
         self.embed_precision = embed_precision
         self.similarity = similarity
@@ -190,7 +196,8 @@ class Retriever(nn.Module):
         return next(self.doc_encoder.parameters()).device
 
     def index_stamp(self, corpus) -> dict[str, Any]:
-        """What the vectors depend on: corpus, document-encoder weights, factory, dtypes."""
+        """What the vectors depend on: corpus (its text, tokenizer, passage prefix and length), document-encoder
+        weights and conventions (pooling, normalize), factory, dtypes."""
         amp = amp_dtype_for(self._doc_device(), self.embed_precision)
         device = resolve_device(self.index_kwargs.get("device", "auto"))
         store_dtype = resolve_store_dtype(device, self.index_kwargs.get("store_dtype", "auto"))
@@ -201,6 +208,8 @@ class Retriever(nn.Module):
             "dtype": store_dtype,
             "embed": str(amp or torch.float32).removeprefix("torch."),
             "similarity": self.similarity,
+            "pooling": self.doc_encoder.pooling,
+            "normalize": bool(self.doc_encoder.normalize),
         }
 
     def prepared_path(self, corpus, stamp: dict[str, Any] | None = None) -> Path | None:
@@ -218,7 +227,8 @@ class Retriever(nn.Module):
 
     def ensure_index(self, corpus, progress: bool = True, match_weights: bool = False) -> None:
         """Have an index: keep the current one (unless ``match_weights`` and the document encoder's weights
-        changed since it was made), else load a prepared / known one whose stamp matches, else build one."""
+        changed since it was made), else load a prepared / known one whose stamp matches, else build one (and,
+        with a frozen document encoder and ``index.keep``, write it to the store: ``keep_vectors``)."""
         if self.use_bm25:
             self.ensure_bm25(corpus)
         if self.retrieval_mode == "bm25" or (self.index is not None and not match_weights):
@@ -233,7 +243,8 @@ class Retriever(nn.Module):
         path = broadcast_from_zero(path)
         if path is not None and self.load_index(path, version=0, stamp=stamp, passages=len(corpus)):
             return
-        self.refresh_index(corpus, progress=progress, version=0)
+        keep = self.keep and bool(self.index_root) and not self.doc_encoder_changes
+        self.refresh_index(corpus, progress=progress, version=0, keep=keep)
 
     def load_index(
         self,
@@ -272,15 +283,19 @@ class Retriever(nn.Module):
                  time.perf_counter() - t0)  # fmt: skip
         return True
 
-    def refresh_index(self, corpus, progress: bool = True, version: int | None = None) -> dict[str, float]:
+    def refresh_index(
+        self, corpus, progress: bool = True, version: int | None = None, keep: bool = False
+    ) -> dict[str, float]:
         """Re-embed the corpus with the current document encoder, build the new index aside and swap it in
         on every rank at ``version`` (default: current + 1), or on none: a failure on any rank (exception,
-        out of memory, non-finite embeddings) raises IndexRefreshError on every rank, the old index stays."""
+        out of memory, non-finite embeddings) raises IndexRefreshError on every rank, the old index stays.
+        ``keep``: also write the vectors to the prepared-index store (``keep_vectors``); only for a frozen
+        document encoder, whose vectors do not depend on the step."""
         stats: dict[str, Any] = {}
-        t0, new, err = time.perf_counter(), None, None
+        t0, new, emb, err = time.perf_counter(), None, None, None
         try:
             stamp = self.index_stamp(corpus)
-            new = self._embed_shard(corpus, progress, stats)
+            new, emb = self._embed_shard(corpus, progress, stats)
         except Exception as e:  # noqa: BLE001 - decided below, on every rank alike
             err = e
             log.exception("index build failed on rank %d", rank_world()[0])
@@ -294,7 +309,41 @@ class Retriever(nn.Module):
         stats["seconds"] = time.perf_counter() - t0
         log.info("index: built v%d (%d passages, %s) in %.1fs", version, len(corpus),
                  store.stamp_text(stamp), stats["seconds"])  # fmt: skip
+        if keep:
+            self.keep_vectors(emb, new.start, len(corpus), stamp)
         return stats
+
+    def keep_vectors(self, emb: torch.Tensor, start: int, n: int, stamp: dict[str, Any]) -> Path | None:
+        """Write the (rows, d) vectors this rank embedded (rows ``start``.., all N when replicated) to the
+        prepared directory of ``stamp`` under ``index.root``, as scripts/build_index.py would: every rank its
+        chunk file, then rank 0 merges them (``store.write_prepared``: checksummed, atomic). Evaluation,
+        retrieval evaluation and resumes with the same corpus and document encoder then load it
+        (``ensure_index``). A failure is a warning: the run goes on with the index it built."""
+        t0, err, target = time.perf_counter(), None, store.prepared_path(self.index_root, stamp)
+        rank, world = rank_world()
+        work = target.parent / broadcast_from_zero(f".keep-{target.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            if (self.index_mode == "sharded" or rank == 0) and len(emb):
+                work.mkdir(parents=True, exist_ok=True)
+                np.save(work / f"emb_{start}_{start + len(emb)}.npy", emb.float().cpu().numpy())  # (rows, d)
+        except Exception as e:  # noqa: BLE001 - decided below, on every rank alike
+            err = e
+        ok = all_ranks_ok(err is None)
+        if ok and rank == 0:
+            try:
+                store.write_prepared(target, work, n, stamp, stamp["dtype"])
+            except Exception as e:  # noqa: BLE001 - a warning: the run keeps its index in memory
+                err, ok = e, False
+        if rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+        if not broadcast_from_zero(ok):
+            log.warning("index: could not keep the index under %s (here: %s); evaluation will embed the "
+                        "corpus again", target, err or "ok")  # fmt: skip
+            return None
+        self.index_source["path"] = str(target)
+        log.info("index: kept %s (%d passages, %s) for evaluation and resumes in %.1fs", target, n,
+                 store.stamp_text(stamp), time.perf_counter() - t0)  # fmt: skip
+        return target
 
     # ---------------------------------------------------------------- BM25
     def bm25_stamp(self, corpus) -> dict[str, Any]:
@@ -342,8 +391,9 @@ class Retriever(nn.Module):
             self.index.save(path)
         self.index_source["path"] = str(path)
 
-    def _embed_shard(self, corpus, progress: bool, stats: dict) -> ShardedIndex:
-        """Embed this rank's rows (all of them when replicated) and index them; not swapped in.
+    def _embed_shard(self, corpus, progress: bool, stats: dict) -> tuple[ShardedIndex, torch.Tensor]:
+        """Embed this rank's rows (all of them when replicated) and index them; not swapped in. Returns the
+        index and the (rows, d) float32 vectors.
 
         Sharded (Atlas-style, exact): rank r embeds and indexes rows `shard_range(N, r, world)` only, and search
         merges the top-k of all shards. Raises on non-finite embeddings."""
@@ -367,7 +417,7 @@ class Retriever(nn.Module):
             raise FloatingPointError(f"{int(bad.sum())} non-finite passage embeddings (rows {rows}, ...)")
         local = DenseIndex(dim=emb.shape[1], **self.index_kwargs)
         local.build(emb)
-        return ShardedIndex(local, start, mode)
+        return ShardedIndex(local, start, mode), emb
 
     def forward(
         self,

@@ -1,9 +1,11 @@
 """Prepared indexes: a corpus's embeddings saved once under a stamp, at a path derived from the stamp.
 
-stamp = {corpus fingerprint, document-encoder weights fingerprint, factory, vector dtype, embedding precision}
+stamp = {corpus fingerprint (text, tokenizers, passage prefix and length), document-encoder weights fingerprint,
+its pooling and normalization, similarity, factory, vector dtype, embedding precision}
 path  = ``<root>/<sha256(stamp)[:16]>`` (``root`` is ``index.root``, by default ``${paths.cache_dir}/indexes``),
 holding ``vectors.npy`` (N, d) in the store dtype and ``stamp.json`` (the stamp, the row count ``passages`` and
-the size and xxh3-128 checksum of ``vectors.npy``, ``files``). ``scripts/build_index.py`` writes it;
+the size and xxh3-128 checksum of ``vectors.npy``, ``files``). ``scripts/build_index.py`` writes it, and so
+does a run that builds its index with a frozen document encoder (``Retriever.keep_vectors``, ``index.keep``);
 training, resuming and evaluation compute the stamp of their own corpus and document encoder and load the
 directory it names, memory-mapped (each rank reads only its own rows), so nothing is re-embedded by accident.
 ``verify_prepared`` checks it first (``index.verify``: checksum, row count against the corpus, finite rows).
