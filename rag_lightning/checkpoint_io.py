@@ -7,7 +7,7 @@ Integrity: each checkpoint gets a sidecar `.checksums/<name>.ckpt.json` next to 
 digest, hashed while the file is written, so no second read; in a subfolder, so that nothing but checkpoints
 matches Lightning's `*last*` search for `ckpt_path=last`). The sidecar is renamed in just before the checkpoint, and also keeps the
 record of the file it replaces: a crash between the two renames leaves a pair that still verifies. Loading
-(resume, `trainer.test(ckpt_path=...)`, `scripts/evaluate.py`) verifies the file first: flipped bytes, a
+(resume, `trainer.test(ckpt_path=...)`, `rag-evaluate`) verifies the file first: flipped bytes, a
 truncated or a zero-byte file is a `CheckpointError` naming it (the CLI prints it in one line, exit 2). A
 checkpoint without a sidecar (written before) loads with a warning. Weights that hold NaN / Inf are never
 written: `NonFiniteCheckpointError`, and the previous file stays.

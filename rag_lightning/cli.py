@@ -43,8 +43,8 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         return run(cfg)
-    # a bad row, a corrupt checkpoint, a setting the data contradicts (a verbalizer longer than
-    # data.max_target_length): the file or key named, no traceback
+    # a bad row, a corrupt checkpoint, an index not built (BM25 under DDP), a setting the data contradicts (a
+    # verbalizer longer than data.max_target_length): the file or key named, no traceback
     except (DataError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -33,6 +33,7 @@ from rag_lightning.models.objectives import (
     scale_grad,
 )
 from rag_lightning.models.retriever import Retriever
+from rag_lightning.models.token_logprob import FUSED_CACHE_MB, fused_cache_budget
 from rag_lightning.readers import FUSION, VARIANTS, Reader
 from rag_lightning.readers.base import Read
 from rag_lightning.retrieval.bm25 import hard_negatives
@@ -62,6 +63,7 @@ class RagModule(L.LightningModule):
         eval_ks: tuple[int, ...] = (1, 5, 20),
         n_samples: int = 16,
         fused_loss: bool = True,
+        fused_loss_cache_mb: float = FUSED_CACHE_MB,
         task: Task | str | dict | None = None,
     ):
         """variant: the reader (`readers.READERS`): token | sequence, the marginal used for decoding and (by
@@ -73,11 +75,15 @@ class RagModule(L.LightningModule):
         RAG paper), the others are `models.objectives` on the same generator pass (fusion readers: adist on
         its attention, the likelihood objectives on one extra no-grad pass, see `loop_logprobs`).
         objective_args: keyword arguments per objective, e.g. `{pdist: {temperature: 0.1}}`.
+        fused_loss_cache_mb: the fused loss keeps up to this many MiB of logits for backward (one output-layer
+        matmul fewer), recomputing the rest; 0 recomputes them all (the least memory).
         task: what evaluation predicts and scores (`rag_lightning.tasks`, config group `task`; default QA)."""
         super().__init__()
         # plain containers in hparams, so checkpoints load with torch.load(weights_only=True)
         decoding = _plain(decoding or {})
         eval_ks = tuple(int(k) for k in eval_ks)
+        if fused_loss_cache_mb < 0:
+            raise ValueError(f"model.fused_loss_cache_mb must be >= 0, got {fused_loss_cache_mb}")
         if variant not in VARIANTS:
             raise ValueError(f"model.variant must be one of {VARIANTS}, got {variant!r}")
         generator_loss = variant if generator_loss is None else generator_loss
@@ -184,8 +190,14 @@ class RagModule(L.LightningModule):
     # ---------------------------------------------------------------- model construction / sharding
     def configure_model(self) -> None:
         """Build a deferred generator; under FSDP2 (`strategies.FSDP2Strategy`) shard its decoder layers and
-        make the query encoder one FSDP unit. Idempotent (Lightning calls it for fit, validate and test)."""
-        from rag_lightning.models.sharding import is_sharded, load_full_state, shard_generator
+        make each trainable retriever tower one FSDP unit. Idempotent (Lightning calls it for fit, validate
+        and test)."""
+        from rag_lightning.models.sharding import (
+            is_sharded,
+            load_full_state,
+            shard_generator,
+            shard_retriever,
+        )
 
         mesh = self.device_mesh["data_parallel"] if self._device_mesh is not None else None
         lazy = self.generator is None
@@ -200,10 +212,7 @@ class RagModule(L.LightningModule):
         if lazy:  # rank 0 holds the weights, the others built on meta: broadcast each shard
             load_full_state(self.generator, full, self.device)
             del full
-        if any(p.requires_grad for p in self.retriever.query_encoder.parameters()):
-            from torch.distributed.fsdp import fully_shard
-
-            fully_shard(self.retriever.query_encoder, mesh=mesh)  # gradients averaged over the ranks
+        shard_retriever(self.retriever, mesh)  # trainable towers: gradients averaged over the ranks
 
     # ---------------------------------------------------------------- checkpoints
     def frozen_keys(self) -> set[str]:
@@ -276,10 +285,11 @@ class RagModule(L.LightningModule):
         ``smooth``: also the label-smoothing statistics (default: when ``label_smoothing > 0``)."""
         if smooth is None:
             smooth = self.hparams.label_smoothing > 0
-        return self.generator.score(
-            src, mask, labels, fused=self.hparams.fused_loss, smooth=smooth, positions=positions,
-            segments=segments, attention=attention,
-        )  # fmt: skip
+        with fused_cache_budget(self.hparams.fused_loss_cache_mb):
+            return self.generator.score(
+                src, mask, labels, fused=self.hparams.fused_loss, smooth=smooth, positions=positions,
+                segments=segments, attention=attention,
+            )  # fmt: skip
 
     def answer_logprobs(
         self, batch: dict[str, Any], ids: torch.Tensor, smooth: bool | None = None, attention: bool = False
@@ -419,15 +429,12 @@ class RagModule(L.LightningModule):
     # ---------------------------------------------------------------- evaluation
     @torch.no_grad()
     def generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
-        from rag_lightning.models.sharding import is_sharded
+        from rag_lightning.models.sharding import gathered
 
-        if not is_sharded(self.generator):
+        # FSDP: every unit unsharded while decoding (decoding calls past forward(), and the ranks run as many
+        # decoder steps as their own questions need: no collective per step)
+        with gathered(self.generator):
             return self._generate(batch, doc_scores, ids)
-        self.generator.unshard()  # FSDP root unit (embeddings, output layer): decoding calls past forward()
-        try:
-            return self._generate(batch, doc_scores, ids)
-        finally:
-            self.generator.reshard()
 
     def _generate(self, batch: dict[str, Any], doc_scores: torch.Tensor, ids: torch.Tensor) -> list[str]:
         src, mask, *_ = self.sources(batch, ids)

@@ -209,7 +209,7 @@ def check_run(cfg: Any) -> None:
 
 def preflight(cfg: Any, trainer: bool = True) -> None:
     """Check the task, the device, every data file and model the config names, before anything heavy is built.
-    ``trainer``: the command builds the config's Trainer (build_index.py does not: it embeds on CUDA when there
+    ``trainer``: the command builds the config's Trainer (rag-build-index does not: it embeds on CUDA when there
     is one and on the CPU otherwise, whatever `trainer` says)."""
     problems = [task_problem(cfg), device_problem(cfg.get("trainer")) if trainer else None]
     if cfg.get("data") is not None and str(cfg.data.get("_target_", "")).endswith("QADataModule"):

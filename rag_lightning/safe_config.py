@@ -1,7 +1,7 @@
 """Run configs are data, not code: which `_target_`s may be built from a config found next to a checkpoint.
 
-`scripts/evaluate.py` and `scripts/export.py` reuse the `<run>/.hydra/config.yaml` of the run that wrote a
-checkpoint. That file may come from someone else (a shared or downloaded run directory), and
+`rag-evaluate`, `rag-eval-retrieval`, `rag-export` and `RagPipeline` reuse the `<run>/.hydra/config.yaml` of
+the run that wrote a checkpoint. That file may come from someone else (a shared or downloaded run directory), and
 `hydra.utils.instantiate` calls whatever its `_target_`s name: `torch.load` with `weights_only: false` on a
 pickle in the run folder, `os.system`, `builtins.eval`. So before anything is built, every `_target_` in the
 run's nodes (after interpolation, so `${oc.create:...}` cannot hide one) must be

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -78,3 +81,42 @@ def shared_data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"real data dir {DATA_DIR} not present")
     return DATA_DIR
+
+
+TINY_PASSAGES, TINY_QUESTIONS = 24, 6  # a corpus smaller than 100: recall@100 is over all 24 passages
+
+
+def run_python(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """`python ARGS` in a subprocess that imports this checkout's package; asserts exit code 0."""
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A tiny model trained 2 steps on the demo's first 24 passages and 6 test questions (train, val and test
+    sets alike), as `python train.py` writes it; returns (last.ckpt, the data / path overrides it ran with)."""
+    demo = ROOT / "rag_lightning" / "assets" / "squad_demo"
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    corpus, questions = tmp / "passages.jsonl", tmp / "questions.jsonl"
+    corpus.write_text("".join((demo / "passages.jsonl").read_text().splitlines(True)[:TINY_PASSAGES]))
+    questions.write_text("".join((demo / "test.jsonl").read_text().splitlines(True)[:TINY_QUESTIONS]))
+    data = [f"data.corpus.path={corpus}"] + [
+        f"data.{s}_sets.0.path={questions}" for s in ("train", "val", "test")
+    ]
+    common = [
+        "retriever=tiny",
+        "model=tiny",
+        *data,
+        f"paths.log_dir={tmp}",
+        f"paths.cache_dir={tmp / 'cache'}",
+    ]
+    run_python(
+        ["train.py", *common, "data.max_train_examples=8", "data.max_eval_examples=4", "trainer.max_steps=2",
+         "trainer.val_check_interval=2", "validate_before_fit=false", "test=false",
+         "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "logger=csv"]
+    )  # fmt: skip
+    (ckpt,) = tmp.glob("train/runs/*/checkpoints/last.ckpt")
+    return ckpt, common

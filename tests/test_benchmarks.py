@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = ROOT / "scripts"
+SCRIPTS = ROOT / "benchmarks"
 
 
 @pytest.fixture
@@ -120,7 +120,7 @@ def test_gpu_command_line_dry_run_and_no_cuda(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     for extra in (["--dry-run"], []):
         proc = subprocess.run(
-            [sys.executable, "scripts/benchmark.py", "gpu", "--out", str(tmp_path / "r"), *extra],
+            [sys.executable, "benchmarks/benchmark.py", "gpu", "--out", str(tmp_path / "r"), *extra],
             cwd=ROOT, env=env, capture_output=True, text=True,
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-2000:]

@@ -3,6 +3,8 @@ hybrid fusion (retrieval/fusion.py) against its definition."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import bm25s
 import numpy as np
 import pytest
@@ -10,6 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from rag_lightning.models.encoders import Encoder
+from rag_lightning.models.retriever import BM25NotBuiltError, Retriever, build_bm25
+from rag_lightning.models.tiny import tiny_encoder
 from rag_lightning.retrieval import fusion
 from rag_lightning.retrieval.bm25 import BM25Index, merge_topk, topk_rows
 from rag_lightning.retrieval.sharded import shard_range
@@ -127,6 +132,65 @@ def test_two_process_gloo_equals_one_process(tmp_path, sizes):
     BM25Index.build(_corpus()).save(tmp_path / "bm25")
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_worker, args=(2, init, str(tmp_path / "bm25"), sizes), nprocs=2, join=True)
+
+
+class _Corpus:
+    """What BM25 reads of a corpus: rows, their texts, a fingerprint."""
+
+    fingerprint = "synthetic-61"
+
+    def __init__(self, texts: list[str]) -> None:
+        self._texts = texts
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def titles(self, rows: list[int]) -> list[str]:
+        return [""] * len(rows)
+
+    def texts(self, rows: list[int]) -> list[str]:
+        return [self._texts[i] for i in rows]
+
+
+def _bm25_retriever(root: str) -> Retriever:
+    return Retriever(Encoder(*tiny_encoder()), mode="bm25", index={"root": root})
+
+
+def _ensure_worker(rank: int, world: int, init: str, root: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        corpus, r = _Corpus(_corpus()), _bm25_retriever(root)
+        # missing: refused on every rank at once, nothing written (no rank builds while the others wait)
+        with pytest.raises(BM25NotBuiltError, match="scripts/build_index.py"):
+            r.ensure_index(corpus)
+        assert r.bm25 is None and not any(Path(root).glob("bm25-*"))
+        dist.barrier()
+        if rank == 0:  # what scripts/build_index.py does, in one process
+            build_bm25(corpus, r.bm25_kwargs, r.bm25_stamp(corpus)).save(r.bm25_path(corpus))
+        dist.barrier()
+        r.ensure_index(corpus)  # built: every rank loads its rows
+        assert (r.bm25.mode, r.bm25.start) == ("sharded", shard_range(len(corpus), rank, world)[0])
+        s, i = r.bm25.search(QUERIES[rank::world], K)
+        rs, ri = BM25Index.build(_corpus()).search(QUERIES[rank::world], K)
+        assert torch.equal(i, ri)
+        torch.testing.assert_close(s, rs)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.ddp
+@pytest.mark.slow
+def test_two_process_run_refuses_a_missing_index_and_loads_a_built_one(tmp_path):
+    """Under DDP the BM25 index is never built lazily (at 21M passages the build outlasts any collective
+    timeout): missing, every rank raises the one-line error; built by one process, every rank loads its rows."""
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_ensure_worker, args=(2, init, str(tmp_path / "indexes")), nprocs=2, join=True)
+
+
+def test_one_process_builds_the_missing_index_lazily(tmp_path):
+    r = _bm25_retriever(str(tmp_path / "indexes"))
+    r.ensure_index(_Corpus(_corpus()))
+    assert r.bm25_path(_Corpus(_corpus())).is_dir() and r.bm25.ntotal == len(_corpus())
 
 
 # ------------------------------------------------------------------------------------------ fusion

@@ -1,22 +1,14 @@
-"""scripts/build_index.py core: chunked embedding resumes after an interruption, shards merge once, stamps."""
+"""rag-build-index (rag_lightning/commands/build_index.py) core: chunked embedding resumes after an interruption, shards merge once, stamps."""
 
 from __future__ import annotations
-
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from rag_lightning.commands import build_index
 from rag_lightning.retrieval import ShardedIndex, embed_passages, merge_chunks, store
-
-_spec = importlib.util.spec_from_file_location(
-    "build_index", Path(__file__).parents[1] / "scripts" / "build_index.py"
-)
-build_index = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(build_index)
 
 
 class CountingEncoder(nn.Module):

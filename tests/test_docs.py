@@ -48,10 +48,10 @@ TINY = [*MODELS, *SMALL, *QUIET, *STEPS, "validate_before_fit=false", "test=fals
 
 TINY_RUN = "python train.py model=tiny retriever=tiny trainer.max_steps=20 trainer.val_check_interval=10"
 PREPARE = [
-    "python scripts/build_index.py shard=0 num_shards=2 chunk_size=400",
-    "python scripts/build_index.py shard=1 num_shards=2 chunk_size=400",
+    "rag-build-index shard=0 num_shards=2 chunk_size=400",
+    "rag-build-index shard=1 num_shards=2 chunk_size=400",
 ]
-EVALUATE = f"python scripts/evaluate.py ckpt_path={RUN_DIR}/checkpoints/last.ckpt"
+EVALUATE = f"rag-evaluate ckpt_path={RUN_DIR}/checkpoints/last.ckpt"
 
 # documented command -> extra overrides it runs with ({tmp}: the block's temporary folder)
 RUN: dict[str, list[str]] = {
@@ -88,13 +88,12 @@ RUN: dict[str, list[str]] = {
     "model.variant=token,sequence": TINY,
     "python train.py -m hparams_search=optuna hydra.sweeper.n_trials=2 model=tiny retriever=tiny "
     "trainer.max_steps=4 trainer.val_check_interval=4": [*TINY, "hydra.sweeper.n_trials=1"],
-    "python scripts/eval_retrieval.py retriever.similarity=cosine retriever.temperature=0.05": [
+    "rag-eval-retrieval retriever.similarity=cosine retriever.temperature=0.05": [
         *MODELS,
         *SMALL,
     ],
-    "python scripts/eval_retrieval.py model=tiny retriever=tiny "
-    f"ckpt_path={RUN_DIR}/checkpoints/last.ckpt": SMALL,
-    f"python scripts/export.py ckpt_path={RUN_DIR}/checkpoints/last.ckpt out=models/rag-generator": [
+    f"rag-eval-retrieval ckpt_path={RUN_DIR}/checkpoints/last.ckpt": SMALL,
+    f"rag-export ckpt_path={RUN_DIR}/checkpoints/last.ckpt out=models/rag-generator": [
         "out={tmp}/rag-generator"
     ],
     "python train.py model=tiny retriever=tiny index.verify=size": TINY,
@@ -105,13 +104,13 @@ RUN: dict[str, list[str]] = {
     "python train.py model=tiny retriever=tiny model.variant=concat model.generator.name_or_path=tiny:llama": TINY,
     "python train.py model=tiny retriever=tiny model.variant=fid model.generator.name_or_path=tiny:t5 "
     "model.retriever_loss='{adist: 1.0, pdist: 0.5}'": TINY,
-    "python scripts/build_index.py retriever.mode=bm25": MODELS,
-    "python scripts/build_index.py retriever.mode=hybrid": MODELS,
+    "rag-build-index retriever.mode=bm25": MODELS,
+    "rag-build-index retriever.mode=hybrid": MODELS,
     "python train.py retriever.mode=hybrid retriever.hybrid.fusion=weighted retriever.hybrid.dense_weight=0.7": TINY,
     "python train.py model.retriever_loss=contrastive +model.objective_args.contrastive.bm25_negatives=1": TINY,
-    "python scripts/eval_retrieval.py": [*MODELS, *SMALL],
-    "python scripts/eval_retrieval.py retriever.mode=bm25": [*MODELS, *SMALL],
-    "python scripts/eval_retrieval.py retriever.mode=hybrid": [*MODELS, *SMALL],
+    "rag-eval-retrieval": [*MODELS, *SMALL],
+    "rag-eval-retrieval retriever.mode=bm25": [*MODELS, *SMALL],
+    "rag-eval-retrieval retriever.mode=hybrid": [*MODELS, *SMALL],
 }
 
 # what the log of a documented command must show
@@ -150,7 +149,7 @@ SKIP: dict[str, str] = {
     "what jupyter execute runs)",
     f"python train.py +experiment=nq paths.data_dir=/data/dpr {NQ_MODELS} trainer.devices=8": NEEDS_DPR,
     f"python train.py +experiment=nq paths.data_dir=/data/dpr trainer.devices=8 {NQ_MODELS}": NEEDS_DPR,
-    "torchrun --nproc-per-node 8 scripts/build_index.py +experiment=nq paths.data_dir=/data/dpr "
+    "torchrun --nproc-per-node 8 --no-python rag-build-index +experiment=nq paths.data_dir=/data/dpr "
     "retriever.doc_encoder.name_or_path=/models/dpr-ctx_encoder-single-nq-base": NEEDS_DPR + " (8 GPUs)",
     "python train.py +experiment=nq_llm paths.data_dir=/data/dpr "
     "model.generator.name_or_path=/models/Qwen2.5-1.5B-Instruct "
@@ -168,7 +167,7 @@ SKIP: dict[str, str] = {
     "hydra.launcher.partition=gpu hydra.launcher.timeout_min=720 optimizer.lr=1e-5,3e-5": "submits to SLURM; "
     "tests/test_sweeps.py renders the sbatch script",
     **{
-        f"python scripts/benchmark.py {args}": "a benchmark (minutes); tests/test_packaging.py runs every "
+        f"python benchmarks/benchmark.py {args}": "a benchmark (minutes); tests/test_packaging.py runs every "
         "script's --help"
         for args in (
             "index --n 4000",
@@ -202,31 +201,46 @@ SKIP: dict[str, str] = {
     "python scripts/kilt_passages.py /data/kilt/kilt_knowledgesource.json /data/kilt/kilt_w100_title.tsv": "needs "
     "KILT's knowledge source (5.9M pages); tests/test_kilt_data.py runs the chunker on small files",
     "rag-eval-kilt predictions.jsonl /data/kilt/nq-dev-kilt.jsonl": KILT_EVAL,
-    "rag-eval-kilt logs/eval/runs/<date_time>/kilt_predictions.jsonl /data/kilt/nq-dev-kilt.jsonl": KILT_EVAL,
-    "python scripts/evaluate.py ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt split=val": "a KILT run's "
+    "rag-eval-kilt logs/evaluate/runs/<date_time>/kilt_predictions.jsonl /data/kilt/nq-dev-kilt.jsonl": KILT_EVAL,
+    "rag-evaluate ckpt_path=logs/train/runs/<run>/checkpoints/last.ckpt split=val": "a KILT run's "
     "checkpoint; tests/test_kilt_validation.py runs train -> evaluate -> rag-eval-kilt on small KILT files",
     "python train.py model.variant=concat": "the full demo with the one-prompt reader (minutes); the tiny concat "
     "run runs",
     "python -m pytest tests/test_fusion_readers.py -q": "a part of this suite",
-    "python scripts/benchmark.py train-step --fid": "a benchmark (minutes)",
-    "python scripts/benchmark.py bm25 --n 100000 1000000": "a benchmark (minutes to hours)",
+    "python benchmarks/benchmark.py train-step --fid": "a benchmark (minutes)",
+    "python benchmarks/benchmark.py bm25 --n 100000 1000000": "a benchmark (minutes to hours)",
     "python train.py model=tiny retriever=tiny model.variant=VARIANT model.generator.name_or_path=NAME debug=overfit "
     "optimizer.lr=3e-3 scheduler.num_warmup_steps=0 trainer.max_steps=60 trainer.val_check_interval=60": "a "
     "template (VARIANT, NAME); the tiny fid and concat runs run",
     "python train.py retriever=e5 retriever.query_encoder.name_or_path=/models/e5-base-v2": "needs the E5 weights; "
     "tests/test_retrievers.py checks the e5 / bge / contriever conventions on tiny towers",
-    "python scripts/eval_retrieval.py +experiment=squad_open paths.data_dir=../shared/data retriever.mode=dense": SQUAD,
-    "python scripts/eval_retrieval.py +experiment=squad_open paths.data_dir=../shared/data "
-    '"+modes=[bm25,hybrid,hybrid-weighted]"': SQUAD,
+    "rag-eval-retrieval +experiment=squad_open paths.data_dir=../shared/data retriever.mode=dense": SQUAD,
+    "rag-eval-retrieval +experiment=squad_open paths.data_dir=../shared/data "
+    '"modes=[bm25,hybrid,hybrid-weighted]"': SQUAD,
 }
 
 CONFIG_OF = {  # Hydra apps and the config each composes
     "train.py": "train",
-    "scripts/build_index.py": "build_index",
-    "scripts/evaluate.py": "evaluate",
-    "scripts/export.py": "export",
-    "scripts/eval_retrieval.py": "train",
+    "rag-build-index": "build_index",
+    "rag-evaluate": "evaluate",
+    "rag-export": "export",
+    "rag-eval-retrieval": "eval_retrieval",
 }
+MODULE_OF = {  # the console commands (pyproject.toml) and the module each runs
+    "rag-build-index": "rag_lightning.commands.build_index",
+    "rag-evaluate": "rag_lightning.commands.evaluate",
+    "rag-export": "rag_lightning.commands.export",
+    "rag-eval-retrieval": "rag_lightning.commands.eval_retrieval",
+}
+
+
+def app_and_args(tokens: list[str]) -> tuple[str, list[str]] | None:
+    """(Hydra app, its arguments) of `python train.py ARGS` or `rag-<command> ARGS`; None for another command."""
+    if len(tokens) >= 2 and tokens[0] == "python" and tokens[1] in CONFIG_OF:
+        return tokens[1], tokens[2:]
+    if tokens and tokens[0] in MODULE_OF:
+        return tokens[0], tokens[1:]
+    return None
 
 
 @dataclass(frozen=True)
@@ -330,18 +344,18 @@ def hydra_override_lists() -> list[tuple[str, str, list[str]]]:
         if b.lang in ("bash", "text", ""):
             for line in logical_lines(b.text):
                 line = line.removeprefix("$ ").strip()
-                if re.match(r"^([A-Z_]+=\S* )*python ", line):
+                if re.match(r"^([A-Z_]+=\S* )*(python|rag-[a-z-]+) ", line):
                     found.append((f"{b.page}:{b.line}", line))
     for page in PAGES:
-        for span in re.findall(r"`(python [^`]+)`", page.read_text(encoding="utf-8")):
+        for span in re.findall(r"`((?:python|rag-[a-z-]+) [^`]+)`", page.read_text(encoding="utf-8")):
             found.append((page.relative_to(ROOT).as_posix(), span))
     out = []
     for where, line in found:
         tokens = shlex.split(line, comments=True)
         while tokens and re.match(r"^[A-Z_]+=", tokens[0]):  # VAR=value prefixes
             tokens = tokens[1:]
-        if len(tokens) >= 2 and tokens[0] == "python" and tokens[1] in CONFIG_OF:
-            out.append((where, tokens[1], tokens[2:]))
+        if (app := app_and_args(tokens)) is not None:
+            out.append((where, *app))
     return out
 
 
@@ -458,6 +472,30 @@ def test_objective_example_is_an_objective():
     assert scores.grad is not None and seq_lp.grad is None
 
 
+PIPELINE_PAGES = ["README.md", "docs/evaluation.md"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PIPELINE_PAGES)
+def test_python_entry_point_example_runs(page, tiny_run, tmp_path, monkeypatch):
+    """The RagPipeline examples, on the module's tiny run, from another folder."""
+    (code,) = [b.text for b in ALL_BLOCKS if b.page == page and b.lang == "python"]
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code.replace(RUN_DIR, str(tiny_run[0])), page, "exec"), namespace)
+    assert len(namespace["answers"]) == 2 and all(isinstance(a, str) for a in namespace["answers"])
+    (top,) = namespace["passages"]
+    assert len(top) == 5 and all(set(p) == {"id", "title", "text", "score"} for p in top)
+    if "rows" in namespace:
+        (row,) = namespace["rows"]
+        assert (
+            isinstance(row["prediction"], str)
+            and row["passage_ids"]
+            and row["question"] == "who wrote hamlet?"
+        )
+    assert not list(tmp_path.iterdir())
+
+
 # ---- the commands -----------------------------------------------------------------------------------------
 
 
@@ -492,8 +530,9 @@ def run_command(cmd: str, tmp: Path, n: int, cache: Path, fallback: Path | None 
     while re.match(r"^[A-Z_]+=", tokens[0]):
         k, v = tokens.pop(0).split("=", 1)
         env[k] = v
-    assert tokens[0] == "python" and tokens[1] in CONFIG_OF, cmd
-    script, args = tokens[1], tokens[2:]
+    app = app_and_args(tokens)
+    assert app is not None, cmd
+    script, args = app
     if any(RUN_DIR in a for a in args):
         run = newest_run(tmp) if list(tmp.glob("logs/**/last.ckpt")) else fallback
         args = [a.replace(RUN_DIR, str(run)) for a in args]
@@ -508,7 +547,7 @@ def run_command(cmd: str, tmp: Path, n: int, cache: Path, fallback: Path | None 
             flags.append(a)
     args = [a for a in args if a not in flags]
     overrides = [*args, f"paths.log_dir={tmp}/logs", f"paths.cache_dir={cache}", where, *extra]
-    argv = [str(ROOT / script), *flags, *overrides]
+    argv = [script if script in MODULE_OF else str(ROOT / script), *flags, *overrides]
     saved_argv, saved_env = sys.argv, {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     sys.argv = argv
@@ -516,7 +555,10 @@ def run_command(cmd: str, tmp: Path, n: int, cache: Path, fallback: Path | None 
     out, err = io.StringIO(), io.StringIO()
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            runpy.run_path(argv[0], run_name="__main__")
+            if script in MODULE_OF:  # as the console script runs it
+                runpy.run_module(MODULE_OF[script], run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(argv[0], run_name="__main__")
     except SystemExit as e:
         assert not e.code, f"{cmd}\nexit {e.code}\n{out.getvalue()[-3000:]}\n{err.getvalue()[-3000:]}"
     finally:

@@ -1,10 +1,9 @@
-"""scripts/export.py: what plain transformers can run is written plainly (EOS / pad ids set); a generator it
+"""rag-export (rag_lightning/commands/export.py): what plain transformers can run is written plainly (EOS / pad ids set); a generator it
 cannot run (the demo's prefix-LM attention and copy head) is marked so that AutoModel refuses it, said on stdout
 and in the README.md written inside, and loads with readers.from_pretrained with the same outputs."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -20,10 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _export_script():
-    spec = importlib.util.spec_from_file_location("rag_export_script", ROOT / "scripts" / "export.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from rag_lightning.commands import export
+
+    return export
 
 
 def _export(tmp_path: Path, cfg_factory, *overrides: str):

@@ -92,11 +92,8 @@ def test_prepared_nan_rows_are_refused_at_write_and_at_load(tmp_path) -> None:
 
 
 def test_build_index_prepares_a_damaged_directory_again(tmp_path, caplog) -> None:
-    import importlib.util
+    from rag_lightning.commands import build_index
 
-    spec = importlib.util.spec_from_file_location("build_index", Path(__file__).parents[1] / "scripts" / "build_index.py")  # fmt: skip
-    build_index = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_index)
     enc = Encoder.from_pretrained("tiny:bert", pooling="mean").eval()
     rows = [[101, 7 + i, 102] for i in range(12)]
     kw = dict(chunk_size=5, batch_size=4, progress=False)

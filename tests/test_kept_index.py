@@ -129,7 +129,7 @@ def test_under_ddp_every_rank_writes_its_rows_and_rank_0_merges_them(tmp_path):
 @pytest.mark.slow
 def test_evaluating_a_trained_checkpoint_loads_the_index_training_kept(tmp_path, embeds, monkeypatch, caplog):
     """A tiny run with the frozen document encoder of retriever=tiny trains; evaluating its checkpoint (a run
-    with train=false ckpt_path=..., the path scripts/evaluate.py takes too: ensure_index(match_weights=True))
+    with train=false ckpt_path=..., the path rag-evaluate takes too: ensure_index(match_weights=True))
     and resuming it embed nothing, and the evaluation's test figures equal those of one that embeds again."""
     tests: list[dict] = []
     monkeypatch.setattr("rag_lightning.train.print_summary", lambda cfg, trainer, b, a, t: tests.append(t))

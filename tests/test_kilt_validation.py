@@ -3,7 +3,6 @@ rag-eval-kilt on the KILT-format predictions of the same evaluation (tiny models
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -62,10 +61,9 @@ def _fever(records: list[dict]) -> list[dict]:
 
 
 def _evaluate_script():
-    spec = importlib.util.spec_from_file_location("rag_evaluate_script", ROOT / "scripts" / "evaluate.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from rag_lightning.commands import evaluate
+
+    return evaluate
 
 
 @pytest.fixture(params=["qa", "generation", "classification"])
@@ -96,7 +94,7 @@ def test_validation_logs_kilt_scores_equal_to_rag_eval_kilt(kilt_run, tmp_path: 
     logged = trainer.validate(model, datamodule=dm, verbose=False)[0]
     rows = []
     model.eval()
-    with torch.no_grad():  # the rows scripts/evaluate.py gets from trainer.predict
+    with torch.no_grad():  # the rows rag-evaluate gets from trainer.predict
         for batch in dm.val_dataloader():
             rows += [{"set": "x", **r} for r in model.predict_step(batch, 0)]
     (guess,) = _evaluate_script().write_kilt_predictions(rows, ["x"], tmp_path)
@@ -134,7 +132,7 @@ def test_no_kilt_scores_without_provenance_or_pages(kilt_run):
 
 @pytest.mark.slow
 def test_train_evaluate_and_rag_eval_kilt_end_to_end(tmp_path: Path):
-    """train.py (2 steps, tiny) -> scripts/evaluate.py writes kilt_predictions.jsonl -> rag-eval-kilt scores it;
+    """train.py (2 steps, tiny) -> rag-evaluate writes kilt_predictions.jsonl -> rag-eval-kilt scores it;
     its KILT scores equal the means evaluate.py reports (every example has provenance)."""
     ks, gold = tmp_path / "kilt_knowledgesource.json", tmp_path / "nq-dev-kilt.jsonl"
     ks.write_text("".join(json.dumps(p) + "\n" for p in _pages()))
@@ -144,7 +142,7 @@ def test_train_evaluate_and_rag_eval_kilt_end_to_end(tmp_path: Path):
               f"paths.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
 
     def run(*args: str) -> str:
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # scripts/ import this checkout's package
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this checkout's package
         proc = subprocess.run(
             [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
         )
@@ -155,9 +153,9 @@ def test_train_evaluate_and_rag_eval_kilt_end_to_end(tmp_path: Path):
         "test=false", "callbacks.rich_progress_bar=null", "callbacks.model_summary=null", "logger=csv")  # fmt: skip
     (ckpt,) = tmp_path.glob("train/runs/*/checkpoints/last.ckpt")
     out = tmp_path / "eval"
-    run("scripts/evaluate.py", f"ckpt_path={ckpt}", "split=val", f"hydra.run.dir={out}")
+    run("-m", "rag_lightning.commands.evaluate", f"ckpt_path={ckpt}", "split=val", f"hydra.run.dir={out}")
     scores = json.loads(run("-m", "rag_lightning.eval_kilt", str(out / "kilt_predictions.jsonl"), str(gold)))
-    means = json.loads((out / "metrics.json").read_text())
+    means = json.loads((out / "results.json").read_text())
     assert means["KILT-em"] == pytest.approx(scores["kilt"]["KILT-em"])
     assert means["kilt_f1"] == pytest.approx(scores["downstream"]["f1"])
     assert means["kilt_rprec"] == pytest.approx(scores["retrieval"]["Rprec"])

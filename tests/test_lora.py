@@ -1,9 +1,8 @@
 """LoRA through peft: only adapters (and the query encoder) train, checkpoints drop frozen weights and load
-strictly, scripts/export.py merges the adapters into a plain directory with the same outputs."""
+strictly, rag-export merges the adapters into a plain directory with the same outputs."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -80,9 +79,8 @@ def test_checkpoint_holds_only_trainable_and_loads_strictly(cfg_factory):
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
 def test_export_merges_adapters(tmp_path, cfg_factory, name):
-    spec = importlib.util.spec_from_file_location("rag_export_script", ROOT / "scripts" / "export.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
+    from rag_lightning.commands import export
+
     gen = f"model.generator.name_or_path={name}"
     cfg = cfg_factory(
         *TINY, gen, f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path / 'gen'}", config_name="export"
@@ -107,9 +105,8 @@ def test_export_merges_adapters(tmp_path, cfg_factory, name):
 def test_copy_head_trains_under_lora_and_is_exported(tmp_path, cfg_factory):
     """The pointer head is new: it trains next to the adapters, the checkpoint holds it, and the exported
     directory carries it (rag_pointer.safetensors) with the same outputs."""
-    spec = importlib.util.spec_from_file_location("rag_export_script", ROOT / "scripts" / "export.py")
-    export = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(export)
+    from rag_lightning.commands import export
+
     over = (*TINY, "model.generator.name_or_path=tiny:llama", "+model.generator.copy=true")
     cfg = cfg_factory(
         *over, f"ckpt_path={tmp_path / 'x.ckpt'}", f"out={tmp_path / 'gen'}", config_name="export"

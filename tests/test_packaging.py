@@ -1,5 +1,6 @@
-"""Packaging: every declared console script runs `--help` (from the tree and from a built wheel), so do
-`train.py` and every script in scripts/, the wheel ships the configs, and the import layering (data/ does not
+"""Packaging: every declared console script runs `--help` (from the tree and from a built wheel installed outside
+the checkout, run from another folder), so do `train.py` and every script in scripts/ and benchmarks/, the
+wheel ships the configs, and the import layering (data/ does not
 import model code; no encoders <-> tiny loop)."""
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SCRIPTS = PYPROJECT["project"]["scripts"]
-HYDRA_APPS = {"rag-train"}  # the others are argparse commands (rag-eval-kilt)
+HYDRA_APPS = {"rag-train", "rag-evaluate", "rag-build-index", "rag-export", "rag-eval-retrieval"}
+COMMANDS = {*HYDRA_APPS, "rag-eval-kilt"}  # docs/evaluation.md: every tool a command
 
 
 def _help_ok(name: str, stdout: str) -> bool:
@@ -43,8 +45,13 @@ def test_console_script_runs_help(name: str, tmp_path: Path):
     assert _help_ok(name, proc.stdout), proc.stdout[-2000:]
 
 
-# scripts/_*.py are libraries the scripts import, not scripts
-RUNNABLE = ["train.py", *sorted(f"scripts/{p.name}" for p in (ROOT / "scripts").glob("[!_]*.py"))]
+# _*.py are libraries the scripts import, not scripts
+RUNNABLE = ["train.py", *sorted(p.relative_to(ROOT).as_posix() for d in ("scripts", "benchmarks")
+                                for p in (ROOT / d).glob("[!_]*.py"))]  # fmt: skip
+
+
+def test_every_tool_is_a_console_script():
+    assert set(SCRIPTS) == COMMANDS
 
 
 @pytest.mark.slow

@@ -201,14 +201,9 @@ def _q(model, texts):
 
 
 def test_eval_retrieval_script_agrees_with_the_module(setup):
-    """scripts/eval_retrieval.py's recall@k and entropy equal what validation logs for the same retriever."""
-    import importlib.util
-    from pathlib import Path
+    """rag-eval-retrieval's recall@k and entropy equal what validation logs for the same retriever."""
+    from rag_lightning.commands import eval_retrieval as mod
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "eval_retrieval.py"
-    spec = importlib.util.spec_from_file_location("rag_eval_retrieval", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     _, dm, model, _ = setup
     model.eval()
     items = dm.train_items

@@ -90,11 +90,8 @@ def test_a_hostile_node_anywhere_is_refused_naming_its_key(tmp_path: Path, where
 
 
 def test_evaluate_refuses_the_hostile_run_config_in_process(tmp_path: Path):
-    import importlib.util
+    from rag_lightning.commands import evaluate as ev
 
-    spec = importlib.util.spec_from_file_location("rag_evaluate_script", ROOT / "scripts" / "evaluate.py")
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
     ckpt, marker = hostile_run(tmp_path)
     cfg = compose_config(f"ckpt_path={ckpt}", config_name="evaluate", root=tmp_path)
     with pytest.raises(ConfigError, match=r"model._target_='torch.load' is not allowed in a run config"):
@@ -103,14 +100,14 @@ def test_evaluate_refuses_the_hostile_run_config_in_process(tmp_path: Path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["evaluate", "export"])
+@pytest.mark.parametrize("script", ["evaluate", "export", "eval_retrieval"])
 def test_scripts_refuse_the_hostile_run_dir(tmp_path: Path, script: str):
     """The issue's payload: one line, exit 2, no file written."""
     ckpt, marker = hostile_run(tmp_path)
     args = [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'out'}"]
     if script == "export":
         args.append(f"out={tmp_path / 'gen'}")
-    cmd = [sys.executable, str(ROOT / "scripts" / f"{script}.py"), *args]
+    cmd = [sys.executable, "-m", f"rag_lightning.commands.{script}", *args]
     proc = subprocess.run(
         cmd,
         cwd=tmp_path,

@@ -185,13 +185,13 @@ def test_refresh_failure_on_one_rank_keeps_the_old_index_on_every_rank(tmp_path)
 
 # ------------------------------------------------------------------ end to end on a DPR layout
 def _bench_scale():
-    sys.path.insert(0, str(ROOT / "scripts"))  # as when run as a script: it imports scripts/_bench.py
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: it imports benchmarks/_bench.py
     try:
-        spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "scripts" / "bench_scale.py")
+        spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "benchmarks" / "bench_scale.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     finally:
-        sys.path.remove(str(ROOT / "scripts"))
+        sys.path.remove(str(ROOT / "benchmarks"))
     return mod
 
 
@@ -207,7 +207,7 @@ def test_prepare_then_train_resume_evaluate_load_it(tmp_path):
     common = ["+experiment=nq", "retriever=tiny", "model=tiny", f"paths.data_dir={data}",
               f"paths.cache_dir={tmp_path}/cache", f"paths.log_dir={tmp_path}/logs", f"paths.root_dir={ROOT}",
               "data.num_workers=0", "data.corpus_num_proc=2"]  # fmt: skip
-    prep = [sys.executable, str(ROOT / "scripts" / "build_index.py"), *common, "chunk_size=16"]
+    prep = [sys.executable, "-m", "rag_lightning.commands.build_index", *common, "chunk_size=16"]
     procs = [
         subprocess.Popen([*prep, f"hydra.run.dir={tmp_path}/prep{r}"], cwd=tmp_path, text=True,
                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
@@ -219,8 +219,8 @@ def test_prepare_then_train_resume_evaluate_load_it(tmp_path):
     assert "index: prepared" in "".join(logs)
     before = _tree(data, tmp_path / "cache")
 
-    def run(args: list[str], script: str = "train.py") -> str:
-        proc = subprocess.run([sys.executable, str(ROOT / script), *common, *args], cwd=tmp_path, env=env,
+    def run(args: list[str], script: list[str] = [str(ROOT / "train.py")]) -> str:  # noqa: B006
+        proc = subprocess.run([sys.executable, *script, *common, *args], cwd=tmp_path, env=env,
                               capture_output=True, text=True, timeout=600)  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
         log = proc.stdout + proc.stderr
@@ -237,7 +237,10 @@ def test_prepare_then_train_resume_evaluate_load_it(tmp_path):
     ckpt = tmp_path / "run1" / "checkpoints" / "last.ckpt"
     run([*train, "trainer.max_steps=4", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/run2"])  # new dir
     assert torch.load(tmp_path / "run2" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
-    run([f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval"], script="scripts/evaluate.py")
+    run(
+        [f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval"],
+        script=["-m", "rag_lightning.commands.evaluate"],
+    )
     rows = (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()
     questions = [
         ln.split("\t")[0] for ln in (data / "retriever" / "qas" / "nq-test.csv").read_text().splitlines()

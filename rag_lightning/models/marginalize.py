@@ -24,7 +24,7 @@ the document prior to every vocabulary entry; ours is the cleaner "mean log-prob
 Numerics: everything is computed in float32 (float64 if the logits are float64) even for bf16 / fp16
 logits. Only non-padding target positions are scored, by the chunked kernels of ``token_logprob``: from the
 logits (one (N, V) gradient buffer, no log-softmax) or, in training, straight from the decoder's final hidden
-states and the output layer (:func:`answer_logprobs_fused`, never building the (B*K, T, V) logits). The
+states and the output layer (:func:`answer_logprobs_fused`, no (B*K, T, V) logits tensor). The
 marginals below are small functions of the per-token log-probs (B, K, T) and the doc log-probs (B, K).
 
 Interface for other objectives: :class:`AnswerLogProbs` (from :func:`answer_logprobs` or
@@ -142,11 +142,13 @@ def answer_logprobs_fused(
     ignore_index: int = -100,
     smooth: bool = False,
     positions: Tensor | None = None,
+    cache_mb: float | None = None,
 ) -> AnswerLogProbs:
     """Same as :func:`answer_logprobs` of ``logits = hidden @ weight.T + bias`` without building them.
 
     hidden (B*K, T, H): the decoder's final states (as fed to the output layer); weight (V, H); bias (V,).
-    Only the non-padding rows of ``hidden`` are gathered (P*K, H); the kernel chunks over them.
+    Only the non-padding rows of ``hidden`` are gathered (P*K, H); the kernel chunks over them and keeps
+    at most ``cache_mb`` MiB of logits for backward (see ``linear_token_logprobs``).
     """
     if hidden.dim() != 3 or labels.dim() != 2:
         raise ValueError(
@@ -158,7 +160,7 @@ def answer_logprobs_fused(
     pos = label_positions(labels, ignore_index) if positions is None else positions
     rows, tgt = _rows_and_targets(labels, pos, k)
     hs = _take_rows(hidden.reshape(bk * t, h), rows)  # (P*K, H)
-    tok, mlp = linear_token_logprobs(hs, weight, bias, tgt, smooth)  # (P*K,)
+    tok, mlp = linear_token_logprobs(hs, weight, bias, tgt, smooth, cache_mb)  # (P*K,)
     return _per_position(tok, mlp, labels != ignore_index, pos, k)
 
 

@@ -42,6 +42,8 @@ from torch import nn
 from rag_lightning import integrity
 from rag_lightning.integrity import IntegrityError
 from rag_lightning.models.encoders import Encoder
+from rag_lightning.models.sharding import gathered
+from rag_lightning.preflight import ConfigError
 from rag_lightning.retrieval import fusion, store
 from rag_lightning.retrieval.bm25 import BM25Index, passage_texts
 from rag_lightning.retrieval.embed import RowSlice, amp_dtype_for, embed_passages, pad_batch
@@ -61,6 +63,10 @@ BM25_DEFAULTS = {"k1": 0.9, "b": 0.4, "method": "lucene", "stopwords": "en"}  # 
 DOC_CACHE_ROWS = 200_000  # frozen document vectors kept for BM25 / hybrid candidates (768-d: 600 MB)
 HYBRID_DEFAULTS = {"fusion": "rrf", "rrf_k": 60.0, "dense_weight": 0.5, "depth": None}
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp: a learned temperature never goes below 0.01
+
+
+class BM25NotBuiltError(ConfigError):
+    """A multi-process run needs a BM25 index that is not built (scripts/build_index.py builds it)."""
 
 
 class IndexRefreshError(RuntimeError):
@@ -361,24 +367,29 @@ class Retriever(nn.Module):
 
     def ensure_bm25(self, corpus) -> None:
         """Have the BM25 index: load the saved one whose stamp matches (memory-mapped; this rank's rows when
-        sharded), else build it (rank 0, saved under ``index.root`` when set; the other ranks then load it)."""
+        sharded), else build it. One process builds it and saves it under ``index.root``. Under DDP (world
+        size > 1) a missing index is refused on every rank (``BM25NotBuiltError``: run scripts/build_index.py
+        first) rather than built by rank 0 while the others wait in a collective: at 21M passages the build
+        takes longer than any collective timeout. Without ``index.root`` every rank builds the whole index
+        in memory on its own (small corpora) and keeps its rows."""
         if self.bm25 is not None:
             return
         t0, stamp, path = time.perf_counter(), self.bm25_stamp(corpus), self.bm25_path(corpus)
-        mode, err = self.index_mode, None
+        mode = self.index_mode
+        rank, world = rank_world()
         if path is not None:
-            if rank_world()[0] == 0 and not _bm25_matches(path, stamp):
-                try:
-                    build_bm25(corpus, self.bm25_kwargs, stamp).save(path)
-                except Exception as e:  # noqa: BLE001 - decided below, on every rank alike
-                    err = e
-            if not all_ranks_ok(err is None):
-                raise RuntimeError(f"BM25 index build failed on rank 0 (here: {err or 'ok'})") from err
+            if world == 1 and not _bm25_matches(path, stamp):
+                build_bm25(corpus, self.bm25_kwargs, stamp).save(path)
+            if not all_ranks_ok(_bm25_matches(path, stamp)):  # each rank reads the stamp; one decision
+                raise BM25NotBuiltError(
+                    f"no BM25 index at {path} for this corpus (rank {rank} of {world} checked): a multi-process "
+                    "run does not build it (one rank would build while the others wait in a collective); build "
+                    "it first: python scripts/build_index.py with this run's data and retriever overrides"
+                )
             index = BM25Index.load(path, mode)
-        else:  # nowhere to save: every rank builds the whole index, then keeps its rows
+        else:  # nowhere to save: every rank builds the whole index on its own, then keeps its rows
             index = build_bm25(corpus, self.bm25_kwargs, stamp)
             index.mode = mode
-            rank, world = rank_world()
             if mode == "sharded" and world > 1:
                 index.keep_rows(*shard_range(len(corpus), rank, world))
         self.bm25 = index
@@ -401,16 +412,17 @@ class Retriever(nn.Module):
         mode = self.index_mode
         start, end = shard_range(len(corpus), rank, world) if mode == "sharded" else (0, len(corpus))
         view = corpus.doc_token_view()
-        emb = embed_passages(
-            self.doc_encoder,
-            view if (start, end) == (0, len(corpus)) else RowSlice(view, start, end),
-            batch_size=self.embed_batch_size,
-            device=self._doc_device(),
-            pad_id=self.doc_encoder.tokenizer.pad_token_id or 0,
-            progress=progress,
-            stats=stats,
-            amp_dtype=self.embed_precision,
-        )  # (end - start, d)
+        with gathered(self.doc_encoder):  # FSDP: the ranks embed different numbers of batches
+            emb = embed_passages(
+                self.doc_encoder,
+                view if (start, end) == (0, len(corpus)) else RowSlice(view, start, end),
+                batch_size=self.embed_batch_size,
+                device=self._doc_device(),
+                pad_id=self.doc_encoder.tokenizer.pad_token_id or 0,
+                progress=progress,
+                stats=stats,
+                amp_dtype=self.embed_precision,
+            )  # (end - start, d)
         bad = (~torch.isfinite(emb)).any(dim=1)  # (n,)
         if bad.any():
             rows = (bad.nonzero().flatten()[:5] + start).tolist()

@@ -16,9 +16,13 @@ Two autograd functions compute them without a (N, V) log-softmax or any second (
   turns it into the gradient in place (exp, one scaling op); otherwise forward keeps only its inputs and
   backward recomputes the softmax block by block.
 * :func:`linear_token_logprobs` takes the hidden states (N, H) and the output layer (W (V, H), bias (V,)) and
-  never holds the (N, V) logits: each block's logits are computed, reduced to the (N,) statistics and dropped;
-  backward recomputes them block by block and accumulates grad_hidden = G W, grad_W += G^T h, grad_b += sum G
-  (Liger's fused linear cross-entropy / Apple's Cut Cross-Entropy idea).
+  computes the logits block by block, reduces each to the (N,) statistics, and in backward accumulates
+  grad_hidden = G W, grad_W += G^T h, grad_b += sum G (Liger's fused linear cross-entropy / Apple's Cut
+  Cross-Entropy idea). The blocks' logits that fit in a memory budget (``cache_mb``, default
+  ``FUSED_CACHE_MB`` or :func:`fused_cache_budget`'s) are kept for backward, which turns them into the
+  gradient in place (three matmuls, like the unfused layer); the other blocks' logits are dropped and
+  recomputed in backward (a fourth matmul, no (N, V) tensor). Kept or recomputed, backward sees the same
+  logits (same blocks, same ops), so both give bitwise the same results.
 
 Blocks are sized by an element budget (``CHUNK_ELEMS``, ``FUSED_CHUNK_ELEMS``), split evenly, so that every
 op is large: a CPU op pays one fork / join of its threads, and on a machine whose cores are shared a join
@@ -35,14 +39,45 @@ kernel run in the autocast dtype when autocast is on (else in the hidden states'
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 from torch import Tensor
 
-__all__ = ["linear_token_logprobs", "token_logprobs"]
+__all__ = ["fused_cache_budget", "linear_token_logprobs", "token_logprobs"]
 
 CHUNK_ELEMS = 1 << 22  # elements of one block of logits (16 MiB of float32): rows ~ CHUNK_ELEMS // V
 FUSED_CHUNK_ELEMS = 1 << 23  # the fused kernel's blocks (their logits are recomputed by a matmul)
+FUSED_CACHE_MB = (
+    256.0  # the fused kernel keeps up to this many MiB of logits for backward (model.fused_loss_cache_mb)
+)
 DENSE = 0.6  # the logits kernel walks all M rows in slices when at least this share of them is scored
+
+
+_CACHE_MB: ContextVar[float | None] = ContextVar("fused_loss_cache_mb", default=None)
+
+
+@contextmanager
+def fused_cache_budget(mb: float | None) -> Iterator[None]:
+    """Within the block, :func:`linear_token_logprobs` without ``cache_mb`` keeps up to ``mb`` MiB of logits
+    for backward (None: ``FUSED_CACHE_MB``; 0: recompute them all)."""
+    if mb is not None and mb < 0:
+        raise ValueError(f"the fused loss's cache budget must be >= 0 MiB, got {mb}")
+    token = _CACHE_MB.set(mb)
+    try:
+        yield
+    finally:
+        _CACHE_MB.reset(token)
+
+
+def _cached_rows(blocks: list[slice], v: int, dt: torch.dtype, mb: float | None) -> int:
+    """Rows of the leading whole blocks whose (rows, V) logits in ``dt`` fit in ``mb`` MiB."""
+    mb = _CACHE_MB.get() if mb is None else mb
+    mb = FUSED_CACHE_MB if mb is None else mb
+    fit = int(mb * 2**20) // (v * torch.finfo(dt).bits // 8)
+    return max([0] + [s.stop for s in blocks if s.stop <= fit])
 
 
 def stat_dtype(t: Tensor) -> torch.dtype:
@@ -178,7 +213,7 @@ def _mm_dtype(h: Tensor) -> torch.dtype:
 
 
 class _Logits:
-    """Block logits h[s] W^T + b in the statistics dtype, into reused buffers (the bias fused into addmm)."""
+    """Block logits h[s] W^T + b in the statistics dtype, into ``out`` or a reused buffer (bias fused in addmm)."""
 
     def __init__(self, h: Tensor, w: Tensor, b: Tensor | None, mm: torch.dtype, dt: torch.dtype) -> None:
         self.h, self.w, self.mm, self.dt = h.to(mm), w.to(mm), mm, dt
@@ -186,10 +221,11 @@ class _Logits:
         self.buf: Tensor | None = None
         self.buf_mm: Tensor | None = None
 
-    def __call__(self, s: slice) -> Tensor:
+    def __call__(self, s: slice, out: Tensor | None = None) -> Tensor:
         h, n = self.h[s], s.stop - s.start
-        self.buf = _scratch(self.buf, n, self.w.t(), self.dt)
-        out = self.buf[:n]
+        if out is None:
+            self.buf = _scratch(self.buf, n, self.w.t(), self.dt)
+            out = self.buf[:n]
         if self.mm == self.dt:
             if self.b is None:
                 return torch.mm(h, self.w.t(), out=out)
@@ -200,16 +236,28 @@ class _Logits:
 
 
 class _LinearTokenLogProb(torch.autograd.Function):
+    """Blocks of rows; the logits of the leading ``ctx.kept`` rows are kept (``ctx.cache`` (kept, V)) when a
+    gradient is needed, the others recomputed in backward."""
+
     @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, mean: bool, mm: torch.dtype):
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, y: Tensor, mean: bool, mm: torch.dtype, mb):
         dt = stat_dtype(h)
         tok = h.new_empty(h.shape[0], dtype=dt)
         mlp = torch.empty_like(tok) if mean else None
         logits = _Logits(h, w, b, mm, dt)
+        blocks = _blocks(h.shape[0], w.shape[0], FUSED_CHUNK_ELEMS)
+        ctx.kept = _cached_rows(blocks, w.shape[0], dt, mb) if any(ctx.needs_input_grad[:3]) else 0
+        ctx.cache = h.new_empty((ctx.kept, w.shape[0]), dtype=dt) if ctx.kept else None  # (kept, V)
+        lsm_buf = None
         with torch.autocast(h.device.type, enabled=False):
-            for s in _blocks(h.shape[0], w.shape[0], FUSED_CHUNK_ELEMS):
-                x = logits(s)  # (n, V), overwritten by the next block
-                lsm = torch.log_softmax(x, -1, out=x)
+            for s in blocks:
+                if s.stop <= ctx.kept:  # kept: the logits stay, the log-softmax goes to a scratch block
+                    x = logits(s, ctx.cache[s])  # (n, V)
+                    lsm_buf = _scratch(lsm_buf, s.stop - s.start, x, dt)
+                    lsm = torch.log_softmax(x, -1, out=lsm_buf[: s.stop - s.start])
+                else:
+                    x = logits(s)  # (n, V), overwritten by the next block
+                    lsm = torch.log_softmax(x, -1, out=x)
                 tok[s] = lsm.gather(1, y[s, None]).squeeze(1)
                 if mean:
                     mlp[s] = lsm.mean(-1)
@@ -222,6 +270,7 @@ class _LinearTokenLogProb(torch.autograd.Function):
         h, w, b, y = ctx.saved_tensors
         mean = gm is not None and gm.numel() > 0
         mm, dt = ctx.mm, stat_dtype(h)
+        cache, ctx.cache = ctx.cache, None  # used once (in place); a second backward recomputes every block
         logits = _Logits(h, w, b, mm, dt)
         hm, wm = logits.h, logits.w
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -231,7 +280,7 @@ class _LinearTokenLogProb(torch.autograd.Function):
         g, gm = g.to(dt), (gm.to(dt) if mean else None)
         with torch.autocast(h.device.type, enabled=False):
             for s in _blocks(h.shape[0], w.shape[0], FUSED_CHUNK_ELEMS):
-                x = logits(s)  # recomputed block logits (n, V)
+                x = cache[s] if cache is not None and s.stop <= ctx.kept else logits(s)  # (n, V)
                 gx = _scale_(torch.softmax(x, -1, out=x), g[s], None if gm is None else gm[s], y[s])
                 if gb is not None:
                     gb += gx.sum(0)
@@ -247,13 +296,19 @@ class _LinearTokenLogProb(torch.autograd.Function):
                         gw += (gxm.t() @ hm[s]).to(dt)
         gw = None if gw is None else gw.to(w.dtype)
         gb = None if gb is None else gb.to(b.dtype)
-        return gh, gw, gb, None, None, None
+        return gh, gw, gb, None, None, None, None
 
 
 def linear_token_logprobs(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, mean: bool = False
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    mean: bool = False,
+    cache_mb: float | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """Same as ``token_logprobs(hidden @ weight.T + bias, targets, mean)`` without the (N, V) logits.
+    """Same as ``token_logprobs(hidden @ weight.T + bias, targets, mean)``, holding at most ``cache_mb`` MiB of
+    logits (None: :func:`fused_cache_budget`'s or ``FUSED_CACHE_MB``; 0: none, all recomputed in backward).
 
     hidden (N, H), weight (V, H), bias (V,) or None, targets (N,) int -> tok_lp (N,), mean_lp (N,) or None.
     """
@@ -265,5 +320,8 @@ def linear_token_logprobs(
         raise ValueError(
             f"expected targets (N,), bias (V,); got {tuple(targets.shape)}, {bias and tuple(bias.shape)}"
         )
-    tok, mlp = _LinearTokenLogProb.apply(hidden, weight, bias, targets.long(), mean, _mm_dtype(hidden))
+    if cache_mb is not None and cache_mb < 0:
+        raise ValueError(f"the fused loss's cache budget must be >= 0 MiB, got {cache_mb}")
+    mb = cache_mb if torch.is_grad_enabled() else 0.0  # no backward (eval): nothing to keep
+    tok, mlp = _LinearTokenLogProb.apply(hidden, weight, bias, targets.long(), mean, _mm_dtype(hidden), mb)
     return tok, (mlp if mean else None)

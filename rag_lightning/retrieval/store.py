@@ -35,9 +35,12 @@ RECORD_KEYS = ("passages", "files")  # in stamp.json, not part of the stamp
 
 
 def weights_fingerprint(module: torch.nn.Module) -> str:
-    """sha256 (16 hex) over the names, dtypes, shapes and bytes of ``module.state_dict()``."""
+    """sha256 (16 hex) over the names, dtypes, shapes and bytes of ``module.state_dict()`` (FSDP2-sharded:
+    a collective, every rank calls it)."""
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
+        if hasattr(t, "full_tensor"):  # an FSDP2 shard (DTensor): the whole tensor, gathered on every rank
+            t = t.full_tensor()
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")

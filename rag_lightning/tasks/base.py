@@ -117,6 +117,13 @@ class Task:
     def check(self, example: QAExample) -> None:
         """Raise ``DataError`` (file, line, field) when a row lacks what the task needs."""
 
+    def query(self, text: str) -> QAExample:
+        """An input without a gold output (``RagPipeline.answer``): the placeholder target collates (its loss
+        and metrics are not read)."""
+        from rag_lightning.data.readers import QAExample
+
+        return QAExample(question=text, answers=[""], source="<query>")
+
     def target(self, example: QAExample, choice: Callable[[Sequence[str]], str]) -> str:
         """The text the generator is trained (and scored, ``val/loss``) on. ``choice`` picks one of several
         targets (``data.train_answer``: the first, or a random one at training time)."""

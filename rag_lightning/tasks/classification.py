@@ -68,6 +68,14 @@ class ClassificationTask(Task):
             fields=spec.get("fields"), name=spec.get("name"), skip_bad_rows=skip_bad_rows, **opts,
         )  # fmt: skip
 
+    def query(self, text: str) -> Any:
+        example = super().query(text)
+        example.answers, example.label = (
+            [self.labels[0]],
+            self.labels[0],
+        )  # a placeholder the collator encodes
+        return example
+
     def target(self, example: Any, choice: Callable[[Sequence[str]], str]) -> str:
         return self.verbalizers[self.labels.index(example.label)]
 

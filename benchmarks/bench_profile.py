@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a training step's time goes: query encoder, search, passage assembly, generator, loss, backward.
 
-    python scripts/benchmark.py profile-step [--setting demo|nq] [--steps 5]
+    python benchmarks/benchmark.py profile-step [--setting demo|nq] [--steps 5]
 
 Composes ``conf/train.yaml`` (``demo``: the demo as ``python train.py`` runs it, MiniLM towers, prefix-LM
 MiniLM generator, K=3, batch 4; ``nq``: the NQ experiment's step shape, batch 8, K=5, source 128, target 25,
@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
+from _bench import Bench, Col, Table  # benchmarks/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = Table(Col("stage", 42, left=True), Col("time", 12, "{:.1f} ms"), Col("share", 9, "{:.1f} %"))

@@ -1,4 +1,4 @@
-"""Resident memory of a converted corpus as it grows: `python scripts/benchmark.py corpus`.
+"""Resident memory of a converted corpus as it grows: `python benchmarks/benchmark.py corpus`.
 
 For each size N, a synthetic DPR-style `psgs_w100.tsv` (100-word passages) is converted to Arrow in a fresh
 process, then loaded in another fresh process that reads every row's token ids in random order; each
@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 
-from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
+from _bench import Bench, Col, Table  # benchmarks/ is sys.path[0] when run as a script
 
 TABLE = Table(Col("passages", 10), Col("tsv MB", 9, "{:.1f}"), Col("convert s", 11, "{:.1f}"),
               Col("psg/s", 8, "{:.0f}"), Col("convert peak MB", 17, "{:.0f}"), Col("read-all peak MB", 18, "{:.0f}"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Every GPU check in one command, on one CUDA GPU, in about 8 minutes, written to one JSON + Markdown report.
 
-    python scripts/benchmark.py gpu [--out DIR] [--only STEP ...] [--budget 480] [--dry-run]
+    python benchmarks/benchmark.py gpu [--out DIR] [--only STEP ...] [--budget 480] [--dry-run]
 
 Run it from the repository root after ``pip install -e ".[dev,gpu]"`` (with a CUDA build of torch). Steps, each
 in its own process group under its own time limit (and never past the total ``--budget``); a failure or a
@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _bench import Bench  # scripts/ is sys.path[0] when run as a script
+from _bench import Bench  # benchmarks/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = str(Path(__file__).resolve())
@@ -71,10 +71,10 @@ STEPS = [
     Step("embed", 45, "corpus embedding rate, BERT-base-sized encoder, bf16", _inner("embed")),
     Step("e2e", 110, "tiny prepare-once + train + resume + evaluate, trainer=gpu", _inner("e2e")),
     Step("train-step", 140, "train step at BART-large size, bf16, vs transformers' RAG",
-         lambda out: [PY, "scripts/bench_train.py", "--device", "cuda", "--precision", "bf16", "--d-model", "1024",
+         lambda out: [PY, "benchmarks/bench_train.py", "--device", "cuda", "--precision", "bf16", "--d-model", "1024",
                       "--layers", "12", "--threads", "4", "--load", "0", "--json", str(out / "train-step.json")]),
     Step("decode", 55, "batched decoding vs per-example, CUDA",
-         lambda out: [PY, "scripts/bench_decode.py", "--device", "cuda", "--repeats", "1"]),
+         lambda out: [PY, "benchmarks/bench_decode.py", "--device", "cuda", "--repeats", "1"]),
 ]  # fmt: skip
 
 
@@ -201,7 +201,9 @@ def step_e2e(a: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(f"{name} failed (rc {proc.returncode}): {proc.stdout[-1500:]}")
         return proc.stdout
 
-    stage("prepare", ["scripts/build_index.py", *common, f"hydra.run.dir={tmp / 'prepare'}"])
+    stage(
+        "prepare", ["-m", "rag_lightning.commands.build_index", *common, f"hydra.run.dir={tmp / 'prepare'}"]
+    )
     text = stage("train", ["train.py", *common, *fit, "trainer.max_steps=2", f"hydra.run.dir={tmp / 'run1'}"])
     out["train"]["index_loaded_from_prepare"] = "index: loaded" in text
     ckpt = tmp / "run1" / "checkpoints" / "last.ckpt"
@@ -209,9 +211,9 @@ def step_e2e(a: argparse.Namespace) -> dict[str, Any]:
                      f"hydra.run.dir={tmp / 'run2'}"])  # fmt: skip
     state = torch.load(tmp / "run2" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     out["resume"]["global_step"] = int(state["global_step"])
-    stage("evaluate", ["scripts/evaluate.py", f"ckpt_path={tmp / 'run2' / 'checkpoints' / 'last.ckpt'}",
+    stage("evaluate", ["-m", "rag_lightning.commands.evaluate", f"ckpt_path={tmp / 'run2' / 'checkpoints' / 'last.ckpt'}",
                        f"hydra.run.dir={tmp / 'eval'}"])  # fmt: skip
-    out["evaluate"]["metrics"] = json.loads((tmp / "eval" / "metrics.json").read_text())
+    out["evaluate"]["metrics"] = json.loads((tmp / "eval" / "results.json").read_text())
     out["ok"] = out["train"]["index_loaded_from_prepare"] and out["resume"]["global_step"] == 4
     return out
 
@@ -352,7 +354,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         "# GPU check",
         "",
-        f"`python scripts/benchmark.py gpu`, {env.get('date')}, commit {env.get('commit')}, {env.get('gpu')}, "
+        f"`python benchmarks/benchmark.py gpu`, {env.get('date')}, commit {env.get('commit')}, {env.get('gpu')}, "
         f"torch {env.get('torch')} (CUDA {env.get('cuda')}), faiss {env.get('faiss')}",
         "",
         "| step | status | seconds | figures |",

@@ -1,4 +1,4 @@
-"""BM25 index build time, size on disk, memory-mapped load and search: `python scripts/benchmark.py bm25`.
+"""BM25 index build time, size on disk, memory-mapped load and search: `python benchmarks/benchmark.py bm25`.
 
 For each size N (default 100k and 1M), synthetic 100-word passages drawn from a Zipf(1.1) vocabulary of 200k
 words (a natural-language-like term distribution) are indexed by ``BM25Index.build`` (bm25s: tokenize,
@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
+from _bench import Bench, Col, Table  # benchmarks/ is sys.path[0] when run as a script
 
 TABLE = Table(Col("passages", 10), Col("build s", 9, "{:.1f}"), Col("psg/s", 9, "{:.0f}"),
               Col("build peak MB", 15, "{:.0f}"), Col("index MB", 10, "{:.0f}"), Col("load s", 8, "{:.2f}"),

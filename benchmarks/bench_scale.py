@@ -1,7 +1,7 @@
-"""`python scripts/benchmark.py scale`: prepare + 2-process sharded training on a synthetic DPR layout, at N and 4N.
+"""`python benchmarks/benchmark.py scale`: prepare + 2-process sharded training on a synthetic DPR layout, at N and 4N.
 
 Writes ``wikipedia_split/psgs_w100.tsv`` (N passages of 100 words) and ``retriever/qas/nq-{train,dev,test}.csv``
-under a scratch dir, prepares it with ``scripts/build_index.py`` in 2 processes (RANK / WORLD_SIZE), then runs
+under a scratch dir, prepares it with ``rag-build-index`` in 2 processes (RANK / WORLD_SIZE), then runs
 ``train.py +experiment=nq retriever=tiny model=tiny trainer=ddp_sim`` (gloo, sharded index) for a few steps, and
 prints: conversion and embedding passages/s (from build_index.py's log), per-rank peak RSS (``ru_maxrss`` of each
 process), index load time and retrieval time per training step (query encoder + sharded search, timed by the
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
+from _bench import Bench, Col, Table  # benchmarks/ is sys.path[0] when run as a script
 from lightning.pytorch.callbacks import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ def prepare_2proc(data: Path, work: Path, n: int) -> dict:
     env = {**os.environ, "WORLD_SIZE": "2", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs, t0 = [], time.perf_counter()
     for r in (0, 1):
-        cmd = [sys.executable, str(ROOT / "scripts" / "build_index.py"), *_common(data, work),
+        cmd = [sys.executable, "-m", "rag_lightning.commands.build_index", *_common(data, work),
                f"hydra.run.dir={work}/prep{r}", f"chunk_size={max(1000, n // 8)}"]  # fmt: skip
         procs.append(subprocess.Popen(cmd, cwd=work, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
@@ -118,7 +118,7 @@ def prepare_2proc(data: Path, work: Path, n: int) -> dict:
 
 
 def train_2proc(data: Path, work: Path, steps: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'scripts'}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, str(ROOT / "train.py"), *_common(data, work), "trainer=ddp_sim",
            f"trainer.max_steps={steps}", "trainer.val_check_interval=1000", "trainer.limit_val_batches=0",
            "validate_before_fit=false", "test=false", "data.batch_size=4", "callbacks.rich_progress_bar=null",

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Decode benchmark: batched RAG decoding (rag_lightning.models.decode) vs a per-example loop.
 
-    python scripts/bench_decode.py [--questions 16 --docs 5 --num-beams 4 --max-length 20]
-    python scripts/benchmark.py decode ...        (same arguments, once registered there)
+    python benchmarks/bench_decode.py [--questions 16 --docs 5 --num-beams 4 --max-length 20]
+    python benchmarks/benchmark.py decode ...        (same arguments, once registered there)
 
 Inputs: B questions x K passages of random token ids (fixed seed), random doc scores, one small random BART
 (d_model 256, 3+3 layers, vocab 30522, seeded) or ``--model-dir``; ``--arch causal``: a random Llama (same
@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from _bench import Bench, Col, Table  # scripts/ is sys.path[0] when run as a script
+from _bench import Bench, Col, Table  # benchmarks/ is sys.path[0] when run as a script
 from torch import Tensor
 
 from rag_lightning.models.decode import rag_sequence_generate, rag_token_generate

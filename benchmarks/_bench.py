@@ -1,5 +1,5 @@
 """What the benchmark scripts share (a library, not a script): one command line per benchmark, the same
-alone (``python scripts/bench_decode.py ...``) and as a sub-command of ``scripts/benchmark.py``, and the
+alone (``python benchmarks/bench_decode.py ...``) and as a sub-command of ``benchmarks/benchmark.py``, and the
 fixed-width tables they print."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Bench:
-    """A benchmark: ``name`` is its sub-command of scripts/benchmark.py, ``doc`` its long description (the
+    """A benchmark: ``name`` is its sub-command of benchmarks/benchmark.py, ``doc`` its long description (the
     script's docstring), ``add_args`` declares its options on a parser, ``run`` takes the parsed options."""
 
     name: str
