@@ -43,8 +43,9 @@ def train(cfg: DictConfig) -> float | None:
 
     try:
         return run(cfg)
-    except (DataError, CheckpointError, ConfigError) as e:  # a bad row, a corrupt checkpoint, an index not
-        # built (BM25 under DDP): the file named, no traceback
+    # a bad row, a corrupt checkpoint, an index not built (BM25 under DDP), a setting the data contradicts (a
+    # verbalizer longer than data.max_target_length): the file or key named, no traceback
+    except (DataError, CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteTrainingError as e:  # the run diverged: the step named, the last finite checkpoint kept

@@ -1,5 +1,10 @@
-"""The generation and classification demo sets, derived from the bundled squad_demo (same passages, same
-train / val / test questions). Run through ``python scripts/make_demo_data.py --tasks`` (deterministic).
+"""The generation and classification demo sets, derived from the bundled squad_demo (same passages, all its
+questions). Run through ``python scripts/make_demo_data.py --tasks`` (deterministic).
+
+Split by article (squad_demo's own split is by question): the questions of the two smallest articles are held
+out, ``VAL_ARTICLE`` (Geology) for val and ``TEST_ARTICLE`` (Amazon rainforest) for test, ``N_EVAL`` of each
+drawn with a seeded shuffle (ordered by paragraph, as in the dev file); train = every question of the other four articles. No
+article has questions in two splits; the passages of all six stay the corpus.
 
 - ``demo_longform``: input = the question; target = the sentence of its gold paragraph that holds the
   answer (MS-MARCO-like well-formed answers); ``gold_ids`` kept.
@@ -20,6 +25,8 @@ from pathlib import Path
 from rag_lightning.metrics import normalize_answer
 
 SEED = 0
+# article index in the SQuAD v1.1 dev file (the first part of a passage id), as in squad_demo
+VAL_ARTICLE, TEST_ARTICLE, N_EVAL = "21", "16", 100
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(\u201c])")
 
 
@@ -90,12 +97,30 @@ def verify(rows: list[dict], split: str) -> list[dict]:
     return sorted(out, key=lambda x: [r["id"] for r in rows].index(x["id"]))
 
 
+def article(row: dict) -> str:
+    """The article of a squad_demo question: the first part of its first gold passage id."""
+    return row["gold_ids"][0].split("-")[0]
+
+
+def split_by_article(rows: list[dict]) -> dict[str, list[dict]]:
+    """squad_demo questions (dev-file order) -> train / val / test by article (module docstring)."""
+    held = {"val": VAL_ARTICLE, "test": TEST_ARTICLE}
+    out = {"train": [r for r in rows if article(r) not in held.values()]}
+    for split, a in held.items():
+        idx = [i for i, r in enumerate(rows) if article(r) == a]
+        random.Random(f"{SEED}-{split}-article").shuffle(idx)
+        out[split] = [rows[i] for i in sorted(idx[:N_EVAL])]
+    return out
+
+
 def build_task_demos(assets: Path) -> None:
     src = assets / "squad_demo"
     passages = _read(src / "passages.jsonl")
     paras, windows = paragraphs(passages), {p["id"]: p["text"] for p in passages}
-    for split in ("train", "val", "test"):
-        rows = _read(src / f"{split}.jsonl")
+    every = [r for split in ("train", "val", "test") for r in _read(src / f"{split}.jsonl")]
+    order = {p["id"]: i for i, p in enumerate(passages)}  # dev-file order of the questions' paragraphs
+    every.sort(key=lambda r: order[r["gold_ids"][0]])
+    for split, rows in split_by_article(every).items():
         lf, vf = longform(rows, paras, windows), verify(rows, split)
         _write(assets / "demo_longform" / f"{split}.jsonl", lf)
         _write(assets / "demo_verify" / f"{split}.jsonl", vf)

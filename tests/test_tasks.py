@@ -151,6 +151,39 @@ def test_macro_f1_and_confusion_matrix():
     assert task.confusion(preds, gold) == [[1, 1, 0], [1, 1, 0], [0, 0, 0]]
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_verbalizers_checked_against_the_generator_targets(minilm_tokenizer, causal, caplog):
+    from rag_lightning.data.collate import QACollator
+    from rag_lightning.preflight import ConfigError
+
+    def check(verbalizers: dict[str, str], max_length: int = 4) -> None:
+        task = ClassificationTask(["SUPPORTS", "REFUTES"], verbalizers)
+        collator = QACollator(minilm_tokenizer, minilm_tokenizer, max_target_length=max_length, causal=causal)
+        task.check_targets(collator.encode_targets, max_length)
+
+    caplog.set_level("INFO")
+    check({"SUPPORTS": "true", "REFUTES": "false"})  # one word-piece each, + [SEP] (and [CLS] for seq2seq)
+    n = 2 if causal else 3
+    assert f"SUPPORTS -> 'true': {n}" in caplog.text and f"REFUTES -> 'false': {n}" in caplog.text
+    check({"SUPPORTS": "supported by evidence", "REFUTES": "false"}, max_length=8)  # several tokens: allowed
+    with pytest.raises(
+        ConfigError, match=r"SUPPORTS -> 'supported by evidence' is \d+ .*max_target_length=3"
+    ):
+        check({"SUPPORTS": "supported by evidence", "REFUTES": "false"}, max_length=3)
+    with pytest.raises(ConfigError, match="identical generator targets"):  # the tokenizer lowercases
+        check({"SUPPORTS": "True", "REFUTES": "true"})
+
+
+def test_datamodule_setup_stops_on_a_cut_verbalizer(cfg_factory):
+    from hydra.utils import instantiate
+
+    from rag_lightning.preflight import ConfigError
+
+    cfg = cfg_factory("+experiment=demo_verify", "model=tiny", "retriever=tiny", "data.max_target_length=2")
+    with pytest.raises(ConfigError, match="data.max_target_length=2"):
+        instantiate(cfg.data).setup("fit")
+
+
 # ------------------------------------------------------------------ no_repeat_ngram_size
 def _banned_by_hand(seq: list[int], size: int, vocab: int) -> set[int]:
     return {

@@ -96,16 +96,17 @@ class QACollator:
             **self.task.collate_extra(exs, self.encode_targets),
         }
 
-    def encode_targets(self, targets: list[str]) -> torch.Tensor:
+    def encode_targets(self, targets: list[str], max_length: int | None = None) -> torch.Tensor:
         """Target texts -> (N, T) int64 generator labels, padding -100 (seq2seq: ``text_target``; causal:
-        :func:`causal_labels`)."""
+        :func:`causal_labels`), at most ``max_length`` (default ``max_target_length``) tokens, specials included."""
+        max_length = max_length or self.max_target_length
         if self.causal:
-            return causal_labels(self.gen_tokenizer, targets, self.max_target_length)
+            return causal_labels(self.gen_tokenizer, targets, max_length)
         t = self.gen_tokenizer(
             text_target=targets,
             padding=True,
             truncation=True,
-            max_length=self.max_target_length,
+            max_length=max_length,
             return_tensors="pt",
         )
         return t["input_ids"].long().masked_fill(t["attention_mask"] == 0, -100)  # (N, T)

@@ -176,6 +176,7 @@ class QADataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.validate_sets()
         self._load_tokenizers()
+        self.task.check_targets(self.collator(False).encode_targets, self.max_target_length)
         if self.corpus is None and self.corpus_spec is not None:
             self._agree_on_corpus()
             target = Path(self.cache_dir) / str(self.corpus_fingerprint)

@@ -133,6 +133,11 @@ class Task:
         """Extra batch keys; ``encode(texts)`` -> (N, T) generator target ids as the collator makes labels."""
         return {}
 
+    def check_targets(self, encode: Callable[..., torch.Tensor], max_length: int) -> None:
+        """Called once the generator's tokenizer is loaded (``QADataModule.setup``): raise ``ConfigError`` when
+        the task's fixed targets cannot be trained or scored as configured. ``encode(texts, max_length=None)``
+        -> (N, T) target ids, padding -100, as the collator makes labels (``max_length`` default: the data's)."""
+
     # ------------------------------------------------------------------ prediction and scoring
     def metric_names(self, eval_ks: Sequence[int]) -> list[str]:
         """Per-example metrics :meth:`predict` and :meth:`retrieval_metrics` may return (declared up front)."""

@@ -9,6 +9,12 @@ log sum_k p(z_k|x) p(y|x,z_k)) and predicts the argmax: no free decoding, so a p
 Metrics: ``accuracy`` (per example), ``macro_f1`` (torchmetrics, over the labels that occur in the gold
 labels or the predictions), the confusion matrix (log, and a W&B table ``{stage}/confusion``), and
 retrieval by gold passage id where the set has ``gold_ids``.
+
+A verbalizer of several tokens is scored exactly as well (the log-likelihood of its whole target, EOS
+included), so single tokens are not required; the RAG paper's FEVER mapping used single BART tokens, as
+``true`` / ``false`` are in BART's vocabulary and in MiniLM's. At setup (:meth:`check_targets`) each
+verbalizer's token count is logged, and a verbalizer longer than ``data.max_target_length`` (which would be
+trained and scored cut) or two verbalizers with the same target ids stop the run with one line.
 """
 
 from __future__ import annotations
@@ -72,6 +78,27 @@ class ClassificationTask(Task):
 
     def target(self, example: Any, choice: Callable[[Sequence[str]], str]) -> str:
         return self.verbalizers[self.labels.index(example.label)]
+
+    def check_targets(self, encode: Callable[..., torch.Tensor], max_length: int) -> None:
+        """Each verbalizer whole within ``max_length`` target tokens, and told apart from the others
+        (``ConfigError``: one line, exit code 2 from the CLI)."""
+        from rag_lightning.preflight import ConfigError
+
+        rows = [
+            [t for t in encode([v], max_length=10_000)[0].tolist() if t != -100] for v in self.verbalizers
+        ]
+        for label, verbalizer, row in zip(self.labels, self.verbalizers, rows):
+            if len(row) > max_length:
+                raise ConfigError(
+                    f"task.verbalizers: {label} -> {verbalizer!r} is {len(row)} generator target tokens (specials "
+                    f"included), more than data.max_target_length={max_length}: raise it or shorten the verbalizer"
+                )
+        if len({tuple(r) for r in rows}) < len(rows):
+            raise ConfigError(f"task.verbalizers {self.verbalizers} give identical generator targets: {rows}")
+        log.info(
+            "verbalizers as generator targets (specials included; several tokens are scored exactly): %s",
+            ", ".join(f"{x} -> {v!r}: {len(r)}" for x, v, r in zip(self.labels, self.verbalizers, rows)),
+        )
 
     def collate_extra(self, examples: Sequence[Any], encode: Callable[[list[str]], torch.Tensor]):
         """``choice_labels``: one (1, T_c) generator target row per label, in ``labels`` order."""
