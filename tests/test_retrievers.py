@@ -270,5 +270,6 @@ def test_training_logs_how_stale_the_index_was(tmp_path, extra):
     train(cfg)
     with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("refresh/stale_overlap@2")]
+    assert len(rows) == 2  # one row per refresh, not repeated in the rows logged after it
     assert len({r["index/version"] for r in rows}) == 2  # logged with each of the two refreshes
     assert all(0.0 <= float(r["refresh/stale_overlap@2"]) <= 1.0 for r in rows)

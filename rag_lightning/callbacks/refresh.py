@@ -139,25 +139,22 @@ class RefreshIndex(Callback):
             self.failures += 1
             log.error("index refresh at step %d failed (%s); training goes on with index v%d",
                       step, e, retriever.index_version)  # fmt: skip
-            pl_module.log("index/failures", float(self.failures), rank_zero_only=True)
+            _log(trainer, {"index/failures": float(self.failures)})
             return False
         self.last_refresh_step = step
+        row: dict[str, float] = {}  # one logged row per refresh
         if stale is not None:
             k = stale.shape[1]
             overlap = stale_overlap(stale, self._top_ids(pl_module, sample))
             log.info("index refresh at step %d: stale top-%d overlap %.3f", step, k, overlap)
-            pl_module.log(f"refresh/stale_overlap@{k}", overlap, rank_zero_only=True)
+            row[f"refresh/stale_overlap@{k}"] = overlap
         retriever.index.meta["step"] = step
         self._save(retriever)
         self._record(retriever)
-        pl_module.log_dict(
-            {
-                "index/version": float(self.version),
-                "index/seconds": stats["seconds"],
-                "index/passages_per_s": stats.get("passages_per_s", 0.0),
-            },
-            rank_zero_only=True,
-        )
+        row["index/version"] = float(self.version)
+        row["index/seconds"] = stats["seconds"]
+        row["index/passages_per_s"] = stats.get("passages_per_s", 0.0)
+        _log(trainer, row)
         return True
 
     def _staleness_sample(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any] | None:
@@ -217,6 +214,14 @@ class RefreshIndex(Callback):
         self.corpus_fingerprint = state.get("corpus_fingerprint")
         self.index_path, self.index_stamp = state.get("index_path"), state.get("index_stamp")
         self._restored = True
+
+
+def _log(trainer: L.Trainer, metrics: dict[str, float]) -> None:
+    """One row per refresh, at its step, straight to the loggers (rank 0 writes: Lightning's loggers are
+    rank-zero-only). `LightningModule.log` from a callback would keep the value and repeat it in every later
+    logged row, so a curve read from metrics.csv would look measured at every logging step."""
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
 
 
 def stale_overlap(stale: torch.Tensor, fresh: torch.Tensor) -> float:
