@@ -10,8 +10,11 @@ xxh3 hashes several GB/s per core, so a file costs about one read of it from dis
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Iterable
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -109,3 +112,21 @@ class HashingWriter:
 
     def record(self) -> dict[str, Any]:
         return {"size": self.size, ALGO: self.hasher.hexdigest()}
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Write a directory atomically: the body fills the yielded temporary sibling of ``target``, which then
+    replaces ``target`` (a stale or partial one under the same name is removed) by one rename; on any error
+    the temporary directory is removed and ``target`` is left as it was."""
+    target = Path(target)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

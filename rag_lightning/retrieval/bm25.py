@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 import torch.distributed as dist
 from bm25s.tokenization import Tokenizer
 
+from rag_lightning import integrity
 from rag_lightning.retrieval.sharded import rank_world, shard_range
 
 METHODS = ("lucene", "robertson", "atire")  # the variants without a non-occurrence term: rows slice exactly
@@ -120,18 +119,10 @@ class BM25Index:
         if self.start != 0 or self.mode == "sharded" and rank_world(self.group)[1] > 1:
             raise RuntimeError("save the whole BM25 index (built in one process), not a shard")
         path = Path(path)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir(parents=True)
-        try:
+        with integrity.atomic_dir(path) as tmp:
             self.model.save(str(tmp), show_progress=False)
             self.tokenizer.save_vocab(str(tmp))
             (tmp / STAMP_FILE).write_text(json.dumps({**self.meta, "passages": self.ntotal}, indent=1))
-            if path.exists():
-                shutil.rmtree(path)
-            os.rename(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

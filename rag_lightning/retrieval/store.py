@@ -17,8 +17,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +86,7 @@ def write_prepared(
     target = Path(target)
     spans = chunk_spans(chunks_dir, n)  # raises naming missing row ranges
     first = np.load(Path(chunks_dir) / f"emb_{spans[0][0]}_{spans[0][1]}.npy", mmap_mode="r")
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with integrity.atomic_dir(target) as tmp:
         out = np.lib.format.open_memmap(tmp / VECTORS_FILE, mode="w+", dtype=dtype, shape=(n, first.shape[1]))
         for s, e in spans:
             chunk = np.load(Path(chunks_dir) / f"emb_{s}_{e}.npy")  # (e - s, d)
@@ -100,12 +96,6 @@ def write_prepared(
         del out
         files = integrity.manifest(tmp, [VECTORS_FILE])
         (tmp / STAMP_FILE).write_text(json.dumps({**stamp, "passages": n, "files": files}, indent=1))
-        if target.exists():  # a stale or partial directory under the same stamp
-            shutil.rmtree(target)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 
